@@ -78,7 +78,8 @@ def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
     except UnidentifiedImageError as exc:
         raise InvalidImage("The file is not an image Pillow can read.") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from exc
+        # Pillow's own guard fires inside open() for absurd headers, before our check can.
+        raise ImageTooLarge(f"The image claims too many pixels; the limit is {limits.max_pixels} pixels ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated and corrupt streams with these.
         raise InvalidImage(f"The image could not be decoded: {exc}") from exc

@@ -344,3 +344,7 @@ class VectorIndex:
             milvus_uri=self.safe_uri,
             loaded=self._spec is not None,
         )
+
+    def flush(self) -> None:
+        """Seal what was written so the server builds its index over it (a no-op cost on Lite)."""
+        self._call("flush", lambda c: c.flush(self.settings.collection))

@@ -38,7 +38,7 @@ class Preprocessing:
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
         resized = F.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
         cropped = F.center_crop(resized, [self.crop, self.crop])
-        return np.asarray(cropped, dtype=np.uint8)
+        return np.array(cropped, dtype=np.uint8)  # a writable copy torch can wrap
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 on any device -> (N, 3, H, W) float32 normalised."""

@@ -53,9 +53,11 @@ def _stored_versions(backbone: str) -> list[bentoml.Model]:
     return sorted(models, key=lambda m: m.info.creation_time, reverse=True)
 
 
-def _describe(model: bentoml.Model) -> StoredModel:
+def _describe(model: bentoml.Model, reason: str | None = None) -> StoredModel:
     meta = model.info.metadata
     info = ModelInfo.model_validate({**meta["info"], "store_tag": str(model.tag)})
+    if reason is not None:
+        info.reason = reason
     pre = meta["preprocessing"]
     preprocessing = Preprocessing(
         resize=int(pre["resize"]), crop=int(pre["crop"]), mean=tuple(pre["mean"]), std=tuple(pre["std"])
@@ -66,15 +68,23 @@ def _describe(model: bentoml.Model) -> StoredModel:
 def _find_stored(settings: Settings) -> StoredModel | None:
     """The newest stored model that satisfies the settings, without touching the network."""
     if settings.model == "auto":
+        wanted = _weights_request(settings, ResNet50.name)
         for model in _stored_versions(ResNet50.name):
-            if model.info.metadata.get("info", {}).get("pretrained"):
-                return _describe(model)
+            meta = model.info.metadata
+            if meta.get("weights_request") == wanted and meta.get("info", {}).get("pretrained"):
+                return _describe(model, "auto: pretrained ResNet-50 found in the model store")
         candidates = _stored_versions(EfficientNetLite0.name)
-        return _describe(candidates[0]) if candidates else None
+        if not candidates:
+            return None
+        why = (
+            f"auto: no pretrained ResNet-50 (RIS_RESNET50_WEIGHTS={wanted}) in the model store; serving "
+            f"efficientnet-lite0. When imported: {candidates[0].info.metadata.get('info', {}).get('reason', '')}"
+        )
+        return _describe(candidates[0], why)
     wanted = _weights_request(settings, settings.model)
     for model in _stored_versions(settings.model):
         if model.info.metadata.get("weights_request") == wanted:
-            return _describe(model)
+            return _describe(model, f"requested explicitly (RIS_MODEL={settings.model})")
     return None
 
 
@@ -107,7 +117,7 @@ def import_model(settings: Settings) -> StoredModel:
     for existing in _stored_versions(backbone_name):
         if existing.info.metadata.get("info", {}).get("model_id") == model_id:
             logger.info("Model %s already in the store as %s", model_id, existing.tag)
-            return _describe(existing)
+            return _describe(existing, reason)
     info = ModelInfo(
         backbone=backbone_name,
         model_id=model_id,

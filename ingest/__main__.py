@@ -1,0 +1,59 @@
+"""`python -m ingest FOLDER`: add an image folder (class sub-folders give labels) to the collection."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bento.config import Settings
+from bento.errors import SearchError
+from bento.storage import open_image_store
+from bento.vectors import VectorIndex
+from ingest.job import IngestJob, IngestOptions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest",
+        description="Ingest an ImageNet-style folder: <folder>/<label>/<image>. Safe to interrupt and rerun.",
+    )
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--batch-size", type=int, default=32, help="images embedded together (default 32)")
+    parser.add_argument("--workers", type=int, default=None, help="decode threads (default: cores, max 4)")
+    parser.add_argument("--service-url", help="embed through a running service (e.g. http://127.0.0.1:3000)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    settings = Settings()
+    options = IngestOptions(batch_size=max(1, args.batch_size), progress=not args.no_progress)
+    if args.workers:
+        options.workers = max(1, args.workers)
+    try:
+        if args.service_url:
+            from ingest.remote import RemoteEmbedding
+
+            embedding = RemoteEmbedding(args.service_url)
+        else:
+            from models.store import load_embedder
+
+            embedding = load_embedder(settings)
+        vectors = VectorIndex(settings, embedding.info)
+        job = IngestJob(settings, embedding, open_image_store(settings.image_store_dir), vectors, options)
+        try:
+            report = job.run(args.folder)
+        finally:
+            vectors.close()
+    except SearchError as exc:
+        print(f"ingest failed: {exc.message}", file=sys.stderr)
+        print("Nothing written so far is lost; rerun the same command to continue.", file=sys.stderr)
+        return 1
+    print(report.model_dump_json(indent=2) if args.json else report.summary())
+    return 130 if report.interrupted else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

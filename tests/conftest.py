@@ -1,0 +1,148 @@
+"""Shared fixtures. Everything is real: Milvus Lite, the BentoML model store, the models, HTTP servers.
+
+The BentoML home (model store) is one temp dir per test session; data dirs are per test or module.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Isolate the model store; must be set before bentoml reads its config."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    old = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(home)
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    BentoMLContainer.bentoml_home.set(str(home))
+    BentoMLContainer.model_store.reset()
+    yield home
+    if old is None:
+        os.environ.pop("BENTOML_HOME", None)
+    else:
+        os.environ["BENTOML_HOME"] = old
+
+
+@pytest.fixture(autouse=True)
+def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No RIS_* from the developer's shell leaks into a test; each test gets its own data dir."""
+    for key in list(os.environ):
+        if key.startswith("RIS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("RIS_DATA_DIR", str(tmp_path / "data"))
+    from bento.config import get_settings
+
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def efficientnet(bentoml_home: Path):
+    """The genuine ImageNet backbone (from a PyPI wheel), imported into the session's model store."""
+    from bento.config import Settings
+    from models.store import load_embedder
+
+    return load_embedder(Settings(model="efficientnet-lite0", data_dir=Path("unused")))
+
+
+@pytest.fixture(scope="session")
+def photo_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """ImageNet-style folder of real photos + generated distractors, and near-duplicate queries."""
+    from ingest.demo import GENERATED, encode, near_duplicate, photos
+
+    import random
+
+    root = tmp_path_factory.mktemp("photos")
+    originals: dict[str, bytes] = {}
+    queries: dict[str, bytes] = {}
+    for index, (label, name, image) in enumerate(photos()):
+        data = encode(image)
+        (root / label).mkdir(exist_ok=True)
+        (root / label / f"{name}.jpg").write_bytes(data)
+        originals[name] = data
+        queries[name] = near_duplicate(image, seed=index)
+    rng = random.Random(3)
+    for label, make in GENERATED.items():
+        (root / label).mkdir(exist_ok=True)
+        for i in range(4):
+            (root / label / f"{label}-{i}.png").write_bytes(encode(make(rng), "PNG"))
+    return {"root": root, "originals": originals, "queries": queries}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIS_")}
+    env.update({"RIS_DATA_DIR": str(data_dir), "BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+class ServiceProcess:
+    """`bentoml serve service:ImageSearch` in a subprocess, on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 120) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "bentoml", "serve", "service:ImageSearch", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"service not ready in {timeout_s} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
