@@ -8,17 +8,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import anyio
 import bentoml
@@ -27,7 +26,7 @@ from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
-from bento.config import Settings, get_settings
+from bento.config import get_settings
 from bento.errors import (
     BackendUnavailable,
     ImageTooLarge,
@@ -63,7 +62,6 @@ from models.pipeline import PreparedImage, prepare_image
 from models.preprocess import Preprocessing
 
 logger = logging.getLogger("ris.service")
-T = TypeVar("T")
 STATIC_DIR = Path(__file__).parent / "bento" / "static"
 
 # Reading configuration at import is fine; building clients or models is not (they start in __init__).
@@ -248,7 +246,7 @@ async def calling(dependency: str) -> AsyncIterator[None]:
         yield
     except BentoMLException as exc:
         raise _remote_error(exc, dependency) from exc
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise BackendUnavailable(f"The {dependency} service is unreachable: {exc}") from exc
 
 

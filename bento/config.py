@@ -38,8 +38,10 @@ class Settings(BaseSettings):
     embedder_gpus: int = Field(-1, ge=-1, description="GPUs BentoML assigns to the embedder (-1: 1 if nvidia-smi exists).")
 
     # --- adaptive batching (see README: measured batch-size/latency curve) ---------------------------
-    embed_max_batch_size: int = Field(32, ge=1, le=512)
-    embed_max_latency_ms: int = Field(5000, ge=50)
+    embed_max_batch_size: int = Field(32, ge=1, le=512, description="Largest batch the embedder forms.")
+    embed_max_latency_ms: int = Field(
+        3000, ge=50, description="Latency budget per request; BentoML sheds (503) what it predicts would exceed it."
+    )
 
     # --- service composition ------------------------------------------------------------------------
     api_workers: int = Field(1, ge=1, description="Processes of the HTTP API service (decoding runs there).")
@@ -50,20 +52,20 @@ class Settings(BaseSettings):
     milvus_uri: str = Field("", description="Milvus URI; empty means the Milvus Lite file <data_dir>/milvus.db.")
     milvus_token: str = Field("", description="Milvus token ('user:password' or API key).")
     milvus_db_name: str = Field("", description="Milvus database (server only).")
-    collection: str = Field("images", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    collection: str = Field("images", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Milvus collection name.")
     index_type: IndexType = Field("HNSW", description="Vector index built for a new collection.")
     index_params: dict[str, int] = Field(default_factory=dict, description="Overrides of the index build parameters.")
 
     # --- image store -------------------------------------------------------------------------------
     store_dir: Path | None = Field(None, description="Local image store; empty means <data_dir>/images.")
-    thumbnail_size: int = Field(256, ge=32, le=1024)
+    thumbnail_size: int = Field(256, ge=32, le=1024, description="Longest side of stored thumbnails (px).")
 
     # --- request limits ----------------------------------------------------------------------------
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted image file.")
     max_image_pixels: int = Field(50_000_000, ge=10_000, description="Largest accepted width x height (bomb guard).")
-    url_fetch_timeout_s: float = Field(10.0, gt=0)
-    default_top_k: int = Field(12, ge=1)
-    max_top_k: int = Field(200, ge=1, le=16384)
+    url_fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for search-by-URL downloads.")
+    default_top_k: int = Field(12, ge=1, description="Hits returned when a request names no top_k.")
+    max_top_k: int = Field(200, ge=1, le=16384, description="Largest top_k a request may ask for.")
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

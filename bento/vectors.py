@@ -18,7 +18,16 @@ from pymilvus.exceptions import ConnectError, MilvusException, MilvusUnavailable
 
 from bento.config import Settings
 from bento.errors import BackendUnavailable, InvalidRequest, ModelMismatch
-from bento.schemas import MAX_LABEL_LENGTH, ImageMetadata, IndexInfo, IndexSpec, ModelInfo, VectorHit, VectorQuery, VectorRecord
+from bento.schemas import (
+    MAX_LABEL_LENGTH,
+    ImageMetadata,
+    IndexInfo,
+    IndexSpec,
+    ModelInfo,
+    VectorHit,
+    VectorQuery,
+    VectorRecord,
+)
 
 try:  # Milvus Lite is optional: a server deployment does not install it.
     from milvus_lite.exceptions import MilvusLiteError

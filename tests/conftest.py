@@ -62,9 +62,9 @@ def efficientnet(bentoml_home: Path):
 @pytest.fixture(scope="session")
 def photo_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """ImageNet-style folder of real photos + generated distractors, and near-duplicate queries."""
-    from ingest.demo import GENERATED, encode, near_duplicate, photos
-
     import random
+
+    from ingest.demo import GENERATED, encode, near_duplicate, photos
 
     root = tmp_path_factory.mktemp("photos")
     originals: dict[str, bytes] = {}
@@ -146,3 +146,16 @@ class ServiceProcess:
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def live_service(tmp_path_factory: pytest.TempPathFactory, photo_set, efficientnet) -> Iterator[ServiceProcess]:
+    """The real bento (`bentoml serve`) over a Milvus Lite file holding the ingested photo set."""
+    data_dir = tmp_path_factory.mktemp("service-data")
+    env = service_env(data_dir, RIS_MODEL="efficientnet-lite0", RIS_MAX_UPLOAD_BYTES="3000000")
+    ingest = run_cli(["-m", "ingest", str(photo_set["root"]), "--no-progress", "--json"], env)
+    assert ingest.returncode == 0, ingest.stderr[-3000:]
+    service = ServiceProcess(env, data_dir / "service.log")
+    service.start()
+    yield service
+    service.stop()

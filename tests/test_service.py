@@ -1,0 +1,188 @@
+"""The HTTP API of the real service (`bentoml serve` in a subprocess), called over HTTP."""
+
+import io
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from PIL import Image
+
+from bento.imaging import content_hash
+from ingest.demo import encode
+from tests.test_imaging import _png_header_claiming
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(live_service):
+    with httpx.Client(base_url=live_service.url, timeout=60) as http:
+        yield http
+
+
+def _search(client, data: bytes, **form) -> httpx.Response:
+    return client.post("/api/search", files={"file": ("query.jpg", data, "image/jpeg")}, data={k: str(v) for k, v in form.items()})
+
+
+def test_status_reports_model_index_and_count(client, photo_set):
+    status = client.get("/api/status").json()
+    expected = sum(1 for p in photo_set["root"].rglob("*") if p.is_file())
+    assert status["ready"] is True and status["count"] == expected
+    assert status["model"]["backbone"] == "efficientnet-lite0" and status["model"]["dim"] == 1280
+    assert status["index"]["index_type"] == "HNSW" and status["milvus_backend"] == "milvus-lite"
+    assert status["store"]["backend"] == "local" and status["device"].startswith("cpu")
+
+
+def test_near_duplicate_queries_find_their_originals(client, photo_set):
+    misses = []
+    for name, query in photo_set["queries"].items():
+        response = _search(client, query, top_k=3)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if body["hits"][0]["id"] != content_hash(photo_set["originals"][name]):
+            misses.append(name)
+    recall = 1 - len(misses) / len(photo_set["queries"])
+    assert recall >= 0.9, f"recall@1 {recall:.2f}, missed {misses}"
+    body = _search(client, photo_set["queries"]["astronaut"], top_k=5).json()
+    top = body["hits"][0]
+    assert top["id"] == content_hash(photo_set["originals"]["astronaut"]) and top["label"] == "person"
+    assert top["score"] > 0.7 and top["source"] == "person/astronaut.jpg"
+    assert [h["score"] for h in body["hits"]] == sorted((h["score"] for h in body["hits"]), reverse=True)
+    assert body["timings"]["total_ms"] > 0 and body["model"].startswith("efficientnet-lite0@")
+    assert client.get(top["thumbnail_url"]).headers["content-type"] == "image/jpeg"
+    assert client.get(top["image_url"]).content == photo_set["originals"]["astronaut"]
+
+
+def test_search_by_id_finds_itself_first(client, photo_set):
+    image_id = content_hash(photo_set["originals"]["coffee"])
+    body = client.post("/api/search/id", json={"id": image_id, "top_k": 4}).json()
+    assert body["hits"][0]["id"] == image_id and body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert client.post("/api/search/id", json={"id": "0" * 64}).status_code == 404
+
+
+def test_search_by_url(client, photo_set, tmp_path):
+    (tmp_path / "q.jpg").write_bytes(photo_set["queries"]["rocket"])
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        body = client.post("/api/search/url", json={"url": f"{base}/q.jpg", "top_k": 2}).json()
+        assert body["hits"][0]["id"] == content_hash(photo_set["originals"]["rocket"])
+        missing = client.post("/api/search/url", json={"url": f"{base}/missing.jpg"})
+        assert missing.status_code == 400 and "404" in missing.json()["detail"]
+    finally:
+        server.shutdown()
+    assert client.post("/api/search/url", json={"url": "file:///etc/passwd"}).status_code == 400
+
+
+def test_label_filter_and_paging(client, photo_set):
+    query = photo_set["queries"]["brick"]
+    only = _search(client, query, top_k=10, label="texture").json()["hits"]
+    assert len(only) == 3 and {h["label"] for h in only} == {"texture"}
+    page = _search(client, query, top_k=8).json()["hits"]
+    later = _search(client, query, top_k=4, offset=4).json()["hits"]
+    assert [h["id"] for h in later] == [h["id"] for h in page[4:]]
+
+
+def test_insert_is_idempotent_and_delete_removes_everything(client):
+    image = Image.new("RGB", (300, 200), (10, 120, 200))
+    image.paste((250, 240, 10), (50, 50, 150, 120))
+    data = encode(image, "PNG")
+    count = client.get("/api/status").json()["count"]
+    created = client.post("/api/images", files={"file": ("flag.png", data, "image/png")}, data={"label": "flag"})
+    assert created.status_code == 201, created.text
+    image_id = created.json()["id"]
+    assert image_id == content_hash(data) and created.json()["created"] is True
+    again = client.post("/api/images", files={"file": ("other-name.png", data, "image/png")}, data={"label": "flag"})
+    assert again.status_code == 200 and again.json()["created"] is False
+    assert client.get("/api/status").json()["count"] == count + 1
+    hit = _search(client, data, top_k=1).json()["hits"][0]
+    assert hit["id"] == image_id and hit["label"] == "flag"  # visible to the very next search
+    original = client.get(f"/api/images/{image_id}")
+    assert original.content == data and original.headers["content-type"] == "image/png"
+    assert client.get(f"/api/images/{image_id}/metadata").json()["source"] == "flag.png"
+
+    assert client.delete(f"/api/images/{image_id}").json() == {"id": image_id, "deleted": True}
+    assert client.get(f"/api/images/{image_id}").status_code == 404
+    assert client.get(f"/api/images/{image_id}/thumbnail").status_code == 404
+    assert client.delete(f"/api/images/{image_id}").status_code == 404
+    assert client.get("/api/status").json()["count"] == count
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "error"),
+    [
+        (b"definitely not an image", 422, "invalid_image"),
+        (encode(Image.effect_noise((400, 400), 40).convert("RGB"))[:3000], 422, "invalid_image"),
+        (b"\xff" * 3_200_000, 413, "image_too_large"),
+        (_png_header_claiming(60_000, 60_000), 413, "image_too_large"),
+        (b"", 422, "invalid_image"),
+    ],
+    ids=["text", "truncated", "too-many-bytes", "bomb", "empty"],
+)
+def test_bad_uploads_get_clear_4xx_and_the_service_stays_up(client, payload, status, error):
+    for path in ("/api/search", "/api/images"):
+        response = client.post(path, files={"file": ("bad.jpg", payload, "image/jpeg")})
+        assert response.status_code == status, response.text
+        assert response.json()["error"] == error and response.json()["detail"]
+    assert client.get("/readyz").status_code == 200
+
+
+def test_bad_parameters_are_4xx(client, photo_set):
+    query = photo_set["queries"]["coffee"]
+    assert _search(client, query, top_k=0).status_code == 422
+    assert _search(client, query, top_k=100000).status_code == 400
+    assert _search(client, query, offset=-1).status_code == 422
+    assert client.post("/api/search").status_code == 422  # no file
+    assert client.get("/api/images/../../etc/passwd").status_code == 404
+    assert client.get("/api/images/" + "z" * 64).status_code == 400
+    assert client.post("/api/search/id", json={"id": "nothex"}).status_code == 422
+    assert client.post("/api/index", json={"index_type": "DISKANN"}).status_code == 422
+    assert client.post("/api/index", json={"index_type": "HNSW", "params": {"nlist": 8}}).status_code == 400
+    bad_label = client.post("/api/images", files={"file": ("a.png", encode(Image.new("RGB", (9, 9)), "PNG"))}, data={"label": "x\ny"})
+    assert bad_label.status_code == 400
+
+
+def test_rebuild_index_then_search_still_finds_originals(client, photo_set):
+    for index_type, params in (("FLAT", {}), ("IVF_FLAT", {"nlist": 8}), ("HNSW", {"M": 8, "efConstruction": 64})):
+        info = client.post("/api/index", json={"index_type": index_type, "params": params})
+        assert info.status_code == 200, info.text
+        assert info.json()["index"]["index_type"] == index_type
+        assert client.get("/api/status").json()["index"]["index_type"] == index_type
+        top = _search(client, photo_set["queries"]["chelsea"], top_k=1).json()["hits"][0]
+        assert top["id"] == content_hash(photo_set["originals"]["chelsea"])
+
+
+def test_openapi_docs_and_page_are_served(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/api/search", "/api/images", "/api/status", "/api/index", "/api/search/url", "/api/search/id"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "Reverse image search" in page.text
+    assert client.get("/livez").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_embed_endpoint_for_remote_ingest(client):
+    import numpy as np
+
+    pixels = np.zeros((2, 224, 224, 3), dtype=np.uint8)
+    body = io.BytesIO()
+    np.save(body, pixels)
+    response = client.post("/api/embed", content=body.getvalue(), headers={"Content-Type": "application/x-npy"})
+    assert response.status_code == 200 and response.headers["X-Model-Id"].startswith("efficientnet-lite0@")
+    vectors = np.load(io.BytesIO(response.content))
+    assert vectors.shape == (2, 1280) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    wrong = io.BytesIO()
+    np.save(wrong, np.zeros((1, 100, 100, 3), dtype=np.uint8))
+    assert client.post("/api/embed", content=wrong.getvalue()).status_code == 400
+
+
+def test_restart_keeps_the_data(live_service, client, photo_set):
+    before = client.get("/api/status").json()["count"]
+    live_service.stop()
+    live_service.start()
+    assert client.get("/api/status").json()["count"] == before
+    top = _search(client, photo_set["queries"]["coins"], top_k=1).json()["hits"][0]
+    assert top["id"] == content_hash(photo_set["originals"]["coins"])
