@@ -24,6 +24,7 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
 from bento.config import get_settings
@@ -72,7 +73,7 @@ def _embedder_resources() -> dict[str, Any]:
     gpus = SETTINGS.embedder_gpus
     if gpus < 0:
         gpus = 1 if shutil.which("nvidia-smi") else 0
-    return {"gpu": gpus} if gpus else {"cpu": "1"}
+    return {"gpu": gpus} if gpus else {}
 
 
 @contextlib.contextmanager
@@ -113,17 +114,11 @@ class Embedder:
     @bentoml.api
     def describe(self) -> dict[str, Any]:
         """The serving model and its preprocessing recipe (callers prepare pixels with it)."""
-        pre = self.embedder.preprocessing
         return {
             "info": self.embedder.info.model_dump(),
-            "preprocessing": {"resize": pre.resize, "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std)},
+            "preprocessing": self.embedder.preprocessing.to_dict(),
             "device": self.embedder.device_name,
         }
-
-
-def _preprocessing_from(description: dict[str, Any]) -> Preprocessing:
-    pre = description["preprocessing"]
-    return Preprocessing(resize=int(pre["resize"]), crop=int(pre["crop"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]))
 
 
 @bentoml.service(name="vector-search", workers=1, traffic={"timeout": 600})
@@ -267,7 +262,7 @@ async def _read_upload(request: Request, upload: UploadFile, max_bytes: int) -> 
     if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
         raise ImageTooLarge(f"The request is {declared} bytes; the image limit is {max_bytes} bytes.")
     data = await upload.read(max_bytes + 1)
-    check_size(len(data), DecodeLimits(max_bytes, 1))
+    check_size(len(data), max_bytes)
     return data
 
 
@@ -293,7 +288,7 @@ class ImageSearch:
             async with calling("embedder"):
                 description = await self.embedder.to_async.describe()
             self._model = ModelInfo.model_validate(description["info"])
-            self._preprocessing = _preprocessing_from(description)
+            self._preprocessing = Preprocessing.from_dict(description["preprocessing"])
             self._device = description["device"]
         return self._model, self._preprocessing
 
@@ -487,7 +482,6 @@ class ImageSearch:
             "embed_max_batch_size": self.settings.embed_max_batch_size,
             "embed_max_latency_ms": self.settings.embed_max_latency_ms,
         }
-        vectors = VectorIndex(self.settings, model)  # not connected: only describes the configuration
         return StatusResponse(
             ready=bool(health["ok"]),
             count=info.count if info else -1,
@@ -496,8 +490,8 @@ class ImageSearch:
             index=info.index if info else IndexSpec(index_type=self.settings.index_type),
             metric=info.metric if info else "COSINE",
             collection=self.settings.collection,
-            milvus_backend=vectors.backend,
-            milvus_uri=vectors.safe_uri,
+            milvus_backend=self.settings.milvus_backend,
+            milvus_uri=self.settings.milvus_uri,
             store=self.store.info(),
             limits=limits,
             error=health["error"],
@@ -560,6 +554,12 @@ class ImageSearch:
         except SearchError:
             return False
         return True
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": "validation_error", "detail": problems}, status_code=422)
 
 
 @app.exception_handler(SearchError)

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix:"))
 
     @property
+    def milvus_backend(self) -> str:
+        return "milvus-lite" if self.milvus_is_lite else "milvus-server"
+
+    @property
     def image_store_dir(self) -> Path:
         assert self.store_dir is not None  # filled by the validator
         return self.store_dir

@@ -41,11 +41,11 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_size(size: int, limits: DecodeLimits) -> None:
+def check_size(size: int, max_bytes: int) -> None:
     if size == 0:
         raise InvalidImage("The upload is empty.")
-    if size > limits.max_bytes:
-        raise ImageTooLarge(f"The image is {size} bytes; the limit is {limits.max_bytes} bytes.")
+    if size > max_bytes:
+        raise ImageTooLarge(f"The image is {size} bytes; the limit is {max_bytes} bytes.")
 
 
 def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
@@ -54,7 +54,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
     The pixel limit is checked from the header *before* any pixel is decoded, so a small file that
     claims gigapixel dimensions (a decompression bomb) costs nothing.
     """
-    check_size(len(data), limits)
+    check_size(len(data), limits.max_bytes)
     try:
         with warnings.catch_warnings():
             # Our own pixel limit replaces Pillow's global bomb warning/error.

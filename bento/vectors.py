@@ -95,14 +95,6 @@ class VectorIndex:
         self._lock = threading.RLock()
 
     # --- connection -------------------------------------------------------------------------------
-    @property
-    def backend(self) -> str:
-        return "milvus-lite" if self.settings.milvus_is_lite else "milvus-server"
-
-    @property
-    def safe_uri(self) -> str:
-        return self.settings.milvus_uri  # the token is a separate setting, never part of the URI shown
-
     def _connect(self) -> MilvusClient:
         if self._client is not None:
             return self._client
@@ -217,9 +209,10 @@ class VectorIndex:
         schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_BYTES)
         schema.add_field("created_at", DataType.INT64)
         properties = {**self._model_properties(), f"{_P}index": spec.model_dump_json()}
-        client.create_collection(
-            self.settings.collection, schema=schema, index_params=self._index_params(client, spec), properties=properties
-        )
+        # The index is created in a second call: passing it to create_collection makes pymilvus ask
+        # Milvus Lite for a timestamp it does not implement, which logs a scary (harmless) traceback.
+        client.create_collection(self.settings.collection, schema=schema, properties=properties)
+        self._create_index(client, spec)
         client.load_collection(self.settings.collection)
         logger.info(
             "Created collection %s (%s, dim %d, %s %s)",
@@ -349,8 +342,8 @@ class VectorIndex:
             model=self.model,
             index=self._spec or index_spec(self.settings.index_type),
             metric=METRIC,
-            milvus_backend=self.backend,
-            milvus_uri=self.safe_uri,
+            milvus_backend=self.settings.milvus_backend,
+            milvus_uri=self.settings.milvus_uri,  # the token is a separate setting, never shown
             loaded=self._spec is not None,
         )
 

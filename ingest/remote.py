@@ -25,10 +25,7 @@ class RemoteEmbedding:
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
         description = self._request("GET", "/api/model").json()
         self.info = ModelInfo.model_validate(description["info"])
-        pre = description["preprocessing"]
-        self.preprocessing = Preprocessing(
-            resize=int(pre["resize"]), crop=int(pre["crop"]), mean=tuple(pre["mean"]), std=tuple(pre["std"])
-        )
+        self.preprocessing = Preprocessing.from_dict(description["preprocessing"])
         logger.info("Embedding through %s with %s", self.base_url, self.info.model_id)
 
     def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:

@@ -7,6 +7,7 @@ normalisation runs on the embedder's device, so only 224x224x3 bytes per image c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,19 @@ class Preprocessing:
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """Inverse of to_dict (model-store metadata, the embedder's describe() answer)."""
+        return cls(
+            resize=int(data["resize"]),
+            crop=int(data["crop"]),
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+        )
 
     @property
     def version(self) -> str:

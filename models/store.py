@@ -58,11 +58,7 @@ def _describe(model: bentoml.Model, reason: str | None = None) -> StoredModel:
     info = ModelInfo.model_validate({**meta["info"], "store_tag": str(model.tag)})
     if reason is not None:
         info.reason = reason
-    pre = meta["preprocessing"]
-    preprocessing = Preprocessing(
-        resize=int(pre["resize"]), crop=int(pre["crop"]), mean=tuple(pre["mean"]), std=tuple(pre["std"])
-    )
-    return StoredModel(info=info, preprocessing=preprocessing, tag=str(model.tag))
+    return StoredModel(info=info, preprocessing=Preprocessing.from_dict(meta["preprocessing"]), tag=str(model.tag))
 
 
 def _find_stored(settings: Settings) -> StoredModel | None:
@@ -127,11 +123,10 @@ def import_model(settings: Settings) -> StoredModel:
         pretrained=weights.pretrained,
         reason=reason,
     )
-    pre = weights.preprocessing
     metadata = {
         "info": info.model_dump(exclude={"store_tag"}),
         "weights_request": _weights_request(settings, backbone_name),
-        "preprocessing": {"resize": pre.resize, "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std)},
+        "preprocessing": weights.preprocessing.to_dict(),
     }
     with bentoml.models.create(_store_name(backbone_name), metadata=metadata, labels={"backbone": backbone_name}) as ref:
         torch.save(weights.state_dict, ref.path_of(WEIGHTS_FILE))

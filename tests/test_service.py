@@ -132,7 +132,8 @@ def test_bad_uploads_get_clear_4xx_and_the_service_stays_up(client, payload, sta
 
 def test_bad_parameters_are_4xx(client, photo_set):
     query = photo_set["queries"]["coffee"]
-    assert _search(client, query, top_k=0).status_code == 422
+    zero = _search(client, query, top_k=0)
+    assert zero.status_code == 422 and zero.json()["error"] == "validation_error" and "top_k" in zero.json()["detail"]
     assert _search(client, query, top_k=100000).status_code == 400
     assert _search(client, query, offset=-1).status_code == 422
     assert client.post("/api/search").status_code == 422  # no file
