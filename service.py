@@ -25,7 +25,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from bento.config import get_settings
 from bento.errors import (
@@ -142,7 +142,7 @@ class VectorSearch:
 
     def __is_ready__(self) -> bool:
         try:
-            self._vectors().ensure_ready()
+            self._vectors().ping()
         except SearchError as exc:
             logger.warning("vector search not ready: %s", exc.message)
             return False
@@ -192,7 +192,7 @@ class VectorSearch:
     def health(self) -> dict[str, Any]:
         """Never raises: what /api/status shows when the vector store is down."""
         try:
-            self._vectors().ensure_ready()
+            self._vectors().ping()
         except SearchError as exc:
             return {"ok": False, "error": exc.message}
         return {"ok": True, "error": ""}
@@ -276,7 +276,7 @@ class ImageSearch:
 
     def __init__(self) -> None:
         self.settings = get_settings()
-        self.store = open_image_store(self.settings.image_store_dir)
+        self.store = open_image_store(self.settings)
         self.limits = DecodeLimits(self.settings.max_upload_bytes, self.settings.max_image_pixels)
         self._model: ModelInfo | None = None
         self._preprocessing: Preprocessing | None = None
@@ -446,9 +446,8 @@ class ImageSearch:
         return await self._metadata(image_id)
 
     async def _blob_response(self, meta: ImageMetadata, kind: str) -> Response:
-        url = self.store.presigned_url(meta.id, kind)  # type: ignore[arg-type]
-        if url:
-            return RedirectResponse(url, status_code=307)
+        # Streamed by the service whatever the store (hits carry presigned URLs for direct access):
+        # one URL that always works, and a clear 503 when the store is down.
         data = await anyio.to_thread.run_sync(self.store.get, meta.id, kind)
         media_type = meta.mime if kind == "original" else "image/jpeg"
         # Content-addressed: the bytes behind an id never change.
@@ -474,6 +473,11 @@ class ImageSearch:
         async with calling("vector-search"):
             health = await self.vectors.to_async.health()
             info = await self.vectors.to_async.info() if health["ok"] else None
+        problems = [] if health["ok"] else [health["error"]]
+        try:
+            await anyio.to_thread.run_sync(self.store.ping)
+        except SearchError as exc:
+            problems.append(exc.message)
         limits = {
             "max_upload_bytes": self.settings.max_upload_bytes,
             "max_image_pixels": self.settings.max_image_pixels,
@@ -483,7 +487,7 @@ class ImageSearch:
             "embed_max_latency_ms": self.settings.embed_max_latency_ms,
         }
         return StatusResponse(
-            ready=bool(health["ok"]),
+            ready=not problems,
             count=info.count if info else -1,
             model=model,
             device=self._device,
@@ -494,7 +498,7 @@ class ImageSearch:
             milvus_uri=self.settings.milvus_uri,
             store=self.store.info(),
             limits=limits,
-            error=health["error"],
+            error="; ".join(problems),
         )
 
     @app.post("/api/index", response_model=IndexInfo)
@@ -549,9 +553,12 @@ class ImageSearch:
         return b"".join(chunks)
 
     async def __is_ready__(self) -> bool:
+        """Model known and the image store reachable (BentoML adds the dependencies' readiness)."""
         try:
             await self._model_description()
-        except SearchError:
+            await anyio.to_thread.run_sync(self.store.ping)
+        except SearchError as exc:
+            logger.warning("not ready: %s", exc.message)
             return False
         return True
 

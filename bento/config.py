@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelChoice = Literal["auto", "resnet50", "efficientnet-lite0"]
@@ -56,8 +56,20 @@ class Settings(BaseSettings):
     index_type: IndexType = Field("HNSW", description="Vector index built for a new collection.")
     index_params: dict[str, int] = Field(default_factory=dict, description="Overrides of the index build parameters.")
 
+    milvus_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Milvus call; past it the API answers 503.")
+
     # --- image store -------------------------------------------------------------------------------
+    store_backend: Literal["local", "s3"] = Field("local", description="Image store: a local directory or MinIO/S3.")
     store_dir: Path | None = Field(None, description="Local image store; empty means <data_dir>/images.")
+    s3_endpoint: str = Field("", description="MinIO/S3 endpoint as host:port (no scheme).")
+    s3_bucket: str = Field("images", description="Bucket (created if missing, always private).")
+    s3_access_key: SecretStr = Field(SecretStr(""), description="S3 access key.")
+    s3_secret_key: SecretStr = Field(SecretStr(""), description="S3 secret key.")
+    s3_secure: bool = Field(True, description="Use HTTPS to reach the S3 endpoint.")
+    s3_region: str = Field("us-east-1", description="S3 region (also lets URLs be signed without a network call).")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket (several deployments can share one).")
+    s3_timeout_s: float = Field(5.0, gt=0, description="Connect/read timeout of one S3 call.")
+    presign_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned image URLs.")
     thumbnail_size: int = Field(256, ge=32, le=1024, description="Longest side of stored thumbnails (px).")
 
     # --- request limits ----------------------------------------------------------------------------
@@ -69,6 +81,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
+        if self.store_backend == "s3" and not self.s3_endpoint:
+            raise ValueError("RIS_STORE_BACKEND=s3 needs RIS_S3_ENDPOINT (host:port).")
         if self.store_dir is None:
             self.store_dir = self.data_dir / "images"
         if not self.milvus_uri:

@@ -147,7 +147,7 @@ class StatusResponse(BaseModel):
     milvus_uri: str
     store: StoreInfo
     limits: dict[str, Any]
-    error: str = Field("", description="Why the vector store is not ready, when it is not.")
+    error: str = Field("", description="Why Milvus or the image store is not ready, when one is not.")
 
 
 class ErrorResponse(BaseModel):

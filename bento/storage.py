@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal, Protocol
 
-from bento.errors import BackendUnavailable, InvalidRequest, NotFound
+from bento.config import Settings
+from bento.errors import BackendUnavailable, InvalidRequest, NotFound, SearchError
 from bento.schemas import StoreInfo
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,9 @@ class ImageStore(Protocol):
 
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         """A direct URL to the object, or None when the service must stream it itself."""
+
+    def ping(self) -> None:
+        """Raise BackendUnavailable when the store cannot be reached."""
 
     def info(self) -> StoreInfo: ...
 
@@ -93,9 +101,156 @@ class LocalImageStore:
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         return None
 
+    def ping(self) -> None:
+        if self.root.exists() and not os.access(self.root, os.W_OK):
+            raise BackendUnavailable(f"Image store at {self.root} is not writable.")
+
     def info(self) -> StoreInfo:
         return StoreInfo(backend="local", location=str(self.root.resolve()))
 
 
-def open_image_store(store_dir: Path) -> ImageStore:
-    return LocalImageStore(store_dir)
+class S3ImageStore:
+    """MinIO/S3 through the minio SDK. The bucket is created if missing and never made public:
+    clients get presigned GET URLs (signed locally, no network call) or the service streams bytes."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        *,
+        secure: bool,
+        region: str,
+        prefix: str = "",
+        timeout_s: float = 5.0,
+        presign_expiry_s: int = 3600,
+    ) -> None:
+        import urllib3
+        from minio import Minio
+
+        # Short timeouts and few retries: an unreachable store must become a quick 503, not a hang.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+            retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            maxsize=16,
+        )
+        self.client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http
+        )
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.secure = secure
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.expiry = timedelta(seconds=presign_expiry_s)
+        self._bucket_ready = False
+
+    def _key(self, image_id: str, kind: Kind) -> str:
+        validate_image_id(image_id)
+        folder = "originals" if kind == "original" else "thumbnails"
+        return f"{self.prefix}{folder}/{image_id[:2]}/{image_id}"
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Transport failures and server-side errors of S3 become BackendUnavailable (HTTP 503)."""
+        import urllib3
+        from minio.error import MinioException, S3Error
+
+        try:
+            yield
+        except SearchError:
+            raise
+        except S3Error as exc:
+            self._bucket_ready = False
+            if exc.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise BackendUnavailable(f"S3 at {self.endpoint} refused our credentials ({exc.code}).") from exc
+            raise BackendUnavailable(f"S3 at {self.endpoint} answered {exc.code}: {exc.message}") from exc
+        except (urllib3.exceptions.HTTPError, MinioException, OSError) as exc:
+            self._bucket_ready = False
+            raise BackendUnavailable(f"S3 at {self.endpoint} is unavailable: {exc.__class__.__name__}") from exc
+
+    def ensure_bucket(self) -> None:
+        if self._bucket_ready:
+            return
+        with self._guard():
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
+                logger.info("Created private bucket %s at %s", self.bucket, self.endpoint)
+        self._bucket_ready = True
+
+    def put(self, image_id: str, kind: Kind, data: bytes) -> None:
+        key = self._key(image_id, kind)
+        self.ensure_bucket()
+        with self._guard():
+            if self._size(key) == len(data):
+                return
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
+
+    def _size(self, key: str) -> int | None:
+        from minio.error import S3Error
+
+        try:
+            return self.client.stat_object(self.bucket, key).size
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"):
+                return None
+            raise
+
+    def get(self, image_id: str, kind: Kind) -> bytes:
+        from minio.error import InvalidResponseError, S3Error
+
+        key = self._key(image_id, kind)
+        with self._guard():
+            try:
+                response = self.client.get_object(self.bucket, key)
+            except (S3Error, InvalidResponseError) as exc:
+                # Some S3 servers send error bodies the SDK cannot parse; a HEAD tells missing from broken.
+                if self._size(key) is None:
+                    raise NotFound(f"No {kind} stored for image {image_id}.") from exc
+                raise
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def exists(self, image_id: str, kind: Kind) -> bool:
+        key = self._key(image_id, kind)
+        self.ensure_bucket()
+        with self._guard():
+            return self._size(key) is not None
+
+    def delete(self, image_id: str) -> None:
+        with self._guard():
+            for kind in ("original", "thumbnail"):
+                self.client.remove_object(self.bucket, self._key(image_id, kind))
+
+    def presigned_url(self, image_id: str, kind: Kind) -> str | None:
+        # Signing is local computation (the region is configured), so this works even while S3 is down.
+        return self.client.presigned_get_object(self.bucket, self._key(image_id, kind), expires=self.expiry)
+
+    def ping(self) -> None:
+        """A real round trip (readiness): the bucket exists, or is created now; else BackendUnavailable."""
+        self._bucket_ready = False
+        self.ensure_bucket()
+
+    def info(self) -> StoreInfo:
+        scheme = "https" if self.secure else "http"
+        return StoreInfo(backend="s3", location=f"{scheme}://{self.endpoint}/{self.bucket}/{self.prefix}")
+
+
+def open_image_store(settings: Settings) -> ImageStore:
+    """The store the settings name. Builds a client object only; nothing is contacted yet."""
+    if settings.store_backend == "s3":
+        return S3ImageStore(
+            settings.s3_endpoint,
+            settings.s3_bucket,
+            settings.s3_access_key.get_secret_value(),
+            settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            prefix=settings.s3_prefix,
+            timeout_s=settings.s3_timeout_s,
+            presign_expiry_s=settings.presign_expiry_s,
+        )
+    return LocalImageStore(settings.image_store_dir)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import grpc
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import ConnectError, MilvusException, MilvusUnavailableException
 
@@ -45,6 +46,8 @@ MAX_SOURCE_BYTES = 1024
 MAX_UPSERT_BYTES = 16 * 1024 * 1024
 # Milvus caps limit + offset of one search.
 MAX_WINDOW = 16384
+# Loading a large collection or building its index legitimately takes longer than one query.
+LOAD_TIMEOUT_S = 300.0
 
 DEFAULT_INDEX_PARAMS: dict[str, dict[str, int]] = {
     "FLAT": {},
@@ -79,6 +82,11 @@ def _truncate_utf8(text: str, limit: int) -> str:
     return text if len(encoded) <= limit else encoded[:limit].decode("utf-8", errors="ignore")
 
 
+def _is_connection_problem(exc: MilvusException) -> bool:
+    text = str(exc).lower()
+    return exc.code in (1, 2, 503) or any(word in text for word in ("unavailable", "connect", "deadline", "timeout"))
+
+
 def _label_filter(label: str) -> str:
     # json.dumps quotes and escapes exactly as Milvus string literals expect.
     return f"label == {json.dumps(label)}"
@@ -104,7 +112,7 @@ class VectorIndex:
 
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
-            client = MilvusClient(uri=uri, token=self.settings.milvus_token, db_name=self.settings.milvus_db_name, timeout=10)
+            client = MilvusClient(uri=uri, token=self.settings.milvus_token, db_name=self.settings.milvus_db_name, timeout=self.settings.milvus_timeout_s)
         except (MilvusException, OSError, RuntimeError, *_LITE_ERRORS) as exc:
             hint = ""
             if self.settings.milvus_is_lite and "lock" in str(exc).lower():
@@ -121,11 +129,7 @@ class VectorIndex:
         with self._lock:
             client = self._connect()
             if self._spec is None:
-                try:
-                    self._spec = self._prepare_collection(client)
-                except (MilvusUnavailableException, ConnectError) as exc:
-                    self._reset()
-                    raise BackendUnavailable(f"Milvus at {self.settings.milvus_uri} is unavailable: {exc}") from exc
+                self._spec = self._prepare_collection(client)
             return client
 
     def _reset(self) -> None:
@@ -140,19 +144,31 @@ class VectorIndex:
         with self._lock:
             self._reset()
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one Milvus call; a lost connection becomes BackendUnavailable (503) and a reconnect later."""
-        client = self._milvus()
+    def _invoke(self, client: MilvusClient, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """One MilvusClient call, always with a timeout; a lost or frozen server becomes
+        BackendUnavailable (503) and a fresh connection on the next call, so the service recovers by
+        itself when Milvus is back."""
         try:
-            return fn(client, *args, **kwargs)
+            return getattr(client, method)(*args, timeout=timeout or self.settings.milvus_timeout_s, **kwargs)
         except (MilvusUnavailableException, ConnectError) as exc:
             self._reset()
-            raise BackendUnavailable(f"Milvus {what} failed: {exc}") from exc
+            raise BackendUnavailable(f"Milvus {method} failed: {exc}") from exc
+        except grpc.RpcError as exc:
+            # pymilvus lets some transport errors through unwrapped (a deadline while Milvus hangs).
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
+                raise
+            self._reset()
+            raise BackendUnavailable(
+                f"Milvus at {self.settings.milvus_uri} did not answer {method} in time ({exc.code().name})"  # type: ignore[attr-defined]
+            ) from exc
         except MilvusException as exc:
-            if exc.code in (1, 2, 503) or "unavailable" in str(exc).lower() or "connect" in str(exc).lower():
+            if _is_connection_problem(exc):
                 self._reset()
-                raise BackendUnavailable(f"Milvus {what} failed: {exc}") from exc
+                raise BackendUnavailable(f"Milvus at {self.settings.milvus_uri} is unavailable ({method}): {exc.message}") from exc
             raise
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._invoke(self._milvus(), method, *args, **kwargs)
 
     # --- collection lifecycle -------------------------------------------------------------------------
     def _model_properties(self) -> dict[str, str]:
@@ -166,16 +182,16 @@ class VectorIndex:
 
     def _prepare_collection(self, client: MilvusClient) -> IndexSpec:
         name = self.settings.collection
-        if not client.has_collection(name):
+        if not self._invoke(client, "has_collection", name):
             spec = index_spec(self.settings.index_type, self.settings.index_params)
             self._create_collection(client, spec)
             return spec
-        props = client.describe_collection(name).get("properties", {}) or {}
+        props = self._invoke(client, "describe_collection", name).get("properties", {}) or {}
         self._guard(props)
         spec = IndexSpec.model_validate_json(props[f"{_P}index"]) if f"{_P}index" in props else index_spec("FLAT")
-        if not client.list_indexes(name):
+        if not self._invoke(client, "list_indexes", name):
             self._create_index(client, spec)
-        client.load_collection(name)
+        self._invoke(client, "load_collection", name, timeout=LOAD_TIMEOUT_S)
         return spec
 
     def _guard(self, props: dict[str, str]) -> None:
@@ -211,9 +227,9 @@ class VectorIndex:
         properties = {**self._model_properties(), f"{_P}index": spec.model_dump_json()}
         # The index is created in a second call: passing it to create_collection makes pymilvus ask
         # Milvus Lite for a timestamp it does not implement, which logs a scary (harmless) traceback.
-        client.create_collection(self.settings.collection, schema=schema, properties=properties)
+        self._invoke(client, "create_collection", self.settings.collection, schema=schema, properties=properties)
         self._create_index(client, spec)
-        client.load_collection(self.settings.collection)
+        self._invoke(client, "load_collection", self.settings.collection, timeout=LOAD_TIMEOUT_S)
         logger.info(
             "Created collection %s (%s, dim %d, %s %s)",
             self.settings.collection, self.model.model_id, self.model.dim, spec.index_type, spec.params,
@@ -226,30 +242,33 @@ class VectorIndex:
         return params
 
     def _create_index(self, client: MilvusClient, spec: IndexSpec) -> None:
-        client.create_index(self.settings.collection, self._index_params(client, spec))
+        self._invoke(client, "create_index", self.settings.collection, self._index_params(client, spec), timeout=LOAD_TIMEOUT_S)
 
     def rebuild_index(self, spec: IndexSpec) -> IndexSpec:
         """Replace the vector index (the collection is briefly unloaded; searches wait on the lock)."""
         spec = index_spec(spec.index_type, spec.params)
         name = self.settings.collection
 
-        def rebuild(client: MilvusClient) -> None:
-            client.release_collection(name)
-            for index_name in client.list_indexes(name):
-                client.drop_index(name, index_name)
-            self._create_index(client, spec)
-            client.alter_collection_properties(name, properties={f"{_P}index": spec.model_dump_json()})
-            client.load_collection(name)
-
         with self._lock:
             started = time.monotonic()
-            self._call("index rebuild", rebuild)
+            self._call("release_collection", name)
+            for index_name in self._call("list_indexes", name):
+                self._call("drop_index", name, index_name)
+            self._call("create_index", name, self._index_params(self._milvus(), spec), timeout=LOAD_TIMEOUT_S)
+            self._call("alter_collection_properties", name, properties={f"{_P}index": spec.model_dump_json()})
+            self._call("load_collection", name, timeout=LOAD_TIMEOUT_S)
             self._spec = spec
         logger.info("Rebuilt index as %s %s in %.1f s", spec.index_type, spec.params, time.monotonic() - started)
         return spec
 
     def ensure_ready(self) -> None:
         self._milvus()
+
+    def ping(self) -> None:
+        """A real round trip (readiness probes): raise BackendUnavailable when Milvus does not answer."""
+        state = self._call("get_load_state", self.settings.collection)
+        if "Loaded" not in str(state.get("state", "")):
+            raise BackendUnavailable(f"Collection {self.settings.collection} is not loaded ({state}).")
 
     # --- data ---------------------------------------------------------------------------------------
     @staticmethod
@@ -271,7 +290,7 @@ class VectorIndex:
         row_bytes = self.model.dim * 4 + 2 * MAX_SOURCE_BYTES
         written = 0
         for chunk in self._chunks(rows, row_bytes):
-            result = self._call("upsert", lambda c, data=chunk: c.upsert(self.settings.collection, data))
+            result = self._call("upsert", self.settings.collection, chunk)
             written += int(result.get("upsert_count", len(chunk)))
         return written
 
@@ -291,7 +310,7 @@ class VectorIndex:
             kwargs["offset"] = query.offset
         if query.label is not None:
             kwargs["filter"] = _label_filter(query.label)
-        results = self._call("search", lambda c: c.search(self.settings.collection, [query.vector], **kwargs))
+        results = self._call("search", self.settings.collection, [query.vector], **kwargs)
         return [
             VectorHit(score=float(hit["distance"]), image=ImageMetadata(id=hit["id"], **hit["entity"]))
             for hit in results[0]
@@ -300,23 +319,17 @@ class VectorIndex:
     def get(self, ids: list[str]) -> list[ImageMetadata]:
         if not ids:
             return []
-        rows = self._call(
-            "get", lambda c: c.get(self.settings.collection, ids=ids, output_fields=METADATA_FIELDS, consistency_level="Strong")
-        )
+        rows = self._call("get", self.settings.collection, ids=ids, output_fields=METADATA_FIELDS, consistency_level="Strong")
         return [ImageMetadata(id=row["id"], **{k: row[k] for k in METADATA_FIELDS}) for row in rows]
 
     def get_vector(self, image_id: str) -> list[float] | None:
-        rows = self._call(
-            "get", lambda c: c.get(self.settings.collection, ids=[image_id], output_fields=["vector"], consistency_level="Strong")
-        )
+        rows = self._call("get", self.settings.collection, ids=[image_id], output_fields=["vector"], consistency_level="Strong")
         return [float(v) for v in rows[0]["vector"]] if rows else None
 
     def existing_ids(self, ids: list[str]) -> set[str]:
         if not ids:
             return set()
-        rows = self._call(
-            "get", lambda c: c.get(self.settings.collection, ids=ids, output_fields=["id"], consistency_level="Strong")
-        )
+        rows = self._call("get", self.settings.collection, ids=ids, output_fields=["id"], consistency_level="Strong")
         return {row["id"] for row in rows}
 
     def delete(self, ids: list[str]) -> int:
@@ -324,14 +337,11 @@ class VectorIndex:
             return 0
         present = self.existing_ids(ids)
         if present:
-            self._call("delete", lambda c: c.delete(self.settings.collection, ids=sorted(present)))
+            self._call("delete", self.settings.collection, ids=sorted(present))
         return len(present)
 
     def count(self) -> int:
-        rows = self._call(
-            "count",
-            lambda c: c.query(self.settings.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"),
-        )
+        rows = self._call("query", self.settings.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
         return int(rows[0]["count(*)"])
 
     def info(self) -> IndexInfo:
@@ -349,4 +359,4 @@ class VectorIndex:
 
     def flush(self) -> None:
         """Seal what was written so the server builds its index over it (a no-op cost on Lite)."""
-        self._call("flush", lambda c: c.flush(self.settings.collection))
+        self._call("flush", self.settings.collection, timeout=LOAD_TIMEOUT_S)

@@ -23,13 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images embedded together (default 32)")
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: cores, max 4)")
     parser.add_argument("--service-url", help="embed through a running service (e.g. http://127.0.0.1:3000)")
+    parser.add_argument("--retry-seconds", type=float, default=60.0, help="keep retrying an unavailable Milvus/store this long (default 60)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     settings = Settings()
-    options = IngestOptions(batch_size=max(1, args.batch_size), progress=not args.no_progress)
+    options = IngestOptions(batch_size=max(1, args.batch_size), progress=not args.no_progress, retry_s=max(0.0, args.retry_seconds))
     if args.workers:
         options.workers = max(1, args.workers)
     try:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
             embedding = load_embedder(settings)
         vectors = VectorIndex(settings, embedding.info)
-        job = IngestJob(settings, embedding, open_image_store(settings.image_store_dir), vectors, options)
+        job = IngestJob(settings, embedding, open_image_store(settings), vectors, options)
         try:
             report = job.run(args.folder)
         finally:

@@ -14,18 +14,19 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
+from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
 from tqdm import tqdm
 
 from bento.config import Settings
-from bento.errors import ImageTooLarge, InvalidImage, SearchError
+from bento.errors import BackendUnavailable, ImageTooLarge, InvalidImage, SearchError
 from bento.imaging import DecodeLimits, content_hash
 from bento.schemas import MAX_LABEL_LENGTH, ModelInfo, VectorRecord
 from bento.storage import ImageStore
@@ -34,6 +35,7 @@ from models.pipeline import PreparedImage, prepare_image
 from models.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Embedding(Protocol):
@@ -88,6 +90,9 @@ class IngestOptions:
     batch_size: int = 32
     workers: int = max(1, min(4, os.cpu_count() or 1))
     progress: bool = True
+    # How long to keep retrying (with exponential backoff) while Milvus or the store is unavailable,
+    # before stopping with a clear message; a rerun continues where it stopped.
+    retry_s: float = 60.0
 
 
 @dataclass
@@ -132,6 +137,22 @@ class IngestJob:
         self.options = options or IngestOptions()
         self.limits = DecodeLimits(settings.max_upload_bytes, settings.max_image_pixels)
 
+    def _retry(self, fn: Callable[..., T], *args: object) -> T:
+        """Run fn again while a backend is unavailable (idempotent steps only), then give up clearly."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(BackendUnavailable),
+            wait=wait_exponential(multiplier=0.5, max=10),
+            stop=stop_after_delay(self.options.retry_s),
+            before_sleep=before_sleep_log(logger, logging.WARNING),
+            reraise=True,
+        )
+        return retrying(fn, *args)
+
+    def _present(self, ids: list[str]) -> set[str]:
+        """Ids whose vector row AND original blob exist: those are complete and skipped."""
+        in_milvus = self.vectors.existing_ids(ids)
+        return {image_id for image_id in in_milvus if self.store.exists(image_id, "original")}
+
     # Runs in worker threads: read, hash, check presence, decode and preprocess one chunk.
     def _prepare_chunk(self, files: list[tuple[Path, str]]) -> _Chunk:
         chunk = _Chunk()
@@ -148,9 +169,9 @@ class IngestJob:
                 item.error = getattr(exc, "message", None) or f"cannot read: {exc}"
                 continue
             loaded.append((item, data, content_hash(data)))
-        present = self.vectors.existing_ids([image_id for _, _, image_id in loaded])
+        present = self._retry(self._present, [image_id for _, _, image_id in loaded])
         for item, data, image_id in loaded:
-            if image_id in present and self.store.exists(image_id, "original"):
+            if image_id in present:
                 item.existing = True
                 continue
             try:
@@ -166,7 +187,7 @@ class IngestJob:
         report = IngestReport(folder=str(folder), model=self.embedding.info.model_id)
         files = list(scan_folder(folder))
         report.scanned = len(files)
-        self.vectors.ensure_ready()
+        self._retry(self.vectors.ensure_ready)
         started = time.perf_counter()
         batch = self.options.batch_size
         chunks = [files[i : i + batch] for i in range(0, len(files), batch)]
@@ -195,16 +216,23 @@ class IngestJob:
             bar.close()
             report.seconds = round(time.perf_counter() - started, 3)
         if not report.interrupted:
-            self.vectors.flush()
-        report.collection_count = self.vectors.count()
+            self._retry(self.vectors.flush)
+        report.collection_count = self._retry(self.vectors.count)
         return report
 
+    def _persist(self, prepared: list[PreparedImage], records: list[VectorRecord]) -> None:
+        """Blobs first, then vector rows: only a vector row marks an image done (crash safety)."""
+        for image in prepared:
+            self.store.put(image.id, "original", image.data)
+            if image.thumbnail is not None:
+                self.store.put(image.id, "thumbnail", image.thumbnail)
+        self.vectors.upsert(records)
+
     def _write_chunk(self, chunk: _Chunk, root: Path, seen: set[str], report: IngestReport) -> None:
-        fresh: list[_Item] = []
+        fresh: list[tuple[_Item, PreparedImage]] = []
         for item in chunk.items:
-            relative = str(item.path.relative_to(root))
             if item.error is not None:
-                report.rejected.append(Rejected(path=relative, reason=item.error))
+                report.rejected.append(Rejected(path=str(item.path.relative_to(root)), reason=item.error))
             elif item.existing:
                 report.skipped_existing += 1
             elif item.prepared is not None:
@@ -212,25 +240,18 @@ class IngestJob:
                     report.duplicates += 1
                     continue
                 seen.add(item.prepared.id)
-                fresh.append(item)
+                fresh.append((item, item.prepared))
         if not fresh:
             return
-        pixels = np.stack([item.prepared.pixels for item in fresh if item.prepared is not None])
-        vectors = self.embedding.embed(pixels)
+        vectors = self.embedding.embed(np.stack([prepared.pixels for _, prepared in fresh]))
         now = int(time.time())
-        records = []
-        for item, vector in zip(fresh, vectors, strict=True):
-            prepared = item.prepared
-            assert prepared is not None
-            self.store.put(prepared.id, "original", prepared.data)
-            if prepared.thumbnail is not None:
-                self.store.put(prepared.id, "thumbnail", prepared.thumbnail)
-            records.append(
-                VectorRecord(
-                    id=prepared.id, label=item.label, mime=prepared.mime, width=prepared.width,
-                    height=prepared.height, size_bytes=len(prepared.data), source=str(item.path.relative_to(root)),
-                    created_at=now, vector=vector.tolist(),
-                )
+        records = [
+            VectorRecord(
+                id=prepared.id, label=item.label, mime=prepared.mime, width=prepared.width, height=prepared.height,
+                size_bytes=len(prepared.data), source=str(item.path.relative_to(root)), created_at=now,
+                vector=vector.tolist(),
             )
-        self.vectors.upsert(records)
+            for (item, prepared), vector in zip(fresh, vectors, strict=True)
+        ]
+        self._retry(self._persist, [prepared for _, prepared in fresh], records)
         report.ingested += len(records)

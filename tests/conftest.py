@@ -6,15 +6,19 @@ The BentoML home (model store) is one temp dir per test session; data dirs are p
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+
+from bento.config import Settings
+from scripts.devstack import MilvusServer, S3Server, free_port, stack_env
 
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,12 +87,6 @@ def photo_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"root": root, "originals": originals, "queries": queries}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RIS_")}
     env.update({"RIS_DATA_DIR": str(data_dir), "BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"})
@@ -105,6 +103,7 @@ class ServiceProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+        self.backend: Backend | None = None
 
     def start(self, timeout_s: float = 120) -> None:
         log = self.log_path.open("ab")
@@ -148,14 +147,94 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subpr
     return subprocess.run([PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+BACKENDS = ["lite-local", "server-s3"]
+
+
 @pytest.fixture(scope="session")
-def live_service(tmp_path_factory: pytest.TempPathFactory, photo_set, efficientnet) -> Iterator[ServiceProcess]:
-    """The real bento (`bentoml serve`) over a Milvus Lite file holding the ingested photo set."""
-    data_dir = tmp_path_factory.mktemp("service-data")
-    env = service_env(data_dir, RIS_MODEL="efficientnet-lite0", RIS_MAX_UPLOAD_BYTES="3000000")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
+    """A real Milvus 2.3 standalone server on a loopback port, shared by the session."""
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (rclone serve s3, signature-checked) on a loopback port."""
+    server = S3Server(tmp_path_factory.mktemp("s3-server") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Backend:
+    """One storage configuration of the product: its RIS_* settings and ways to look inside."""
+
+    name: str
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def settings(self, **extra: object) -> Settings:
+        fields = {key.removeprefix("RIS_").lower(): value for key, value in self.env.items()}
+        return Settings(data_dir=self.data_dir, **{**fields, **extra})
+
+    def process_env(self, **extra: str) -> dict[str, str]:
+        return service_env(self.data_dir, **self.env, **extra)
+
+    def stored_ids(self) -> set[str]:
+        """Every id in the collection (Milvus Lite: only while no other process holds the file)."""
+        from pymilvus import MilvusClient
+
+        settings = self.settings()
+        client = MilvusClient(uri=settings.milvus_uri)
+        try:
+            client.load_collection(settings.collection)
+            rows = client.query(settings.collection, filter='id != ""', output_fields=["id"], limit=16384, consistency_level="Strong")
+            return {row["id"] for row in rows}
+        finally:
+            client.close()
+
+    def blob_ids(self) -> set[str]:
+        settings = self.settings()
+        if settings.store_backend == "local":
+            root = settings.image_store_dir / "originals"
+            return {p.name for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+        from bento.storage import S3ImageStore, open_image_store
+
+        store = open_image_store(settings)
+        assert isinstance(store, S3ImageStore)
+        if not store.client.bucket_exists(store.bucket):
+            return set()
+        objects = store.client.list_objects(store.bucket, prefix=f"{store.prefix}originals/", recursive=True)
+        return {obj.object_name.rsplit("/", 1)[-1] for obj in objects}
+
+
+def make_backend(name: str, data_dir: Path, request: pytest.FixtureRequest) -> Backend:
+    if name == "lite-local":
+        return Backend(name, data_dir)
+    milvus: MilvusServer = request.getfixturevalue("milvus_server")
+    s3: S3Server = request.getfixturevalue("s3_server")
+    unique = uuid.uuid4().hex[:12]
+    return Backend(name, data_dir, stack_env(milvus, s3, bucket=f"t-{unique}", collection=f"t_{unique}"))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Parametrises a test over (a) Milvus Lite + local directory and (b) Milvus server + S3 server."""
+    return make_backend(request.param, tmp_path / "data", request)
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def live_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, photo_set, efficientnet) -> Iterator[ServiceProcess]:
+    """The real bento (`bentoml serve`) over the ingested photo set, once per backend."""
+    backend = make_backend(request.param, tmp_path_factory.mktemp("service-data"), request)
+    env = backend.process_env(RIS_MODEL="efficientnet-lite0", RIS_MAX_UPLOAD_BYTES="3000000")
     ingest = run_cli(["-m", "ingest", str(photo_set["root"]), "--no-progress", "--json"], env)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
-    service = ServiceProcess(env, data_dir / "service.log")
+    service = ServiceProcess(env, backend.data_dir / "service.log")
+    service.backend = backend
     service.start()
     yield service
     service.stop()

@@ -1,5 +1,6 @@
-"""The ingest job: labels, idempotency, rejected files, interruption by SIGKILL, model guard."""
+"""The ingest job on both backends: labels, idempotency, rejected files, SIGKILL, model guard."""
 
+import json
 import os
 import random
 import signal
@@ -8,27 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from pymilvus import MilvusClient
 
-from bento.config import Settings
-from bento.storage import LocalImageStore
+from bento.storage import open_image_store
 from bento.vectors import VectorIndex
 from ingest.job import IngestJob, IngestOptions, scan_folder
-from tests.conftest import PYTHON, ROOT, run_cli, service_env
-
-
-def _stored_ids(data_dir: Path) -> set[str]:
-    client = MilvusClient(str(data_dir / "milvus.db"))
-    try:
-        client.load_collection("images")
-        rows = client.query("images", filter='id != ""', output_fields=["id"], limit=16384)
-        return {row["id"] for row in rows}
-    finally:
-        client.close()
-
-
-def _blob_ids(data_dir: Path) -> set[str]:
-    return {p.name for p in (data_dir / "images" / "originals").rglob("*") if p.is_file() and not p.name.startswith(".")}
+from tests.conftest import PYTHON, ROOT, run_cli
 
 
 def test_scan_gives_labels_from_top_level_folders(tmp_path):
@@ -40,7 +25,14 @@ def test_scan_gives_labels_from_top_level_folders(tmp_path):
     assert found == {"cat/a.jpg": "cat", "cat/sub/b.jpg": "cat", "root.jpg": ""}
 
 
-def test_ingest_then_rerun_skips_everything(efficientnet, photo_set, tmp_path):
+def _job(backend, embedder, **options):
+    settings = backend.settings()
+    vectors = VectorIndex(settings, embedder.info)
+    store = open_image_store(settings)
+    return IngestJob(settings, embedder, store, vectors, IngestOptions(progress=False, **options)), vectors, store
+
+
+def test_ingest_then_rerun_skips_everything(backend, efficientnet, photo_set, tmp_path):
     root: Path = photo_set["root"]
     folder = tmp_path / "set"
     os.symlink(root, folder)
@@ -52,9 +44,7 @@ def test_ingest_then_rerun_skips_everything(efficientnet, photo_set, tmp_path):
     (extra / "junk" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (extra / "junk" / "copy-of-chelsea.jpg").write_bytes(good)  # a duplicate of a file in the main set
 
-    settings = Settings(data_dir=tmp_path / "data")
-    vectors = VectorIndex(settings, efficientnet.info)
-    job = IngestJob(settings, efficientnet, LocalImageStore(settings.image_store_dir), vectors, IngestOptions(batch_size=8, workers=2, progress=False))
+    job, vectors, _ = _job(backend, efficientnet, batch_size=8, workers=2)
     expected = sum(1 for _ in scan_folder(root))
     first = job.run(folder)
     assert (first.scanned, first.ingested, first.skipped_existing, first.rejected) == (expected, expected, 0, [])
@@ -69,26 +59,27 @@ def test_ingest_then_rerun_skips_everything(efficientnet, photo_set, tmp_path):
     third = job.run(folder)
     assert (third.ingested, third.skipped_existing) == (0, expected)
     assert vectors.count() == expected
-    labels = {m.source: m.label for m in vectors.get(sorted(vectors.existing_ids(list(_blob_ids(settings.data_dir)))))}
-    assert labels["cat/chelsea.jpg"] == "cat" and labels["texture/brick.jpg"] == "texture"
+    stored = vectors.get(sorted(backend.blob_ids()))
+    labels = {m.source: m.label for m in stored}
+    assert len(stored) == expected and labels["cat/chelsea.jpg"] == "cat" and labels["texture/brick.jpg"] == "texture"
     vectors.close()
 
 
-def test_blob_lost_after_a_crash_is_repaired_on_rerun(efficientnet, photo_set, tmp_path):
-    settings = Settings(data_dir=tmp_path / "data")
-    vectors = VectorIndex(settings, efficientnet.info)
-    store = LocalImageStore(settings.image_store_dir)
-    job = IngestJob(settings, efficientnet, store, vectors, IngestOptions(batch_size=16, progress=False))
+def test_half_written_images_are_repaired_on_rerun(backend, efficientnet, photo_set):
+    """Blob without vector row, and vector row without blob (a crash between the two writes)."""
+    job, vectors, store = _job(backend, efficientnet, batch_size=16)
     job.run(photo_set["root"])
-    victim = sorted(_blob_ids(settings.data_dir))[0]
-    store.delete(victim)
+    lost_blob, lost_row = sorted(backend.blob_ids())[:2]
+    store.delete(lost_blob)
+    vectors.delete([lost_row])
     report = job.run(photo_set["root"])
-    assert report.ingested == 1 and store.exists(victim, "original") and store.exists(victim, "thumbnail")
-    assert vectors.count() == report.scanned
+    assert report.ingested == 2 and report.skipped_existing == report.scanned - 2
+    assert store.exists(lost_blob, "original") and store.exists(lost_blob, "thumbnail")
+    assert vectors.count() == report.scanned and vectors.existing_ids([lost_row]) == {lost_row}
     vectors.close()
 
 
-def _many_images(folder: Path, count: int) -> None:
+def make_images(folder: Path, count: int) -> None:
     from ingest.demo import GENERATED, encode
 
     rng = random.Random(11)
@@ -100,50 +91,49 @@ def _many_images(folder: Path, count: int) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_equals_a_clean_run(efficientnet, tmp_path):
+def test_sigkill_mid_run_then_rerun_equals_a_clean_run(backend, efficientnet, tmp_path, request):
+    from tests.conftest import make_backend
+
     folder = tmp_path / "many"
-    _many_images(folder, 240)
-    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    make_images(folder, 240)
+    clean = make_backend(backend.name, tmp_path / "clean", request)
     args = [PYTHON, "-m", "ingest", str(folder), "--batch-size", "8", "--no-progress"]
 
-    process = subprocess.Popen(args, cwd=ROOT, env=service_env(killed_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(args, cwd=ROOT, env=backend.process_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and len(_blob_ids(killed_dir)) < 40 and process.poll() is None:
-        time.sleep(0.05)
+    while time.monotonic() < deadline and len(backend.blob_ids()) < 40 and process.poll() is None:
+        time.sleep(0.1)
     assert process.poll() is None, "the ingest finished before it could be killed; make the set bigger"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    partial = len(_blob_ids(killed_dir))
+    partial = len(backend.blob_ids())
     assert 0 < partial < 240
 
-    rerun = run_cli(["-m", "ingest", str(folder), "--batch-size", "8", "--no-progress", "--json"], service_env(killed_dir))
+    rerun = run_cli([*args[1:], "--json"], backend.process_env())
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    clean = run_cli(["-m", "ingest", str(folder), "--batch-size", "32", "--no-progress"], service_env(clean_dir))
-    assert clean.returncode == 0, clean.stderr[-3000:]
-
-    killed_ids, clean_ids = _stored_ids(killed_dir), _stored_ids(clean_dir)
-    assert len(clean_ids) == 240
-    assert killed_ids == clean_ids, "the interrupted + resumed ingest must equal a clean one"
-    assert _blob_ids(killed_dir) == killed_ids, "no orphan blobs, no vector without its image"
-    import json
-
     report = json.loads(rerun.stdout)
     assert report["ingested"] + report["skipped_existing"] == 240 and report["skipped_existing"] > 0
+    clean_run = run_cli(["-m", "ingest", str(folder), "--no-progress"], clean.process_env())
+    assert clean_run.returncode == 0, clean_run.stderr[-3000:]
+
+    killed_ids, clean_ids = backend.stored_ids(), clean.stored_ids()
+    assert len(clean_ids) == 240
+    assert killed_ids == clean_ids, "the interrupted + resumed ingest must equal a clean one"
+    assert backend.blob_ids() == killed_ids, "no orphan blobs, no vector without its image"
 
 
-def test_ingest_with_another_model_is_refused_clearly(efficientnet, photo_set, tmp_path):
-    data_dir = tmp_path / "data"
-    first = run_cli(["-m", "ingest", str(photo_set["root"] / "cat"), "--no-progress"], service_env(data_dir, RIS_MODEL="efficientnet-lite0"))
+def test_ingest_with_another_model_is_refused_clearly(backend, efficientnet, photo_set):
+    folder = str(photo_set["root"] / "cat")
+    first = run_cli(["-m", "ingest", folder, "--no-progress"], backend.process_env(RIS_MODEL="efficientnet-lite0"))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(
-        ["-m", "ingest", str(photo_set["root"] / "cat"), "--no-progress"],
-        service_env(data_dir, RIS_MODEL="resnet50", RIS_RESNET50_WEIGHTS="random"),
-    )
+    second = run_cli(["-m", "ingest", folder, "--no-progress"], backend.process_env(RIS_MODEL="resnet50", RIS_RESNET50_WEIGHTS="random"))
     assert second.returncode == 1
     assert "holds embeddings of another model" in second.stderr
-    assert _stored_ids(data_dir) and len(_stored_ids(data_dir)) == 1  # nothing mixed in
+    assert len(backend.stored_ids()) == 1  # nothing mixed in
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
+    from tests.conftest import service_env
+
     result = run_cli(["-m", "ingest", str(tmp_path / "nope"), "--no-progress"], service_env(tmp_path / "data", RIS_MODEL="efficientnet-lite0"))
     assert result.returncode == 1 and "is not a folder" in result.stderr
