@@ -82,6 +82,21 @@ def _truncate_utf8(text: str, limit: int) -> str:
     return text if len(encoded) <= limit else encoded[:limit].decode("utf-8", errors="ignore")
 
 
+class _LiteTimestampNoise(logging.Filter):
+    """Milvus Lite 3.2 lacks AllocTimestamp, which pymilvus 3 asks for: the call still succeeds but
+    grpc logs a full traceback. Drop exactly that record so it cannot hide real errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and "Method not implemented" in str(exc))
+
+
+def _quiet_lite_timestamp_noise() -> None:
+    grpc_server_logger = logging.getLogger("grpc._server")
+    if not any(isinstance(f, _LiteTimestampNoise) for f in grpc_server_logger.filters):
+        grpc_server_logger.addFilter(_LiteTimestampNoise())
+
+
 def _is_connection_problem(exc: MilvusException) -> bool:
     text = str(exc).lower()
     return exc.code in (1, 2, 503) or any(word in text for word in ("unavailable", "connect", "deadline", "timeout"))
@@ -108,6 +123,7 @@ class VectorIndex:
             return self._client
         uri = self.settings.milvus_uri
         if self.settings.milvus_is_lite:
+            _quiet_lite_timestamp_noise()
             from pathlib import Path
 
             Path(uri).parent.mkdir(parents=True, exist_ok=True)

@@ -66,3 +66,13 @@ def test_domain_errors_cross_rpc_with_their_status():
     with pytest.raises(BentoMLException) as caught, domain_errors_as_http():
         raise errors.ModelMismatch("mixed models")
     assert caught.value.error_code == HTTPStatus.CONFLICT and "mixed models" in str(caught.value)
+
+
+def test_bento_requirements_match_the_project_dependencies():
+    """The bento installs what pyproject.toml declares: the two lists must not drift apart."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    lines = (ROOT / "requirements-bento.txt").read_text().splitlines()
+    bento = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert bento == declared
