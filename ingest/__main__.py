@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: cores, max 4)")
     parser.add_argument("--service-url", help="embed through a running service (e.g. http://127.0.0.1:3000)")
     parser.add_argument("--retry-seconds", type=float, default=60.0, help="keep retrying an unavailable Milvus/store this long (default 60)")
+    parser.add_argument(
+        "--shard-index", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")),
+        help="this run's shard (default: $JOB_COMPLETION_INDEX of a Kubernetes Indexed Job, else 0)",
+    )
+    parser.add_argument("--shard-count", type=int, default=1, help="number of shards splitting the folder (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
@@ -31,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings()
     options = IngestOptions(batch_size=max(1, args.batch_size), progress=not args.no_progress, retry_s=max(0.0, args.retry_seconds))
+    options.shard_index, options.shard_count = args.shard_index, max(1, args.shard_count)
     if args.workers:
         options.workers = max(1, args.workers)
     try:

@@ -59,6 +59,7 @@ class IngestReport(BaseModel):
     ingested: int = 0
     skipped_existing: int = 0
     duplicates: int = 0
+    other_shards: int = 0
     rejected: list[Rejected] = []
     interrupted: bool = False
     seconds: float = 0.0
@@ -75,6 +76,7 @@ class IngestReport(BaseModel):
             f"  ingested          {self.ingested}  ({self.images_per_s:.1f} images/s over {self.seconds:.1f} s)",
             f"  already present   {self.skipped_existing}",
             f"  duplicate files   {self.duplicates}",
+            *([f"  other shards      {self.other_shards}"] if self.other_shards else []),
             f"  rejected          {len(self.rejected)}",
         ]
         lines += [f"    {r.path}: {r.reason}" for r in self.rejected[:50]]
@@ -93,6 +95,10 @@ class IngestOptions:
     # How long to keep retrying (with exponential backoff) while Milvus or the store is unavailable,
     # before stopping with a clear message; a rerun continues where it stopped.
     retry_s: float = 60.0
+    # Sharding for parallel jobs (a Kubernetes Indexed Job): this run takes only the images whose
+    # content hash falls in its shard, so N pods split any folder without coordination or overlap.
+    shard_index: int = 0
+    shard_count: int = 1
 
 
 @dataclass
@@ -101,12 +107,20 @@ class _Item:
     label: str
     prepared: PreparedImage | None = None
     existing: bool = False
+    other_shard: bool = False
     error: str | None = None
 
 
 @dataclass
 class _Chunk:
     items: list[_Item] = field(default_factory=list)
+
+
+def in_shard(image_id: str, shard_index: int, shard_count: int) -> bool:
+    """Stable assignment of an image to one of shard_count shards by its content hash."""
+    if not 0 <= shard_index < shard_count:
+        raise SearchError(f"shard index {shard_index} is outside 0..{shard_count - 1}")
+    return int(image_id[:16], 16) % shard_count == shard_index
 
 
 def scan_folder(root: Path) -> Iterator[tuple[Path, str]]:
@@ -168,7 +182,11 @@ class IngestJob:
             except (OSError, SearchError) as exc:
                 item.error = getattr(exc, "message", None) or f"cannot read: {exc}"
                 continue
-            loaded.append((item, data, content_hash(data)))
+            image_id = content_hash(data)
+            if not in_shard(image_id, self.options.shard_index, self.options.shard_count):
+                item.other_shard = True
+                continue
+            loaded.append((item, data, image_id))
         present = self._retry(self._present, [image_id for _, _, image_id in loaded])
         for item, data, image_id in loaded:
             if image_id in present:
@@ -233,6 +251,8 @@ class IngestJob:
         for item in chunk.items:
             if item.error is not None:
                 report.rejected.append(Rejected(path=str(item.path.relative_to(root)), reason=item.error))
+            elif item.other_shard:
+                report.other_shards += 1
             elif item.existing:
                 report.skipped_existing += 1
             elif item.prepared is not None:

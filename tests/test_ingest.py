@@ -137,3 +137,25 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
     result = run_cli(["-m", "ingest", str(tmp_path / "nope"), "--no-progress"], service_env(tmp_path / "data", RIS_MODEL="efficientnet-lite0"))
     assert result.returncode == 1 and "is not a folder" in result.stderr
+
+
+def test_shards_split_a_folder_without_overlap(efficientnet, photo_set, tmp_path):
+    """N shard runs (a Kubernetes Indexed Job) together ingest every image exactly once."""
+    from bento.config import Settings
+    from ingest.job import in_shard
+
+    settings = Settings(data_dir=tmp_path / "data")
+    vectors = VectorIndex(settings, efficientnet.info)
+    store = open_image_store(settings)
+    total = sum(1 for _ in scan_folder(photo_set["root"]))
+    ingested = []
+    for index in range(3):
+        job = IngestJob(settings, efficientnet, store, vectors, IngestOptions(progress=False, shard_index=index, shard_count=3))
+        report = job.run(photo_set["root"])
+        assert report.ingested + report.other_shards == total
+        ingested.append(report.ingested)
+    assert sum(ingested) == total == vectors.count() and all(ingested), ingested
+    assert in_shard("f" * 64, 0, 1)
+    with pytest.raises(Exception, match="outside"):
+        in_shard("f" * 64, 3, 3)
+    vectors.close()
