@@ -65,3 +65,9 @@ class BackendUnavailable(SearchError):
 
     status_code = 503
     code = "backend_unavailable"
+
+
+class MilvusLiteLocked(BackendUnavailable):
+    """The Milvus Lite file cannot be opened (usually: another process owns it). Not transient."""
+
+    code = "milvus_lite_locked"

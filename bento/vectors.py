@@ -18,7 +18,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import ConnectError, MilvusException, MilvusUnavailableException
 
 from bento.config import Settings
-from bento.errors import BackendUnavailable, InvalidRequest, ModelMismatch
+from bento.errors import BackendUnavailable, InvalidRequest, MilvusLiteLocked, ModelMismatch
 from bento.schemas import (
     MAX_LABEL_LENGTH,
     ImageMetadata,
@@ -130,13 +130,14 @@ class VectorIndex:
         try:
             client = MilvusClient(uri=uri, token=self.settings.milvus_token, db_name=self.settings.milvus_db_name, timeout=self.settings.milvus_timeout_s)
         except (MilvusException, OSError, RuntimeError, *_LITE_ERRORS) as exc:
-            hint = ""
-            if self.settings.milvus_is_lite and "lock" in str(exc).lower():
-                hint = (
-                    " Milvus Lite allows one process per file: stop the other process (the service or an"
-                    " ingest job), or run `milvus-lite server` and point RIS_MILVUS_URI at it."
-                )
-            raise BackendUnavailable(f"Cannot open Milvus at {uri}: {exc}.{hint}") from exc
+            if self.settings.milvus_is_lite:
+                # A local file does not come back by waiting: report it at once, with the usual cause.
+                raise MilvusLiteLocked(
+                    f"Cannot open the Milvus Lite file {uri} ({exc}). Most often another process holds it: "
+                    "Milvus Lite allows one process per file. Stop the other process (the service or an ingest "
+                    "job), or run `milvus-lite server` (or a Milvus server) and point RIS_MILVUS_URI at it."
+                ) from exc
+            raise BackendUnavailable(f"Cannot open Milvus at {uri}: {exc}.") from exc
         self._client = client
         return client
 

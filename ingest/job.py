@@ -22,11 +22,18 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
-from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 from tqdm import tqdm
 
 from bento.config import Settings
-from bento.errors import BackendUnavailable, ImageTooLarge, InvalidImage, SearchError
+from bento.errors import BackendUnavailable, ImageTooLarge, InvalidImage, MilvusLiteLocked, SearchError
 from bento.imaging import DecodeLimits, content_hash
 from bento.schemas import MAX_LABEL_LENGTH, ModelInfo, VectorRecord
 from bento.storage import ImageStore
@@ -154,7 +161,8 @@ class IngestJob:
     def _retry(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn again while a backend is unavailable (idempotent steps only), then give up clearly."""
         retrying = Retrying(
-            retry=retry_if_exception_type(BackendUnavailable),
+            # Outages are worth waiting for; a Lite file owned by another process is not.
+            retry=retry_if_exception_type(BackendUnavailable) & retry_if_not_exception_type(MilvusLiteLocked),
             wait=wait_exponential(multiplier=0.5, max=10),
             stop=stop_after_delay(self.options.retry_s),
             before_sleep=before_sleep_log(logger, logging.WARNING),

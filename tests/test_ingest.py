@@ -159,3 +159,13 @@ def test_shards_split_a_folder_without_overlap(efficientnet, photo_set, tmp_path
     with pytest.raises(Exception, match="outside"):
         in_shard("f" * 64, 3, 3)
     vectors.close()
+
+
+def test_ingest_into_a_lite_file_the_service_holds_fails_at_once_with_advice(live_service, photo_set):
+    """Milvus Lite allows one process per file: no minutes of retries, a clear way out instead."""
+    if live_service.backend.name != "lite-local":
+        pytest.skip("only Milvus Lite files are single-process")
+    started = time.monotonic()
+    result = run_cli(["-m", "ingest", str(photo_set["root"] / "cat"), "--no-progress"], live_service.env)
+    assert result.returncode == 1 and "one process per file" in result.stderr
+    assert time.monotonic() - started < 50, "a held Lite file is not an outage: no retry loop"
