@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import anyio
 import bentoml
+import httpx
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -281,6 +282,7 @@ class ImageSearch:
         self._model: ModelInfo | None = None
         self._preprocessing: Preprocessing | None = None
         self._device = ""
+        self._http: httpx.AsyncClient | None = None
 
     # --- helpers ---------------------------------------------------------------------------------
     async def _model_description(self) -> tuple[ModelInfo, Preprocessing]:
@@ -530,24 +532,34 @@ class ImageSearch:
         np.save(out, np.asarray(vectors, dtype=np.float32), allow_pickle=False)
         return Response(out.getvalue(), media_type="application/x-npy", headers={"X-Model-Id": self._model.model_id if self._model else ""})
 
-    async def _fetch(self, url: str) -> bytes:
-        import httpx
+    def _url_client(self) -> httpx.AsyncClient:
+        """One pooled client for search-by-URL downloads, made on first use."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=self.settings.url_fetch_timeout_s, follow_redirects=True, max_redirects=3
+            )
+        return self._http
 
+    @bentoml.on_shutdown
+    async def close_url_client(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def _fetch(self, url: str) -> bytes:
         if not url.lower().startswith(("http://", "https://")):
             raise InvalidRequest("Only http(s) URLs can be fetched.")
         limit = self.settings.max_upload_bytes
         try:
-            async with httpx.AsyncClient(timeout=self.settings.url_fetch_timeout_s, follow_redirects=True, max_redirects=3) as client:
-                async with client.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        raise UrlFetchFailed(f"Fetching the URL answered HTTP {response.status_code}.")
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > limit:
-                            raise ImageTooLarge(f"The image at the URL is over the {limit}-byte limit.")
-                        chunks.append(chunk)
+            async with self._url_client().stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise UrlFetchFailed(f"Fetching the URL answered HTTP {response.status_code}.")
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ImageTooLarge(f"The image at the URL is over the {limit}-byte limit.")
+                    chunks.append(chunk)
         except httpx.HTTPError as exc:
             raise UrlFetchFailed(f"Fetching the URL failed: {exc.__class__.__name__}: {exc}") from exc
         return b"".join(chunks)
