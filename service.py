@@ -317,33 +317,34 @@ class ImageSearch:
         )
 
     async def _search_vector(
-        self, vector: list[float], top_k: int | None, offset: int, label: str | None, timings: Timings
-    ) -> list[SearchHit]:
+        self, vector: list[float], query_id: str, top_k: int | None, offset: int, label: str | None,
+        started: float, timings: Timings,
+    ) -> SearchResponse:
+        """The vector search and the response, shared by every way of asking (upload, URL, id)."""
+        model, _ = await self._model_description()
         top_k = top_k or self.settings.default_top_k
         if top_k > self.settings.max_top_k:
             raise InvalidRequest(f"top_k is at most {self.settings.max_top_k}.")
         query = VectorQuery(vector=vector, top_k=top_k, offset=offset, label=_clean_label(label) if label else None)
-        started = time.perf_counter()
+        search_started = time.perf_counter()
         async with calling("vector-search"):
             hits = await self.vectors.to_async.search(query=query)
-        timings.search_ms = _ms(started)
-        return [self._hit(hit) for hit in hits]
+        timings.search_ms = _ms(search_started)
+        timings.total_ms = _ms(started)
+        return SearchResponse(
+            query_id=query_id, hits=[self._hit(hit) for hit in hits], top_k=top_k, offset=offset, label=label,
+            model=model.model_id, timings=timings,
+        )
 
     async def _search_bytes(self, data: bytes, top_k: int | None, offset: int, label: str | None) -> SearchResponse:
         started = time.perf_counter()
         timings = Timings()
-        model, _ = await self._model_description()
         prepared = await self._prepare(data, thumbnail=False)
         timings.decode_ms = _ms(started)
         embed_started = time.perf_counter()
         vector = (await self._embed(prepared.pixels[None]))[0]
         timings.embed_ms = _ms(embed_started)
-        hits = await self._search_vector(vector.tolist(), top_k, offset, label, timings)
-        timings.total_ms = _ms(started)
-        return SearchResponse(
-            query_id=prepared.id, hits=hits, top_k=top_k or self.settings.default_top_k, offset=offset,
-            label=label, model=model.model_id, timings=timings,
-        )
+        return await self._search_vector(vector.tolist(), prepared.id, top_k, offset, label, started, timings)
 
     async def _metadata(self, image_id: str) -> ImageMetadata:
         validate_image_id(image_id)
@@ -381,18 +382,11 @@ class ImageSearch:
     async def search_id(self, body: SearchById) -> SearchResponse:
         """Search with an image already in the collection (no re-embedding)."""
         started = time.perf_counter()
-        timings = Timings()
-        model, _ = await self._model_description()
         async with calling("vector-search"):
             vector = await self.vectors.to_async.get_vector(image_id=body.id)
         if vector is None:
             raise NotFound(f"No image with id {body.id}.")
-        hits = await self._search_vector(vector, body.top_k, body.offset, body.label, timings)
-        timings.total_ms = _ms(started)
-        return SearchResponse(
-            query_id=body.id, hits=hits, top_k=body.top_k or self.settings.default_top_k, offset=body.offset,
-            label=body.label, model=model.model_id, timings=timings,
-        )
+        return await self._search_vector(vector, body.id, body.top_k, body.offset, body.label, started, Timings())
 
     @app.post("/api/images", response_model=InsertResponse, status_code=201)
     async def insert(
@@ -409,17 +403,12 @@ class ImageSearch:
             existing = await self.vectors.to_async.get(ids=[prepared.id])
         if existing:
             # Repair a store that lost the blob (e.g. a crash between the two writes), then report.
-            await anyio.to_thread.run_sync(self._put_blobs, prepared)
+            await anyio.to_thread.run_sync(prepared.store_blobs, self.store)
             body = InsertResponse(id=prepared.id, created=False, message="Already present; nothing changed.", image=existing[0])
             return JSONResponse(body.model_dump(), status_code=200)
         vector = (await self._embed(prepared.pixels[None]))[0]
-        record = VectorRecord(
-            id=prepared.id, label=clean_label, mime=prepared.mime, width=prepared.width, height=prepared.height,
-            size_bytes=len(prepared.data), source=(file.filename or "upload")[:200], created_at=int(time.time()),
-            vector=vector.tolist(),
-        )
-        # Blob first, vector second: a crash in between leaves an orphan blob, never a hit without an image.
-        await anyio.to_thread.run_sync(self._put_blobs, prepared)
+        record = prepared.record(vector, clean_label, (file.filename or "upload")[:200], int(time.time()))
+        await anyio.to_thread.run_sync(prepared.store_blobs, self.store)
         async with calling("vector-search"):
             await self.vectors.to_async.upsert(records=[record])
         body = InsertResponse(
@@ -427,14 +416,9 @@ class ImageSearch:
         )
         return JSONResponse(body.model_dump(), status_code=201)
 
-    def _put_blobs(self, prepared: PreparedImage) -> None:
-        self.store.put(prepared.id, "original", prepared.data)
-        if prepared.thumbnail is not None:
-            self.store.put(prepared.id, "thumbnail", prepared.thumbnail)
-
     @app.get("/api/images/{image_id}", responses={404: {"model": ErrorResponse}})
     async def get_image(self, image_id: str) -> Response:
-        """The original image bytes (or a redirect to a presigned URL)."""
+        """The original image bytes, streamed from the store (503 when the store is down)."""
         meta = await self._metadata(image_id)
         return await self._blob_response(meta, "original")
 

@@ -13,6 +13,7 @@ from bento.errors import SearchError
 from bento.storage import open_image_store
 from bento.vectors import VectorIndex
 from ingest.job import IngestJob, IngestOptions
+from ingest.remote import RemoteEmbedding
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         options.workers = max(1, args.workers)
     try:
         if args.service_url:
-            from ingest.remote import RemoteEmbedding
-
             embedding = RemoteEmbedding(args.service_url)
         else:
             from models.store import load_embedder
@@ -55,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             report = job.run(args.folder)
         finally:
             vectors.close()
+            if isinstance(embedding, RemoteEmbedding):
+                embedding.close()
     except SearchError as exc:
         print(f"ingest failed: {exc.message}", file=sys.stderr)
         print("Nothing written so far is lost; rerun the same command to continue.", file=sys.stderr)

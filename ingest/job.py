@@ -249,9 +249,7 @@ class IngestJob:
     def _persist(self, prepared: list[PreparedImage], records: list[VectorRecord]) -> None:
         """Blobs first, then vector rows: only a vector row marks an image done (crash safety)."""
         for image in prepared:
-            self.store.put(image.id, "original", image.data)
-            if image.thumbnail is not None:
-                self.store.put(image.id, "thumbnail", image.thumbnail)
+            image.store_blobs(self.store)
         self.vectors.upsert(records)
 
     def _write_chunk(self, chunk: _Chunk, root: Path, seen: set[str], report: IngestReport) -> None:
@@ -274,11 +272,7 @@ class IngestJob:
         vectors = self.embedding.embed(np.stack([prepared.pixels for _, prepared in fresh]))
         now = int(time.time())
         records = [
-            VectorRecord(
-                id=prepared.id, label=item.label, mime=prepared.mime, width=prepared.width, height=prepared.height,
-                size_bytes=len(prepared.data), source=str(item.path.relative_to(root)), created_at=now,
-                vector=vector.tolist(),
-            )
+            prepared.record(vector, item.label, str(item.path.relative_to(root)), now)
             for (item, prepared), vector in zip(fresh, vectors, strict=True)
         ]
         self._retry(self._persist, [prepared for _, prepared in fresh], records)

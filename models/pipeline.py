@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bento.imaging import DecodeLimits, content_hash, decode_image, make_thumbnail
+from bento.schemas import VectorRecord
+from bento.storage import ImageStore
 from models.preprocess import Preprocessing
 
 
@@ -20,6 +22,20 @@ class PreparedImage:
     height: int
     pixels: np.ndarray  # (crop, crop, 3) uint8, the embedder's input
     thumbnail: bytes | None
+
+    def record(self, vector: np.ndarray, label: str, source: str, created_at: int) -> VectorRecord:
+        """The row Milvus keeps for this image: its vector and everything shown with a hit."""
+        return VectorRecord(
+            id=self.id, label=label, mime=self.mime, width=self.width, height=self.height,
+            size_bytes=len(self.data), source=source, created_at=created_at, vector=vector.tolist(),
+        )
+
+    def store_blobs(self, store: ImageStore) -> None:
+        """Original and thumbnail. Callers write these BEFORE the vector row: only a row marks an
+        image as present, so a crash in between leaves a blob to reuse, never a hit without an image."""
+        store.put(self.id, "original", self.data)
+        if self.thumbnail is not None:
+            store.put(self.id, "thumbnail", self.thumbnail)
 
 
 def prepare_image(

@@ -10,9 +10,11 @@ first: after an unclean stop it waits for its stale etcd sessions to expire and 
 within 3 minutes, which would test Milvus' recovery rather than ours.
 """
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -82,57 +84,58 @@ def test_short_milvus_outage_during_ingest_is_ridden_out_by_retries(milvus_serve
     assert json.loads(stdout)["collection_count"] == 160 == len(backend.stored_ids())
 
 
+@contextlib.contextmanager
+def _service_client(milvus, s3, name: str, tmp_path, **env: str) -> Iterator[httpx.Client]:
+    """A running service over the given servers (own collection and bucket), and a client for it."""
+    backend = Backend("server-s3", tmp_path / "data", stack_env(milvus, s3, bucket=f"fault-{name}", collection=f"fault_{name}"))
+    service = ServiceProcess(backend.process_env(RIS_MODEL="efficientnet-lite0", **env), tmp_path / "service.log")
+    service.start()
+    try:
+        with httpx.Client(base_url=service.url, timeout=60) as client:
+            yield client
+    finally:
+        service.stop()
+
+
 def test_s3_outage_under_the_service(milvus_server, own_s3, efficientnet, photo_set, tmp_path):
     """Search by upload keeps working (it needs the embedder and Milvus only; result URLs are signed
     locally); image fetches, inserts and readiness say 503 until S3 is back, then recover by themselves."""
-    backend = Backend("server-s3", tmp_path / "data", stack_env(milvus_server, own_s3, bucket="fault-s3", collection="fault_s3"))
-    service = ServiceProcess(backend.process_env(RIS_MODEL="efficientnet-lite0", RIS_S3_TIMEOUT_S="2"), tmp_path / "service.log")
-    service.start()
-    try:
-        with httpx.Client(base_url=service.url, timeout=60) as client:
-            data = photo_set["originals"]["coffee"]
-            image_id = client.post("/api/images", files={"file": ("coffee.jpg", data)}, data={"label": "coffee"}).json()["id"]
+    with _service_client(milvus_server, own_s3, "s3", tmp_path, RIS_S3_TIMEOUT_S="2") as client:
+        data = photo_set["originals"]["coffee"]
+        image_id = client.post("/api/images", files={"file": ("coffee.jpg", data)}, data={"label": "coffee"}).json()["id"]
 
-            own_s3.stop()
-            search = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["coffee"])})
-            assert search.status_code == 200 and search.json()["hits"][0]["id"] == image_id
-            fetch = client.get(f"/api/images/{image_id}")
-            assert fetch.status_code == 503 and "S3" in fetch.json()["detail"]
-            insert = client.post("/api/images", files={"file": ("rocket.jpg", photo_set["originals"]["rocket"])})
-            assert insert.status_code == 503 and insert.json()["error"] == "backend_unavailable"
-            assert client.get("/readyz").status_code == 503
-            status = client.get("/api/status").json()
-            assert status["ready"] is False and "S3" in status["error"]
+        own_s3.stop()
+        search = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["coffee"])})
+        assert search.status_code == 200 and search.json()["hits"][0]["id"] == image_id
+        fetch = client.get(f"/api/images/{image_id}")
+        assert fetch.status_code == 503 and "S3" in fetch.json()["detail"]
+        insert = client.post("/api/images", files={"file": ("rocket.jpg", photo_set["originals"]["rocket"])})
+        assert insert.status_code == 503 and insert.json()["error"] == "backend_unavailable"
+        assert client.get("/readyz").status_code == 503
+        status = client.get("/api/status").json()
+        assert status["ready"] is False and "S3" in status["error"]
 
-            own_s3.start()
-            _wait_for(lambda: client.get("/readyz").status_code == 200, 60, "readiness after S3 came back")
-            assert client.get(f"/api/images/{image_id}").content == data
-            assert client.post("/api/images", files={"file": ("rocket.jpg", photo_set["originals"]["rocket"])}).status_code == 201
-    finally:
-        service.stop()
+        own_s3.start()
+        _wait_for(lambda: client.get("/readyz").status_code == 200, 60, "readiness after S3 came back")
+        assert client.get(f"/api/images/{image_id}").content == data
+        assert client.post("/api/images", files={"file": ("rocket.jpg", photo_set["originals"]["rocket"])}).status_code == 201
 
 
 def test_milvus_outage_under_the_service(milvus_server, s3_server, efficientnet, photo_set, tmp_path):
-    backend = Backend("server-s3", tmp_path / "data", stack_env(milvus_server, s3_server, bucket="fault-m", collection="fault_m"))
-    service = ServiceProcess(backend.process_env(RIS_MODEL="efficientnet-lite0", RIS_MILVUS_TIMEOUT_S="3"), tmp_path / "service.log")
-    service.start()
-    try:
-        with httpx.Client(base_url=service.url, timeout=60) as client:
-            data = photo_set["originals"]["rocket"]
-            image_id = client.post("/api/images", files={"file": ("rocket.jpg", data)}).json()["id"]
+    with _service_client(milvus_server, s3_server, "m", tmp_path, RIS_MILVUS_TIMEOUT_S="3") as client:
+        data = photo_set["originals"]["rocket"]
+        image_id = client.post("/api/images", files={"file": ("rocket.jpg", data)}).json()["id"]
 
-            milvus_server.pause()
-            started = time.monotonic()
-            search = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["rocket"])})
-            assert search.status_code == 503 and search.json()["error"] == "backend_unavailable"
-            assert time.monotonic() - started < 45, "an unreachable Milvus must give a 503, not a hang"
-            assert client.get("/readyz").status_code == 503
-            status = client.get("/api/status")
-            assert status.status_code == 200 and status.json()["ready"] is False and "Milvus" in status.json()["error"]
+        milvus_server.pause()
+        started = time.monotonic()
+        search = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["rocket"])})
+        assert search.status_code == 503 and search.json()["error"] == "backend_unavailable"
+        assert time.monotonic() - started < 45, "an unreachable Milvus must give a 503, not a hang"
+        assert client.get("/readyz").status_code == 503
+        status = client.get("/api/status")
+        assert status.status_code == 200 and status.json()["ready"] is False and "Milvus" in status.json()["error"]
 
-            milvus_server.resume()
-            _wait_for(lambda: client.get("/readyz").status_code == 200, 90, "readiness after Milvus came back")
-            hits = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["rocket"])}).json()["hits"]
-            assert hits[0]["id"] == image_id and client.get("/api/status").json()["count"] == 1
-    finally:
-        service.stop()
+        milvus_server.resume()
+        _wait_for(lambda: client.get("/readyz").status_code == 200, 90, "readiness after Milvus came back")
+        hits = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["rocket"])}).json()["hits"]
+        assert hits[0]["id"] == image_id and client.get("/api/status").json()["count"] == 1
