@@ -297,7 +297,9 @@ class ImageSearch:
     async def _prepare(self, data: bytes, thumbnail: bool) -> PreparedImage:
         _, preprocessing = await self._model_description()
         size = self.settings.thumbnail_size if thumbnail else None
-        return await anyio.to_thread.run_sync(prepare_image, data, self.limits, preprocessing, size)
+        return await anyio.to_thread.run_sync(
+            prepare_image, data, self.limits, preprocessing, size, self.settings.decode_draft_scale
+        )
 
     async def _embed(self, pixels: np.ndarray) -> np.ndarray:
         async with calling("embedder"):

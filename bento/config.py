@@ -10,6 +10,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelChoice = Literal["auto", "resnet50", "efficientnet-lite0"]
+RuntimeName = Literal["auto", "torch", "openvino"]
+PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 IndexType = Literal["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"]
 
 
@@ -36,6 +38,15 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the embedder runs.")
     embedder_gpus: int = Field(-1, ge=-1, description="GPUs BentoML assigns to the embedder (-1: 1 if nvidia-smi exists).")
+    runtime: RuntimeName = Field(
+        "auto", description="Inference runtime: auto (CUDA: torch; CPU: openvino), torch (eager reference) or openvino."
+    )
+    precision: PrecisionChoice = Field(
+        "auto", description="auto (CUDA: fp16; OpenVINO: bf16 where the CPU has it, else fp32), fp32, fp16, bf16 or int8."
+    )
+    int8_calibration_dir: Path | None = Field(
+        None, description="Folder of typical photos that calibrates RIS_PRECISION=int8 (up to 128 are sampled)."
+    )
 
     # --- adaptive batching (see README: measured batch-size/latency curve) ---------------------------
     embed_max_batch_size: int = Field(32, ge=1, le=512, description="Largest batch the embedder forms.")
@@ -75,6 +86,11 @@ class Settings(BaseSettings):
     # --- request limits ----------------------------------------------------------------------------
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted image file.")
     max_image_pixels: int = Field(50_000_000, ge=10_000, description="Largest accepted width x height (bomb guard).")
+    decode_draft_scale: float = Field(
+        2.0,
+        ge=0,
+        description="Decode large JPEGs at a reduced scale, keeping >= this x the model's resize size (0: full decode).",
+    )
     url_fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for search-by-URL downloads.")
     default_top_k: int = Field(12, ge=1, description="Hits returned when a request names no top_k.")
     max_top_k: int = Field(200, ge=1, le=16384, description="Largest top_k a request may ask for.")

@@ -24,6 +24,8 @@ class ModelInfo(BaseModel):
     pretrained: bool
     reason: str = Field("", description="Why this backbone was chosen (for `auto`).")
     store_tag: str = Field("", description="BentoML model-store tag the weights were loaded from.")
+    runtime: str = Field("", description="Inference runtime that computes the embeddings (torch, openvino).")
+    precision: str = Field("", description="Numeric precision of that runtime (fp32, fp16, bf16, int8).")
 
 
 class IndexSpec(BaseModel):
@@ -69,6 +71,9 @@ class IndexInfo(BaseModel):
     milvus_backend: str
     milvus_uri: str
     loaded: bool
+    embedding_runtimes: list[str] = Field(
+        default_factory=list, description="Runtime-precision pairs that have embedded into this collection."
+    )
 
 
 # --- HTTP API ------------------------------------------------------------------------------------

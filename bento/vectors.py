@@ -115,6 +115,7 @@ class VectorIndex:
         self.model = model
         self._client: MilvusClient | None = None
         self._spec: IndexSpec | None = None
+        self._runtimes: list[str] = []
         self._lock = threading.RLock()
 
     # --- connection -------------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class VectorIndex:
             return spec
         props = self._invoke(client, "describe_collection", name).get("properties", {}) or {}
         self._guard(props)
+        self._record_runtime(client, props)
         spec = IndexSpec.model_validate_json(props[f"{_P}index"]) if f"{_P}index" in props else index_spec("FLAT")
         if not self._invoke(client, "list_indexes", name):
             self._create_index(client, spec)
@@ -230,6 +232,22 @@ class VectorIndex:
                 "and re-ingest."
             )
 
+    def _runtime_label(self) -> str:
+        return f"{self.model.runtime or 'unknown'}-{self.model.precision or 'unknown'}"
+
+    def _record_runtime(self, client: MilvusClient, props: dict[str, str]) -> None:
+        """Keep the list of runtime/precision pairs that have embedded for this collection.
+
+        They are allowed to mix (unlike models): every fast runtime is checked at start-up to stay within
+        cosine 0.99 of the fp32 reference (models/runtime.py), so the record is for audit, not refusal."""
+        self._runtimes = [r for r in props.get(f"{_P}runtimes", "").split(",") if r]
+        label = self._runtime_label()
+        if label in self._runtimes:
+            return
+        self._runtimes.append(label)
+        logger.info("Collection %s: embeddings now also come from %s", self.settings.collection, label)
+        self._invoke(client, "alter_collection_properties", self.settings.collection, properties={f"{_P}runtimes": ",".join(self._runtimes)})
+
     def _create_collection(self, client: MilvusClient, spec: IndexSpec) -> None:
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -241,7 +259,8 @@ class VectorIndex:
         schema.add_field("size_bytes", DataType.INT64)
         schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_BYTES)
         schema.add_field("created_at", DataType.INT64)
-        properties = {**self._model_properties(), f"{_P}index": spec.model_dump_json()}
+        self._runtimes = [self._runtime_label()]
+        properties = {**self._model_properties(), f"{_P}index": spec.model_dump_json(), f"{_P}runtimes": self._runtimes[0]}
         # The index is created in a second call: passing it to create_collection makes pymilvus ask
         # Milvus Lite for a timestamp it does not implement, which logs a scary (harmless) traceback.
         self._invoke(client, "create_collection", self.settings.collection, schema=schema, properties=properties)
@@ -372,6 +391,7 @@ class VectorIndex:
             milvus_backend=self.settings.milvus_backend,
             milvus_uri=self.settings.milvus_uri,  # the token is a separate setting, never shown
             loaded=self._spec is not None,
+            embedding_runtimes=list(self._runtimes),
         )
 
     def flush(self) -> None:

@@ -201,7 +201,13 @@ class IngestJob:
                 item.existing = True
                 continue
             try:
-                item.prepared = prepare_image(data, self.limits, self.embedding.preprocessing, self.settings.thumbnail_size)
+                item.prepared = prepare_image(
+                    data,
+                    self.limits,
+                    self.embedding.preprocessing,
+                    self.settings.thumbnail_size,
+                    self.settings.decode_draft_scale,
+                )
             except (InvalidImage, ImageTooLarge) as exc:
                 item.error = exc.message
         return chunk

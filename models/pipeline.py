@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bento.imaging import DecodeLimits, content_hash, decode_image, make_thumbnail
+from bento.imaging import DecodeLimits, content_hash, decode_image, draft_min_side, make_thumbnail
 from bento.schemas import VectorRecord
 from bento.storage import ImageStore
 from models.preprocess import Preprocessing
@@ -39,10 +39,17 @@ class PreparedImage:
 
 
 def prepare_image(
-    data: bytes, limits: DecodeLimits, preprocessing: Preprocessing, thumbnail_size: int | None
+    data: bytes,
+    limits: DecodeLimits,
+    preprocessing: Preprocessing,
+    thumbnail_size: int | None,
+    draft_scale: float = 0.0,
 ) -> PreparedImage:
-    """Raise an InvalidImage/ImageTooLarge/UnsupportedImageFormat error for bad input."""
-    decoded = decode_image(data, limits)
+    """Raise an InvalidImage/ImageTooLarge/UnsupportedImageFormat error for bad input.
+
+    ``draft_scale`` > 0 lets large JPEGs decode at a reduced scale, keeping the shorter side at least
+    ``draft_scale`` x the model's resize size (RIS_DECODE_DRAFT_SCALE)."""
+    decoded = decode_image(data, limits, draft_min_side(preprocessing.resize, draft_scale))
     pixels = preprocessing.to_pixels(decoded.image)
     thumbnail = make_thumbnail(decoded.image, thumbnail_size) if thumbnail_size else None
     return PreparedImage(

@@ -14,15 +14,19 @@ import time
 from dataclasses import dataclass
 
 import bentoml
+import numpy as np
 import torch
 from bentoml.exceptions import NotFound as BentoNotFound
 
 from bento.config import Settings
 from bento.errors import ModelUnavailable
+from bento.imaging import DecodeLimits
 from bento.schemas import ModelInfo
 from models.backbones import EfficientNetLite0, ResNet50, Weights, WeightsUnavailable, get_backbone
-from models.embedding import ImageEmbedder, pick_device
+from models.embedding import ImageEmbedder
+from models.pipeline import prepare_image
 from models.preprocess import Preprocessing
+from models.runtime import RuntimeUnavailable, build_runtime, calibration_pixels, choose_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -149,18 +153,37 @@ def resolve_model(settings: Settings, import_if_missing: bool = True) -> StoredM
 
 def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEmbedder:
     """Load the chosen model from the BentoML model store onto the configured device."""
+    started = time.monotonic()
+    choice = choose_runtime(settings.runtime, settings.precision, settings.device)
     stored = resolve_model(settings, import_if_missing)
     model = bentoml.models.get(stored.tag)
     backbone = get_backbone(stored.info.backbone)
     module = backbone.build()
     state = torch.load(model.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True)
     module.load_state_dict(state, strict=True)
-    embedder = ImageEmbedder(module, stored.info, stored.preprocessing, pick_device(settings.device))
+    calibration = None
+    if choice.precision == "int8":
+        calibration = _calibration(settings, stored.preprocessing)
+    runtime = build_runtime(module, stored.preprocessing, choice, calibration)
+    embedder = ImageEmbedder(runtime, stored.info, stored.preprocessing)
     logger.info(
-        "Embedding model %s (%s; %s) on %s",
+        "Embedding model %s (%s; %s) with %s (%s), loaded in %.1f s",
         stored.info.model_id,
         stored.info.weights,
         stored.info.reason,
         embedder.device_name,
+        choice.reason,
+        time.monotonic() - started,
     )
     return embedder
+
+
+def _calibration(settings: Settings, preprocessing: Preprocessing) -> np.ndarray:
+    if settings.int8_calibration_dir is None:
+        raise RuntimeUnavailable(
+            "RIS_PRECISION=int8 needs RIS_INT8_CALIBRATION_DIR: a folder of typical photos to calibrate with."
+        )
+    limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+    return calibration_pixels(
+        settings.int8_calibration_dir, lambda data: prepare_image(data, limits, preprocessing, None, settings.decode_draft_scale).pixels
+    )

@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 export BENTOML_DO_NOT_TRACK=true
 
 scripts/setup.sh test
+# checkov (Kubernetes manifest security checks) pins networkx<2.7, which clashes with scikit-image:
+# it lives in its own venv; tests/test_k8s.py finds it at .venv-checkov/bin/checkov.
+if [ ! -x .venv-checkov/bin/checkov ]; then
+  echo "==> installing checkov into .venv-checkov"
+  "${PYTHON:-python3.11}" -m venv .venv-checkov 2>/dev/null || python3 -m venv .venv-checkov
+  .venv-checkov/bin/python -m pip install --quiet checkov==3.3.30
+fi
 if ! command -v chromium >/dev/null 2>&1; then
   echo "==> installing Debian's chromium for the browser test"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -1,0 +1,317 @@
+"""Inference runtimes: how one backbone turns preprocessed uint8 pixels into feature vectors.
+
+Two runtimes behind one small protocol, chosen by ``RIS_RUNTIME`` / ``RIS_PRECISION``:
+
+- ``torch``: PyTorch eager. The reference (fp32) and the GPU path (fp16/bf16 autocast, channels-last).
+- ``openvino``: the fast CPU path. The torch module, with the pixel normalisation folded in, is converted
+  to an OpenVINO model and compiled for this CPU in bf16 (AVX-512 BF16 / AMX) or fp32, or quantised to
+  int8 by NNCF post-training quantisation calibrated on real images (``RIS_INT8_CALIBRATION_DIR``).
+  fp32 is already at this class of CPU's AVX-512 ceiling; only bf16 and int8 go faster.
+
+Every fast path is checked against the fp32 reference when it is built (``check_fidelity``): a runtime
+whose embeddings drift below the cosine floor is refused with an error instead of silently serving
+vectors that do not match the collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from bento.config import PrecisionChoice, RuntimeName
+from bento.errors import ModelUnavailable, SearchError
+from models.preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+
+# Per-image cosine similarity to the fp32 reference below which a fast runtime is refused.
+FIDELITY_FLOOR = 0.99
+CALIBRATION_IMAGES = 128
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class RuntimeUnavailable(ModelUnavailable):
+    """The requested runtime/precision cannot run here (missing library, CPU feature, calibration data)."""
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    runtime: Literal["torch", "openvino"]
+    precision: Literal["fp32", "fp16", "bf16", "int8"]
+    device: str  # "cpu" or "cuda"
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.runtime}-{self.precision}"
+
+
+class InferenceRuntime(Protocol):
+    choice: RuntimeChoice
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, crop, crop, 3) uint8 -> (N, dim) float32 features (not yet normalised)."""
+
+    def describe(self) -> str:
+        """A human-readable line: runtime, precision, device, threads."""
+
+
+def cpu_threads() -> int:
+    """Threads one inference may use: the CPUs this process may run on (cgroup/affinity aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _openvino_cpu_capabilities() -> set[str]:
+    try:
+        import openvino as ov
+    except ImportError:
+        return set()
+    return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def choose_runtime(runtime: RuntimeName, precision: PrecisionChoice, device: str) -> RuntimeChoice:
+    """Resolve ``auto`` and check that the combination can run here; raise RuntimeUnavailable if not."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeUnavailable("RIS_DEVICE=cuda but no CUDA device is visible to torch.")
+    if use_cuda:
+        if runtime == "openvino":
+            raise RuntimeUnavailable("The OpenVINO runtime is the CPU path; use RIS_RUNTIME=torch (or auto) on CUDA.")
+        if precision in ("int8",):
+            raise RuntimeUnavailable("int8 is a CPU (OpenVINO) precision; on CUDA use fp16, bf16 or fp32.")
+        chosen = "fp16" if precision == "auto" else precision
+        return RuntimeChoice("torch", chosen, "cuda", "CUDA device present: PyTorch with autocast")
+
+    capabilities = _openvino_cpu_capabilities()
+    if runtime == "auto":
+        if capabilities:
+            runtime_name, why = "openvino", "CPU: OpenVINO is the fast CPU path"
+        else:
+            runtime_name, why = "torch", "CPU: OpenVINO is not installed, using PyTorch eager"
+    else:
+        runtime_name, why = runtime, f"requested (RIS_RUNTIME={runtime})"
+
+    if runtime_name == "torch":
+        if precision in ("int8", "fp16"):
+            raise RuntimeUnavailable(f"{precision} on CPU needs RIS_RUNTIME=openvino (PyTorch eager runs fp32/bf16).")
+        return RuntimeChoice("torch", "fp32" if precision == "auto" else precision, "cpu", why)
+
+    if not capabilities:
+        raise RuntimeUnavailable("RIS_RUNTIME=openvino but the openvino package is not installed.")
+    if precision == "auto":
+        if "BF16" in capabilities:
+            return RuntimeChoice("openvino", "bf16", "cpu", f"{why}; the CPU has bf16 instructions")
+        return RuntimeChoice("openvino", "fp32", "cpu", f"{why}; no bf16 instructions on this CPU")
+    if precision == "bf16" and "BF16" not in capabilities:
+        raise RuntimeUnavailable("RIS_PRECISION=bf16 but this CPU has no bf16 instructions (AVX-512 BF16 or AMX).")
+    if precision == "fp16":
+        raise RuntimeUnavailable("fp16 is a GPU precision; on CPU use bf16, int8 or fp32.")
+    return RuntimeChoice("openvino", precision, "cpu", why)
+
+
+class _PixelsToFeatures(nn.Module):
+    """uint8 NHWC pixels -> features, so a converted graph includes the normalisation."""
+
+    def __init__(self, module: nn.Module, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+        return self.module((x - self.mean) / self.std)
+
+
+class TorchRuntime:
+    """PyTorch eager: the fp32 reference on CPU, autocast + channels-last on CUDA."""
+
+    def __init__(self, module: nn.Module, preprocessing: Preprocessing, choice: RuntimeChoice) -> None:
+        self.choice = choice
+        self.preprocessing = preprocessing
+        self.device = torch.device(choice.device)
+        module = module.eval().to(self.device)
+        if self.device.type == "cuda":
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(choice.precision)
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+            x = self.preprocessing.normalise(batch)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self._autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+                    out = self.module(x)
+            else:
+                out = self.module(x)
+            return out.float().cpu().numpy()
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            return f"torch {self.choice.precision} on cuda ({torch.cuda.get_device_name(self.device)})"
+        return f"torch {self.choice.precision} on cpu ({torch.get_num_threads()} threads)"
+
+
+class OpenVINORuntime:
+    """OpenVINO on the CPU: bf16/fp32 compiled from the torch module, or NNCF int8."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        preprocessing: Preprocessing,
+        choice: RuntimeChoice,
+        calibration: np.ndarray | None = None,
+    ) -> None:
+        import openvino as ov
+
+        self.choice = choice
+        self.threads = cpu_threads()
+        started = time.monotonic()
+        wrapper = _PixelsToFeatures(module.eval(), preprocessing).eval()
+        crop = preprocessing.crop
+        example = torch.zeros((1, crop, crop, 3), dtype=torch.uint8)
+        with torch.no_grad():
+            model = ov.convert_model(wrapper, example_input=example, input=[(-1, crop, crop, 3), ov.Type.u8])
+        if choice.precision == "int8":
+            model = _quantise_int8(model, calibration)
+        config = {
+            # LATENCY: one stream using every core, so one batch (of any size) runs as fast as possible;
+            # BentoML's adaptive batching supplies the parallelism.
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": self.threads,
+            # int8 graphs keep their non-quantised ops in bf16 where the CPU can (faster, same fidelity).
+            "INFERENCE_PRECISION_HINT": "f32" if choice.precision == "fp32" else "bf16",
+        }
+        if choice.precision == "int8" and "BF16" not in _openvino_cpu_capabilities():
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        self._compiled = ov.Core().compile_model(model, "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        # One infer request, used by one thread at a time: BentoML may call a sync API from several threads.
+        self._lock = threading.Lock()
+        self.build_seconds = time.monotonic() - started
+        logger.info("OpenVINO %s model built in %.1f s", choice.precision, self.build_seconds)
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        with self._lock:
+            result = self._request.infer({0: np.ascontiguousarray(pixels)})
+            return np.array(result[0], dtype=np.float32)  # copy: the request reuses its output buffer
+
+    def describe(self) -> str:
+        import openvino as ov
+
+        return f"openvino {ov.__version__.split('-')[0]} {self.choice.precision} on cpu ({self.threads} threads)"
+
+
+def _quantise_int8(model: object, calibration: np.ndarray | None) -> object:
+    if calibration is None or len(calibration) == 0:
+        raise RuntimeUnavailable(
+            "RIS_PRECISION=int8 needs calibration images: set RIS_INT8_CALIBRATION_DIR to a folder of "
+            "typical photos (a few hundred are plenty; the ingest job's input folder works)."
+        )
+    try:
+        import nncf
+    except ImportError as exc:
+        raise RuntimeUnavailable("RIS_PRECISION=int8 needs the nncf package (pip install nncf).") from exc
+    dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    return nncf.quantize(model, dataset, subset_size=len(calibration), preset=nncf.QuantizationPreset.PERFORMANCE)
+
+
+def calibration_pixels(
+    folder: Path, to_pixels: Callable[[bytes], np.ndarray], limit: int = CALIBRATION_IMAGES
+) -> np.ndarray:
+    """Up to ``limit`` images of a folder (recursively, in a stable order) as (N, crop, crop, 3) uint8.
+
+    Files that are not decodable images are skipped."""
+    if not folder.is_dir():
+        raise RuntimeUnavailable(f"The int8 calibration folder {folder} does not exist.")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+    # Spread the sample over the whole folder (class folders sort together) instead of its first classes.
+    step = max(1, len(paths) // limit)
+    pixels = []
+    for path in paths[::step][:limit]:
+        try:
+            pixels.append(to_pixels(path.read_bytes()))
+        except (SearchError, OSError) as exc:  # not a decodable image: calibration only needs typical content
+            logger.debug("calibration: skipping %s: %s", path, exc)
+    if not pixels:
+        raise RuntimeUnavailable(f"No decodable images in the int8 calibration folder {folder}.")
+    return np.stack(pixels)
+
+
+def check_fidelity(
+    runtime: InferenceRuntime, reference: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray
+) -> float:
+    """The smallest per-image cosine between ``runtime`` and the fp32 reference; refuse below the floor."""
+    fast = _unit(runtime.features(pixels))
+    exact = _unit(reference(pixels))
+    worst = float(np.min(np.sum(fast * exact, axis=1)))
+    if worst < FIDELITY_FLOOR:
+        raise RuntimeUnavailable(
+            f"{runtime.choice.label} embeddings differ from the fp32 reference (min cosine {worst:.4f} < "
+            f"{FIDELITY_FLOOR}); refusing it. Use RIS_PRECISION=fp32 or another runtime."
+        )
+    return worst
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def fidelity_probe(crop: int, count: int = 4, seed: int = 0) -> np.ndarray:
+    """Image-like pixels (smooth gradients + texture) for the build-time fidelity check when no real
+    calibration images are configured. Real photos are what the tests use; this only catches a broken
+    or badly degraded compiled model."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:crop, 0:crop].astype(np.float32) / crop
+    images = []
+    for _ in range(count):
+        a, b, c = rng.uniform(0.2, 1.0, 3)
+        base = np.stack([a * xx + (1 - a) * yy, b * (1 - xx) + (1 - b) * yy, c * xx * yy], axis=-1)
+        texture = rng.normal(0, 0.08, (crop // 8, crop // 8, 3)).repeat(8, 0).repeat(8, 1)
+        images.append(np.clip((base + texture) * 255, 0, 255).astype(np.uint8))
+    return np.stack(images)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"torch": torch.__version__}
+    for name in ("openvino", "nncf"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_runtime(
+    module: nn.Module,
+    preprocessing: Preprocessing,
+    choice: RuntimeChoice,
+    calibration: np.ndarray | None = None,
+) -> InferenceRuntime:
+    """Build the chosen runtime; for a fast path, check it against the fp32 reference before use."""
+    if choice.runtime == "torch":
+        return TorchRuntime(module, preprocessing, choice)
+    reference = TorchRuntime(module, preprocessing, RuntimeChoice("torch", "fp32", "cpu", "fidelity reference"))
+    runtime = OpenVINORuntime(module, preprocessing, choice, calibration)
+    probe = calibration[:8] if calibration is not None and len(calibration) else fidelity_probe(preprocessing.crop)
+    worst = check_fidelity(runtime, reference.features, probe)
+    logger.info("%s fidelity vs fp32: min cosine %.5f over %d images", choice.label, worst, len(probe))
+    return runtime

@@ -1,0 +1,193 @@
+"""Inference runtimes: selection rules, fidelity of the fast CPU paths against the fp32 reference on
+real photos (and no loss of near-duplicate recall), the fidelity guard, decode-time downscaling."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bento.config import Settings
+from bento.imaging import DecodeLimits, decode_image
+from models.pipeline import prepare_image
+from models.runtime import (
+    FIDELITY_FLOOR,
+    RuntimeChoice,
+    RuntimeUnavailable,
+    _openvino_cpu_capabilities,
+    check_fidelity,
+    choose_runtime,
+)
+from models.store import load_embedder
+
+LIMITS = DecodeLimits(10**8, 10**8)
+HAS_BF16 = "BF16" in _openvino_cpu_capabilities()
+
+
+def _settings(**overrides) -> Settings:
+    return Settings(data_dir=Path("unused"), **overrides)
+
+
+def _pixels(embedder, blobs: list[bytes], draft_scale: float = 0.0) -> np.ndarray:
+    pre = embedder.preprocessing
+    return np.stack([prepare_image(b, LIMITS, pre, None, draft_scale).pixels for b in blobs])
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1)
+
+
+# --- selection -----------------------------------------------------------------------------------
+
+
+def test_auto_picks_openvino_on_cpu_with_the_best_precision_the_cpu_has():
+    choice = choose_runtime("auto", "auto", "cpu")
+    assert choice.runtime == "openvino" and choice.device == "cpu"
+    assert choice.precision == ("bf16" if HAS_BF16 else "fp32")
+    assert "OpenVINO" in choice.reason
+
+
+def test_torch_is_the_fp32_reference_on_cpu():
+    assert choose_runtime("torch", "auto", "cpu") == RuntimeChoice("torch", "fp32", "cpu", "requested (RIS_RUNTIME=torch)")
+    assert choose_runtime("torch", "bf16", "cpu").precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("runtime", "precision", "device", "message"),
+    [
+        ("torch", "int8", "cpu", "needs RIS_RUNTIME=openvino"),
+        ("openvino", "fp16", "cpu", "fp16 is a GPU precision"),
+        ("auto", "int8", "cuda", "CUDA"),  # no CUDA here: asking for it is an error, not a silent CPU fallback
+    ],
+)
+def test_impossible_combinations_are_refused_with_the_reason(runtime, precision, device, message):
+    with pytest.raises(RuntimeUnavailable, match=message):
+        choose_runtime(runtime, precision, device)
+
+
+def test_int8_without_calibration_images_is_refused_before_any_work(bentoml_home, tmp_path):
+    with pytest.raises(RuntimeUnavailable, match="RIS_INT8_CALIBRATION_DIR"):
+        load_embedder(_settings(model="efficientnet-lite0", runtime="openvino", precision="int8"))
+    with pytest.raises(RuntimeUnavailable, match="does not exist"):
+        load_embedder(
+            _settings(model="efficientnet-lite0", precision="int8", int8_calibration_dir=tmp_path / "missing")
+        )
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(RuntimeUnavailable, match="No decodable images"):
+        load_embedder(_settings(model="efficientnet-lite0", precision="int8", int8_calibration_dir=tmp_path))
+
+
+# --- fidelity against the fp32 reference, on real photos -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lite_reference(bentoml_home):
+    return load_embedder(_settings(model="efficientnet-lite0", runtime="torch", precision="fp32"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_matches_the_fp32_reference_on_real_photos(lite_reference, photo_set, precision):
+    if precision == "bf16" and not HAS_BF16:
+        pytest.skip("this CPU has no bf16 instructions")
+    fast = load_embedder(_settings(model="efficientnet-lite0", runtime="openvino", precision=precision))
+    assert fast.info.runtime == "openvino" and fast.info.precision == precision
+    assert fast.info.model_id == lite_reference.info.model_id, "same weights, same model id"
+    names = sorted(photo_set["originals"])
+    blobs = [photo_set["originals"][n] for n in names] + [photo_set["queries"][n] for n in names]
+    pixels = _pixels(lite_reference, blobs)
+    cosines = _cosines(fast.embed(pixels), lite_reference.embed(pixels))
+    assert cosines.min() >= FIDELITY_FLOOR, dict(zip(names * 2, cosines.round(4), strict=True))
+
+    # No loss of near-duplicate recall@1 against originals embedded by the reference (mixed runtimes).
+    originals = lite_reference.embed(_pixels(lite_reference, [photo_set["originals"][n] for n in names]))
+    queries = fast.embed(_pixels(lite_reference, [photo_set["queries"][n] for n in names]))
+    reference_queries = lite_reference.embed(_pixels(lite_reference, [photo_set["queries"][n] for n in names]))
+    recall_fast = np.mean((queries @ originals.T).argmax(axis=1) == np.arange(len(names)))
+    recall_reference = np.mean((reference_queries @ originals.T).argmax(axis=1) == np.arange(len(names)))
+    assert recall_fast >= recall_reference
+
+
+def test_int8_resnet50_is_calibrated_on_photos_and_stays_faithful_on_others(bentoml_home, photo_set, tmp_path):
+    """ResNet-50 (random init: the architecture and the quantiser are real; ImageNet weights can't be
+    downloaded here) quantised to int8 with NNCF on half the photos, checked on the other half."""
+    names = sorted(photo_set["originals"])
+    calibration_dir = tmp_path / "calibration"
+    calibration_dir.mkdir()
+    for name in names[::2]:
+        (calibration_dir / f"{name}.jpg").write_bytes(photo_set["originals"][name])
+    held_out = [photo_set["originals"][n] for n in names[1::2]] + [photo_set["queries"][n] for n in names[1::2]]
+    base = {"model": "resnet50", "resnet50_weights": "random"}
+    reference = load_embedder(_settings(**base, runtime="torch", precision="fp32"))
+    int8 = load_embedder(_settings(**base, runtime="openvino", precision="int8", int8_calibration_dir=calibration_dir))
+    assert int8.info.precision == "int8" and "openvino" in int8.device_name
+    pixels = _pixels(reference, held_out)
+    cosines = _cosines(int8.embed(pixels), reference.embed(pixels))
+    assert cosines.min() >= FIDELITY_FLOOR, cosines.round(4)
+
+
+class _Degraded:
+    """A runtime that drifts from the reference, as a broken compiled model would."""
+
+    choice = RuntimeChoice("openvino", "int8", "cpu", "test")
+
+    def __init__(self, reference, noise: float) -> None:
+        self.reference = reference
+        self.noise = noise
+
+    def features(self, pixels):
+        out = self.reference(pixels)
+        rng = np.random.default_rng(0)
+        return out + rng.normal(0, self.noise, out.shape) * np.linalg.norm(out, axis=1, keepdims=True) / np.sqrt(out.shape[1])
+
+    def describe(self):
+        return "degraded"
+
+
+def test_the_fidelity_guard_refuses_a_runtime_that_drifts(lite_reference, photo_set):
+    pixels = _pixels(lite_reference, list(photo_set["originals"].values())[:6])
+    reference = lite_reference.runtime.features
+    assert check_fidelity(_Degraded(reference, noise=0.01), reference, pixels) >= FIDELITY_FLOOR
+    with pytest.raises(RuntimeUnavailable, match="differ from the fp32 reference"):
+        check_fidelity(_Degraded(reference, noise=0.5), reference, pixels)
+
+
+# --- decode-time downscaling ---------------------------------------------------------------------
+
+
+def _large_photo(image: Image.Image, seed: int) -> bytes:
+    """A 1920x1280-class JPEG with camera-like fine texture (grain), from a real photo."""
+    big = image.resize((1920, round(1920 * image.height / image.width)), Image.Resampling.LANCZOS)
+    grain = np.random.default_rng(seed).normal(0, 6, (big.height, big.width, 3))
+    noisy = np.clip(np.asarray(big, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noisy).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_draft_decoding_keeps_the_original_size_and_embedding(lite_reference):
+    from ingest.demo import photos
+
+    blobs = [_large_photo(image, i) for i, (_, _, image) in enumerate(photos())]
+    first = decode_image(blobs[0], LIMITS, min_side=2 * lite_reference.preprocessing.resize)
+    full = decode_image(blobs[0], LIMITS)
+    assert (first.width, first.height) == (full.width, full.height), "metadata records the original size"
+    assert min(first.image.size) < min(full.image.size), "the JPEG was decoded at a reduced scale"
+    assert min(first.image.size) >= 2 * lite_reference.preprocessing.resize
+
+    drafted = lite_reference.embed(_pixels(lite_reference, blobs, draft_scale=2.0))
+    exact = lite_reference.embed(_pixels(lite_reference, blobs, draft_scale=0.0))
+    cosines = _cosines(drafted, exact)
+    assert cosines.min() >= FIDELITY_FLOOR, cosines.round(4)
+
+
+def test_draft_decoding_respects_exif_rotation():
+    image = Image.new("RGB", (2400, 1200), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: displayed as 1200 wide, 2400 high
+    out = io.BytesIO()
+    image.save(out, format="JPEG", exif=exif)
+    decoded = decode_image(out.getvalue(), LIMITS, min_side=300)
+    assert (decoded.width, decoded.height) == (1200, 2400)
+    assert decoded.image.width < decoded.image.height and decoded.image.width >= 300
