@@ -95,11 +95,13 @@ def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 class ServiceProcess:
-    """`bentoml serve service:ImageSearch` in a subprocess, on a free loopback port."""
+    """`bentoml serve service:ImageSearch` (or another target: a bento tag) in a subprocess, on a free loopback port."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, target: str = "service:ImageSearch", cwd: Path = ROOT) -> None:
         self.env = env
         self.log_path = log_path
+        self.target = target
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -108,8 +110,8 @@ class ServiceProcess:
     def start(self, timeout_s: float = 120) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "bentoml", "serve", "service:ImageSearch", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [PYTHON, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
