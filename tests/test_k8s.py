@@ -67,10 +67,11 @@ pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installe
 
 
 def _tool(name: str) -> str:
-    path = BIN / name
-    found = str(path) if path.exists() else shutil.which(name)
+    # checkov pins networkx<2.7 (clashes with scikit-image): scripts/test.sh gives it its own venv.
+    candidates = [BIN / name, ROOT / ".venv-checkov" / "bin" / name]
+    found = next((str(p) for p in candidates if p.exists()), None) or shutil.which(name)
     if not found:
-        pytest.fail(f"{name} is missing: install the test extras (pip install -e '.[test]').")
+        pytest.fail(f"{name} is missing: run scripts/test.sh (it installs the test extras and .venv-checkov).")
     return found
 
 
