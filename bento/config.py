@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
     store_backend: Literal["local", "s3"] = Field("local", description="Image store: a local directory or MinIO/S3.")
     store_dir: Path | None = Field(None, description="Local image store; empty means <data_dir>/images.")
     s3_endpoint: str = Field("", description="MinIO/S3 endpoint as host:port (no scheme).")
+    s3_public_endpoint: str = Field(
+        "",
+        description="Where browsers reach S3, as a URL without a path (https://images.example.com): "
+        "presigned URLs are signed for this host. Empty: signed for s3_endpoint.",
+    )
     s3_bucket: str = Field("images", description="Bucket (created if missing, always private).")
     s3_access_key: SecretStr = Field(SecretStr(""), description="S3 access key.")
     s3_secret_key: SecretStr = Field(SecretStr(""), description="S3 secret key.")
@@ -99,6 +105,19 @@ class Settings(BaseSettings):
     def _fill_paths(self) -> Settings:
         if self.store_backend == "s3" and not self.s3_endpoint:
             raise ValueError("RIS_STORE_BACKEND=s3 needs RIS_S3_ENDPOINT (host:port).")
+        if self.s3_public_endpoint:
+            url = urlsplit(self.s3_public_endpoint)
+            try:
+                url.port  # noqa: B018 (raises ValueError on a bad port)
+                well_formed = url.scheme in ("http", "https") and bool(url.hostname)
+            except ValueError:
+                well_formed = False
+            if not well_formed or url.path.strip("/") or url.query or url.fragment or url.username:
+                raise ValueError(
+                    "RIS_S3_PUBLIC_ENDPOINT is a scheme and a host (and port) only, like https://images.example.com, "
+                    f"not {self.s3_public_endpoint!r}: the bucket and key are added to it."
+                )
+            self.s3_public_endpoint = f"{url.scheme}://{url.netloc}"
         if self.store_dir is None:
             self.store_dir = self.data_dir / "images"
         if not self.milvus_uri:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
 from bento.config import Settings
 from bento.errors import BackendUnavailable, InvalidRequest, NotFound, SearchError
@@ -111,7 +112,11 @@ class LocalImageStore:
 
 class S3ImageStore:
     """MinIO/S3 through the minio SDK. The bucket is created if missing and never made public:
-    clients get presigned GET URLs (signed locally, no network call) or the service streams bytes."""
+    clients get presigned GET URLs (signed locally, no network call) or the service streams bytes.
+
+    ``public_endpoint`` (a URL such as ``https://images.example.com``) is where browsers reach the same
+    server when ``endpoint`` is an in-cluster name: SigV4 signs the host, so URLs are signed for that
+    host by a second client (same credentials and region) rather than rewritten after signing."""
 
     def __init__(
         self,
@@ -125,6 +130,7 @@ class S3ImageStore:
         prefix: str = "",
         timeout_s: float = 5.0,
         presign_expiry_s: int = 3600,
+        public_endpoint: str = "",
     ) -> None:
         import urllib3
         from minio import Minio
@@ -138,6 +144,19 @@ class S3ImageStore:
         self.client = Minio(
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http
         )
+        self.signer = self.client
+        if public_endpoint:
+            public = urlsplit(public_endpoint)
+            if public.scheme not in ("http", "https") or not region:
+                raise ValueError(
+                    f"A public S3 endpoint is a http(s) URL (got {public_endpoint!r}) and needs a region: "
+                    "URLs for it are signed offline, the public host may be unreachable from here."
+                )
+            # Only signs (the region is set, so minio never asks the server for the bucket's location).
+            self.signer = Minio(
+                public.netloc, access_key=access_key, secret_key=secret_key,
+                secure=public.scheme == "https", region=region, http_client=http,
+            )
         self.endpoint = endpoint
         self.bucket = bucket
         self.secure = secure
@@ -227,7 +246,7 @@ class S3ImageStore:
 
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         # Signing is local computation (the region is configured), so this works even while S3 is down.
-        return self.client.presigned_get_object(self.bucket, self._key(image_id, kind), expires=self.expiry)
+        return self.signer.presigned_get_object(self.bucket, self._key(image_id, kind), expires=self.expiry)
 
     def ping(self) -> None:
         """A real round trip (readiness): the bucket exists, or is created now; else BackendUnavailable."""
@@ -252,5 +271,6 @@ def open_image_store(settings: Settings) -> ImageStore:
             prefix=settings.s3_prefix,
             timeout_s=settings.s3_timeout_s,
             presign_expiry_s=settings.presign_expiry_s,
+            public_endpoint=settings.s3_public_endpoint,
         )
     return LocalImageStore(settings.image_store_dir)
