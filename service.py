@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from http import HTTPStatus
@@ -131,15 +132,19 @@ class VectorSearch:
     def __init__(self) -> None:
         self.settings = get_settings()
         self._index: VectorIndex | None = None
+        # Readiness probes and first requests arrive together; only one of them may open the index
+        # (a second opener of a Milvus Lite file would find it locked).
+        self._index_lock = threading.Lock()
 
     def _vectors(self) -> VectorIndex:
-        if self._index is None:
-            try:
-                description = self.embedder.describe()
-            except BentoMLException as exc:
-                raise BackendUnavailable(f"The embedder is not available yet: {exc}") from exc
-            self._index = VectorIndex(self.settings, ModelInfo.model_validate(description["info"]))
-        return self._index
+        with self._index_lock:
+            if self._index is None:
+                try:
+                    description = self.embedder.describe()
+                except BentoMLException as exc:
+                    raise BackendUnavailable(f"The embedder is not available yet: {exc}") from exc
+                self._index = VectorIndex(self.settings, ModelInfo.model_validate(description["info"]))
+            return self._index
 
     def __is_ready__(self) -> bool:
         try:
