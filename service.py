@@ -15,11 +15,12 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import aiohttp
 import anyio
 import bentoml
 import httpx
@@ -29,7 +30,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from bento.config import get_settings
+from bento.config import Settings, get_settings
 from bento.errors import (
     BackendUnavailable,
     ImageTooLarge,
@@ -65,10 +66,17 @@ from models.pipeline import PreparedImage, prepare_image
 from models.preprocess import Preprocessing
 
 logger = logging.getLogger("ris.service")
+T = TypeVar("T")
 STATIC_DIR = Path(__file__).parent / "bento" / "static"
 
 # Reading configuration at import is fine; building clients or models is not (they start in __init__).
 SETTINGS = get_settings()
+
+
+# How callers of a service pool their connections to it. BentoML 1.4.40 replaces the session every 100
+# requests (its default) and closes the old one under in-flight calls (bentoml/BentoML#5540): recycle
+# rarely; call_dependency() retries the rare call that still meets a recycled session.
+DEPENDENCY_CONNECTION = {"max_requests": 1_000_000_000, "max_age": 3600.0}
 
 
 def _embedder_resources() -> dict[str, Any]:
@@ -76,6 +84,18 @@ def _embedder_resources() -> dict[str, Any]:
     if gpus < 0:
         gpus = 1 if shutil.which("nvidia-smi") else 0
     return {"gpu": gpus} if gpus else {}
+
+
+def embed_batching_options(settings: Settings) -> dict[str, Any]:
+    """Adaptive batching of the embed API (README: "Adaptive batching"); off = one model call per request."""
+    if not settings.embed_batching:
+        return {}
+    return {
+        "batchable": True,
+        "batch_dim": 0,
+        "max_batch_size": settings.embed_max_batch_size,
+        "max_latency_ms": settings.embed_max_latency_ms,
+    }
 
 
 @contextlib.contextmanager
@@ -92,6 +112,7 @@ def domain_errors_as_http() -> Iterator[None]:
     workers=1,
     resources=_embedder_resources(),
     traffic={"timeout": 120, "max_concurrency": 256},
+    runner_connection=DEPENDENCY_CONNECTION,
 )
 class Embedder:
     """Embeds preprocessed pixels. Loads the model from the BentoML model store and warms it up."""
@@ -102,12 +123,7 @@ class Embedder:
         self.embedder = load_embedder(get_settings())
         self.embedder.warm_up()
 
-    @bentoml.api(
-        batchable=True,
-        batch_dim=0,
-        max_batch_size=SETTINGS.embed_max_batch_size,
-        max_latency_ms=SETTINGS.embed_max_latency_ms,
-    )
+    @bentoml.api(**embed_batching_options(SETTINGS))
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(N, crop, crop, 3) uint8 -> (N, dim) float32 unit vectors."""
         with domain_errors_as_http():
@@ -123,7 +139,7 @@ class Embedder:
         }
 
 
-@bentoml.service(name="vector-search", workers=1, traffic={"timeout": 600})
+@bentoml.service(name="vector-search", workers=1, traffic={"timeout": 600}, runner_connection=DEPENDENCY_CONNECTION)
 class VectorSearch:
     """Owns the one Milvus connection. Opens the collection lazily, once the model is known."""
 
@@ -247,8 +263,32 @@ async def calling(dependency: str) -> AsyncIterator[None]:
         yield
     except BentoMLException as exc:
         raise _remote_error(exc, dependency) from exc
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, aiohttp.ClientError) as exc:
         raise BackendUnavailable(f"The {dependency} service is unreachable: {exc}") from exc
+
+
+def _connection_dropped(exc: BaseException) -> bool:
+    return isinstance(exc, aiohttp.ClientConnectionError) or (
+        isinstance(exc, RuntimeError) and "Session is closed" in str(exc)
+    )
+
+
+async def call_dependency(dependency: str, method: Callable[..., Awaitable[T]], **kwargs: Any) -> T:
+    """One call to a dependent service, retried once if its connection was dropped under it.
+
+    BentoML 1.4.40's inter-service client replaces its HTTP session (see DEPENDENCY_CONNECTION) and
+    closes the old one under the calls still in flight on it (bentoml/BentoML#5540, #5698): under
+    concurrent load that failed a burst of requests with 500s. Every API called through here is
+    idempotent (embed, search, get, upsert by content id, delete), so one retry on a fresh session is safe.
+    """
+    async with calling(dependency):
+        try:
+            return await method(**kwargs)
+        except (aiohttp.ClientConnectionError, RuntimeError) as exc:
+            if not _connection_dropped(exc):
+                raise
+            logger.info("%s connection dropped (%s); retrying once", dependency, exc)
+        return await method(**kwargs)
 
 
 def _ms(start: float) -> float:
@@ -292,8 +332,7 @@ class ImageSearch:
     # --- helpers ---------------------------------------------------------------------------------
     async def _model_description(self) -> tuple[ModelInfo, Preprocessing]:
         if self._model is None or self._preprocessing is None:
-            async with calling("embedder"):
-                description = await self.embedder.to_async.describe()
+            description = await call_dependency("embedder", self.embedder.to_async.describe)
             self._model = ModelInfo.model_validate(description["info"])
             self._preprocessing = Preprocessing.from_dict(description["preprocessing"])
             self._device = description["device"]
@@ -307,8 +346,7 @@ class ImageSearch:
         )
 
     async def _embed(self, pixels: np.ndarray) -> np.ndarray:
-        async with calling("embedder"):
-            return await self.embedder.to_async.embed(pixels)
+        return await call_dependency("embedder", self.embedder.to_async.embed, pixels=pixels)
 
     def _urls(self, image_id: str) -> tuple[str, str]:
         original = self.store.presigned_url(image_id, "original") or f"/api/images/{image_id}"
@@ -334,8 +372,7 @@ class ImageSearch:
             raise InvalidRequest(f"top_k is at most {self.settings.max_top_k}.")
         query = VectorQuery(vector=vector, top_k=top_k, offset=offset, label=_clean_label(label) if label else None)
         search_started = time.perf_counter()
-        async with calling("vector-search"):
-            hits = await self.vectors.to_async.search(query=query)
+        hits = await call_dependency("vector-search", self.vectors.to_async.search, query=query)
         timings.search_ms = _ms(search_started)
         timings.total_ms = _ms(started)
         return SearchResponse(
@@ -355,8 +392,7 @@ class ImageSearch:
 
     async def _metadata(self, image_id: str) -> ImageMetadata:
         validate_image_id(image_id)
-        async with calling("vector-search"):
-            found = await self.vectors.to_async.get(ids=[image_id])
+        found = await call_dependency("vector-search", self.vectors.to_async.get, ids=[image_id])
         if not found:
             raise NotFound(f"No image with id {image_id}.")
         return found[0]
@@ -389,8 +425,7 @@ class ImageSearch:
     async def search_id(self, body: SearchById) -> SearchResponse:
         """Search with an image already in the collection (no re-embedding)."""
         started = time.perf_counter()
-        async with calling("vector-search"):
-            vector = await self.vectors.to_async.get_vector(image_id=body.id)
+        vector = await call_dependency("vector-search", self.vectors.to_async.get_vector, image_id=body.id)
         if vector is None:
             raise NotFound(f"No image with id {body.id}.")
         return await self._search_vector(vector, body.id, body.top_k, body.offset, body.label, started, Timings())
@@ -406,8 +441,7 @@ class ImageSearch:
         data = await _read_upload(request, file, self.settings.max_upload_bytes)
         clean_label = _clean_label(label)
         prepared = await self._prepare(data, thumbnail=True)
-        async with calling("vector-search"):
-            existing = await self.vectors.to_async.get(ids=[prepared.id])
+        existing = await call_dependency("vector-search", self.vectors.to_async.get, ids=[prepared.id])
         if existing:
             # Repair a store that lost the blob (e.g. a crash between the two writes), then report.
             await anyio.to_thread.run_sync(prepared.store_blobs, self.store)
@@ -416,8 +450,7 @@ class ImageSearch:
         vector = (await self._embed(prepared.pixels[None]))[0]
         record = prepared.record(vector, clean_label, (file.filename or "upload")[:200], int(time.time()))
         await anyio.to_thread.run_sync(prepared.store_blobs, self.store)
-        async with calling("vector-search"):
-            await self.vectors.to_async.upsert(records=[record])
+        await call_dependency("vector-search", self.vectors.to_async.upsert, records=[record])
         body = InsertResponse(
             id=prepared.id, created=True, message="Added.", image=ImageMetadata(**record.model_dump(exclude={"vector"}))
         )
@@ -451,8 +484,7 @@ class ImageSearch:
     async def delete_image(self, image_id: str) -> DeleteResponse:
         """Remove an image, its vector and its thumbnail."""
         validate_image_id(image_id)
-        async with calling("vector-search"):
-            removed = await self.vectors.to_async.delete(ids=[image_id])
+        removed = await call_dependency("vector-search", self.vectors.to_async.delete, ids=[image_id])
         had_blob = await anyio.to_thread.run_sync(self.store.exists, image_id, "original")
         await anyio.to_thread.run_sync(self.store.delete, image_id)
         if not removed and not had_blob:
@@ -463,9 +495,8 @@ class ImageSearch:
     async def status(self) -> StatusResponse:
         """Count, model, index, backends. Answers even when Milvus is down (ready=false)."""
         model, _ = await self._model_description()
-        async with calling("vector-search"):
-            health = await self.vectors.to_async.health()
-            info = await self.vectors.to_async.info() if health["ok"] else None
+        health = await call_dependency("vector-search", self.vectors.to_async.health)
+        info = await call_dependency("vector-search", self.vectors.to_async.info) if health["ok"] else None
         problems = [] if health["ok"] else [health["error"]]
         try:
             await anyio.to_thread.run_sync(self.store.ping)
@@ -503,8 +534,7 @@ class ImageSearch:
     @app.get("/api/model")
     async def model(self) -> dict[str, Any]:
         """The serving model and preprocessing recipe (the ingest job's --service-url reads this)."""
-        async with calling("embedder"):
-            return await self.embedder.to_async.describe()
+        return await call_dependency("embedder", self.embedder.to_async.describe)
 
     @app.post("/api/embed", response_class=Response)
     async def embed(self, request: Request) -> Response:

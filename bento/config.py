@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     )
 
     # --- adaptive batching (see README: measured batch-size/latency curve) ---------------------------
-    embed_max_batch_size: int = Field(32, ge=1, le=512, description="Largest batch the embedder forms.")
+    embed_batching: bool = Field(True, description="Adaptive batching of embed calls (false: one model call per request).")
+    embed_max_batch_size: int = Field(32, ge=2, le=512, description="Largest batch the embedder forms.")
     embed_max_latency_ms: int = Field(
         3000, ge=50, description="Latency budget per request; BentoML sheds (503) what it predicts would exceed it."
     )

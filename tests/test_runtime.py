@@ -191,3 +191,39 @@ def test_draft_decoding_respects_exif_rotation():
     decoded = decode_image(out.getvalue(), LIMITS, min_side=300)
     assert (decoded.width, decoded.height) == (1200, 2400)
     assert decoded.image.width < decoded.image.height and decoded.image.width >= 300
+
+
+# --- adaptive batching settings ------------------------------------------------------------------
+
+
+def _embed_api_config(**env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from service import Embedder; m = Embedder.apis['embed']; "
+        "print(m.batchable, m.max_batch_size, m.max_latency_ms, Embedder.config['runner_connection']['max_requests'])"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RIS_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, "BENTOML_DO_NOT_TRACK": "true", **env},
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_batching_settings_reach_the_embedder_api():
+    batchable, size, latency, recycle = _embed_api_config().split()
+    assert (batchable, size, latency) == ("True", "32", "3000"), "the measured defaults (README: Adaptive batching)"
+    assert int(recycle) >= 10**6, "callers must not recycle their connection to the embedder every 100 requests"
+    assert _embed_api_config(RIS_EMBED_MAX_BATCH_SIZE="8", RIS_EMBED_MAX_LATENCY_MS="500").split()[:3] == ["True", "8", "500"]
+    assert _embed_api_config(RIS_EMBED_BATCHING="false").split()[0] == "False"
+
+
+def test_a_batch_size_bentoml_cannot_use_is_refused_by_the_settings():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="embed_max_batch_size"):
+        Settings(embed_max_batch_size=1)

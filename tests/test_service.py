@@ -32,7 +32,10 @@ def test_status_reports_model_index_and_count(client, photo_set, live_service):
     expected = sum(1 for p in photo_set["root"].rglob("*") if p.is_file())
     assert status["ready"] is True and status["count"] == expected and status["error"] == ""
     assert status["model"]["backbone"] == "efficientnet-lite0" and status["model"]["dim"] == 1280
-    assert status["index"]["index_type"] == "HNSW" and status["device"].startswith("cpu")
+    assert status["index"]["index_type"] == "HNSW" and "cpu" in status["device"]
+    # The default CPU runtime, and what /status says about it (runtime + precision are recorded).
+    assert status["model"]["runtime"] == "openvino" and status["model"]["precision"] in ("bf16", "fp32")
+    assert status["device"].startswith("openvino ") and status["model"]["precision"] in status["device"]
     if live_service.backend.name == "lite-local":
         assert status["milvus_backend"] == "milvus-lite" and status["store"]["backend"] == "local"
     else:
@@ -195,3 +198,42 @@ def test_restart_keeps_the_data(live_service, client, photo_set):
     assert client.get("/api/status").json()["count"] == before
     top = _search(client, photo_set["queries"]["coins"], top_k=1).json()["hits"][0]
     assert top["id"] == content_hash(photo_set["originals"]["coins"])
+
+
+def _adaptive_batches(metrics: str) -> tuple[float, float]:
+    """(sum, count) of the embedder's adaptive batch-size histogram in Prometheus text."""
+    values = {"sum": 0.0, "count": 0.0}
+    for line in metrics.splitlines():
+        for kind in values:
+            if line.startswith(f"bentoml_service_adaptive_batch_size_{kind}{{") and 'runner_name="embedder"' in line:
+                values[kind] += float(line.rsplit(" ", 1)[1])
+    return values["sum"], values["count"]
+
+
+def test_concurrent_searches_all_succeed_and_are_batched(live_service, photo_set):
+    """32 concurrent uploaders, 160 searches: every one answers 200 (BentoML's client recycles its
+    connections to dependencies under load; see call_dependency), and the embedder formed batches."""
+    import asyncio
+
+    queries = list(photo_set["queries"].values())
+    before = _adaptive_batches(httpx.get(f"{live_service.url}/metrics").text)
+
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=live_service.url, timeout=120, limits=limits) as http:
+            async def uploader(index: int) -> list[int]:
+                codes = []
+                for k in range(5):
+                    data = queries[(index + k) % len(queries)]
+                    response = await http.post("/api/search", files={"file": ("q.jpg", data, "image/jpeg")})
+                    codes.append(response.status_code)
+                return codes
+
+            return [code for codes in await asyncio.gather(*(uploader(i) for i in range(32))) for code in codes]
+
+    codes = asyncio.run(run())
+    assert codes == [200] * 160, {code: codes.count(code) for code in set(codes)}
+    after = _adaptive_batches(httpx.get(f"{live_service.url}/metrics").text)
+    images, batches = after[0] - before[0], after[1] - before[1]
+    assert images >= 160 and batches > 0
+    assert images / batches > 1.5, f"adaptive batching formed no batches: {images} images in {batches} calls"
