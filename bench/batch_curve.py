@@ -1,6 +1,7 @@
 """Batch size vs latency/throughput of the embedder on this machine (justifies the batching settings).
 
-``python bench/batch_curve.py [--model efficientnet-lite0|resnet50] [--sizes 1,4,8,16,32,64]``
+``python bench/batch_curve.py [--model resnet50|efficientnet-lite0] [--runtime auto] [--precision auto]
+[--sizes 1,2,4,8,16,32,64] [--calibration-dir DIR]``
 ResNet-50 uses random-init weights when pretrained ones cannot be had: speed does not depend on them.
 """
 
@@ -22,12 +23,20 @@ from models.store import load_embedder
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="efficientnet-lite0", choices=["efficientnet-lite0", "resnet50"])
+    parser.add_argument("--model", default="resnet50", choices=["efficientnet-lite0", "resnet50"])
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"])
+    parser.add_argument("--calibration-dir", type=Path, default=None, help="photos for --precision int8")
     parser.add_argument("--sizes", default="1,2,4,8,16,32,64")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     weights = {"resnet50_weights": "random"} if args.model == "resnet50" else {}
-    embedder = load_embedder(Settings(model=args.model, **weights))
+    embedder = load_embedder(
+        Settings(
+            model=args.model, runtime=args.runtime, precision=args.precision,
+            int8_calibration_dir=args.calibration_dir, **weights,
+        )
+    )
     embedder.warm_up()
     crop = embedder.preprocessing.crop
     print(f"model {embedder.info.model_id} on {embedder.device_name}")

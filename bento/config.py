@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     index_type: IndexType = Field("HNSW", description="Vector index built for a new collection.")
     index_params: dict[str, int] = Field(default_factory=dict, description="Overrides of the index build parameters.")
 
+    search_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
+        "Session",
+        description="Milvus consistency of searches (Session: this service's own writes are always seen).",
+    )
     milvus_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Milvus call; past it the API answers 503.")
 
     # --- image store -------------------------------------------------------------------------------

@@ -340,7 +340,9 @@ class VectorIndex:
             "limit": query.top_k,
             "output_fields": METADATA_FIELDS,
             "search_params": {"metric_type": METRIC, "params": _search_params(spec, query.top_k + query.offset)},
-            "consistency_level": "Strong",
+            # Not Strong: on a Milvus server a Strong search waits for the next time tick (~200 ms, measured
+            # in bench/index_bench.py). Session still shows every write made through this client.
+            "consistency_level": self.settings.search_consistency,
         }
         if query.offset:
             kwargs["offset"] = query.offset

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 # Bump when the recipe below changes in a way that changes embeddings.
 RECIPE_VERSION = 1
@@ -47,15 +49,31 @@ class Preprocessing:
         return f"v{RECIPE_VERSION}:bilinear-resize{self.resize}-crop{self.crop}-mean{mean}-std{std}"
 
     def to_pixels(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL image -> (crop, crop, 3) uint8, exactly as torchvision's classification transforms."""
+        """RGB PIL image -> (crop, crop, 3) uint8, exactly as torchvision's classification transforms.
+
+        Plain Pillow, because that is what torchvision runs for PIL input (resize of the short side with
+        PIL's bilinear filter, then a centre crop); a test pins the equality. Keeping torch out of this
+        module keeps it out of the API and vector-search processes, which start much faster."""
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
-        resized = F.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        cropped = F.center_crop(resized, [self.crop, self.crop])
+        width, height = image.size
+        # torchvision: the short side becomes `resize`, the long side int(resize * long / short).
+        if width <= height:
+            size = (self.resize, int(self.resize * height / width))
+        else:
+            size = (int(self.resize * width / height), self.resize)
+        resized = image.resize(size, Image.Resampling.BILINEAR) if size != image.size else image
+        left = int(round((resized.width - self.crop) / 2.0))
+        top = int(round((resized.height - self.crop) / 2.0))
+        if left < 0 or top < 0:
+            raise ValueError(f"resize {self.resize} is smaller than crop {self.crop}")
+        cropped = resized.crop((left, top, left + self.crop, top + self.crop))
         return np.array(cropped, dtype=np.uint8)  # a writable copy torch can wrap
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 on any device -> (N, 3, H, W) float32 normalised."""
+        import torch
+
         x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)

@@ -29,6 +29,18 @@ def test_preprocessing_matches_torchvision_transforms_exactly():
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (232, 232), (1001, 233), (640, 641), (3000, 2000)])
+def test_pillow_preprocessing_is_pixel_identical_to_torchvision(size):
+    """to_pixels runs plain Pillow (no torch in the API process); it must equal torchvision's transforms."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    image = Image.effect_noise(size, 80).convert("RGB")
+    recipe = ResNet50._preprocessing_of("IMAGENET1K_V2")
+    expected = F.center_crop(F.resize(image, [recipe.resize], interpolation=InterpolationMode.BILINEAR, antialias=True), [224, 224])
+    assert np.array_equal(recipe.to_pixels(image), np.asarray(expected))
+
+
 def test_preprocessing_version_changes_with_the_recipe():
     v2 = ResNet50._preprocessing_of("IMAGENET1K_V2")
     v1 = ResNet50._preprocessing_of("IMAGENET1K_V1")
