@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     precision: PrecisionChoice = Field(
         "auto", description="auto (CUDA: fp16; OpenVINO: bf16 where the CPU has it, else fp32), fp32, fp16, bf16 or int8."
     )
+    runtime_cache_dir: Path | None = Field(
+        None,
+        description="Converted OpenVINO models reused across restarts (cold start); empty: $BENTOML_HOME/ris-runtime-cache.",
+    )
     int8_calibration_dir: Path | None = Field(
         None, description="Folder of typical photos that calibrates RIS_PRECISION=int8 (up to 128 are sampled)."
     )

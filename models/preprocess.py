@@ -7,9 +7,7 @@ normalisation runs on the embedder's device, so only 224x224x3 bytes per image c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image

@@ -15,15 +15,18 @@ vectors that do not match the collection.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -170,28 +173,31 @@ class TorchRuntime:
         return f"torch {self.choice.precision} on cpu ({torch.get_num_threads()} threads)"
 
 
-class OpenVINORuntime:
-    """OpenVINO on the CPU: bf16/fp32 compiled from the torch module, or NNCF int8."""
+def convert_to_openvino(
+    module: nn.Module, preprocessing: Preprocessing, precision: str, calibration: np.ndarray | None
+) -> Any:
+    """The torch module, normalisation folded in, as an OpenVINO model (int8: NNCF-quantised)."""
+    import openvino as ov
 
-    def __init__(
-        self,
-        module: nn.Module,
-        preprocessing: Preprocessing,
-        choice: RuntimeChoice,
-        calibration: np.ndarray | None = None,
-    ) -> None:
+    wrapper = _PixelsToFeatures(module.eval(), preprocessing).eval()
+    crop = preprocessing.crop
+    example = torch.zeros((1, crop, crop, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        model = ov.convert_model(wrapper, example_input=example, input=[(-1, crop, crop, 3), ov.Type.u8])
+    if precision == "int8":
+        model = _quantise_int8(model, calibration)
+    return model
+
+
+class OpenVINORuntime:
+    """OpenVINO on the CPU: an OpenVINO model (fp32 graph or NNCF int8) compiled for this CPU."""
+
+    def __init__(self, model: Any, choice: RuntimeChoice) -> None:
         import openvino as ov
 
         self.choice = choice
+        self.model = model  # kept so it can be written to the runtime cache
         self.threads = cpu_threads()
-        started = time.monotonic()
-        wrapper = _PixelsToFeatures(module.eval(), preprocessing).eval()
-        crop = preprocessing.crop
-        example = torch.zeros((1, crop, crop, 3), dtype=torch.uint8)
-        with torch.no_grad():
-            model = ov.convert_model(wrapper, example_input=example, input=[(-1, crop, crop, 3), ov.Type.u8])
-        if choice.precision == "int8":
-            model = _quantise_int8(model, calibration)
         config = {
             # LATENCY: one stream using every core, so one batch (of any size) runs as fast as possible;
             # BentoML's adaptive batching supplies the parallelism.
@@ -206,8 +212,6 @@ class OpenVINORuntime:
         self._request = self._compiled.create_infer_request()
         # One infer request, used by one thread at a time: BentoML may call a sync API from several threads.
         self._lock = threading.Lock()
-        self.build_seconds = time.monotonic() - started
-        logger.info("OpenVINO %s model built in %.1f s", choice.precision, self.build_seconds)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         with self._lock:
@@ -218,6 +222,57 @@ class OpenVINORuntime:
         import openvino as ov
 
         return f"openvino {ov.__version__.split('-')[0]} {self.choice.precision} on cpu ({self.threads} threads)"
+
+
+class RuntimeCache:
+    """Converted (and quantised) OpenVINO models on disk, so a restart skips conversion, calibration and
+    the fidelity check (cold start).
+
+    Safe to reuse: an entry is named by a digest of everything that decides its output (model id =
+    backbone + weights digest, preprocessing recipe, precision, calibration images, torch/openvino/nncf
+    versions and this module's source), it is written only after passing the fidelity check, and it
+    appears atomically (written aside, then renamed). Anything else (a changed model or code) misses
+    and rebuilds; an unreadable entry is rebuilt and replaced.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @staticmethod
+    def key(model_id: str, preprocessing: Preprocessing, precision: str, calibration: np.ndarray | None) -> str:
+        h = hashlib.sha256()
+        for part in (model_id, preprocessing.version, precision, json.dumps(library_versions(), sort_keys=True)):
+            h.update(part.encode() + b"\0")
+        h.update(Path(__file__).read_bytes())
+        if calibration is not None:
+            h.update(np.ascontiguousarray(calibration).tobytes())
+        return h.hexdigest()[:24]
+
+    def load(self, key: str, choice: RuntimeChoice) -> OpenVINORuntime | None:
+        path = self.root / key / "model.xml"
+        if not path.exists():
+            return None
+        import openvino as ov
+
+        try:
+            return OpenVINORuntime(ov.Core().read_model(path), choice)
+        except RuntimeError as exc:  # OpenVINO reports unreadable/corrupt IR as RuntimeError
+            logger.warning("runtime cache entry %s is unreadable (%s); rebuilding it", path.parent, exc)
+            return None
+
+    def save(self, key: str, runtime: OpenVINORuntime) -> None:
+        import openvino as ov
+
+        final = self.root / key
+        if final.exists():
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
+            ov.save_model(runtime.model, staging / "model.xml", compress_to_fp16=False)
+            os.replace(staging, final)
+        except OSError as exc:  # a read-only or full disk only costs the next start its conversion time
+            logger.warning("could not write the runtime cache at %s: %s", final, exc)
 
 
 def _quantise_int8(model: object, calibration: np.ndarray | None) -> object:
@@ -309,9 +364,13 @@ def build_runtime(
     """Build the chosen runtime; for a fast path, check it against the fp32 reference before use."""
     if choice.runtime == "torch":
         return TorchRuntime(module, preprocessing, choice)
+    started = time.monotonic()
     reference = TorchRuntime(module, preprocessing, RuntimeChoice("torch", "fp32", "cpu", "fidelity reference"))
-    runtime = OpenVINORuntime(module, preprocessing, choice, calibration)
+    runtime = OpenVINORuntime(convert_to_openvino(module, preprocessing, choice.precision, calibration), choice)
     probe = calibration[:8] if calibration is not None and len(calibration) else fidelity_probe(preprocessing.crop)
     worst = check_fidelity(runtime, reference.features, probe)
-    logger.info("%s fidelity vs fp32: min cosine %.5f over %d images", choice.label, worst, len(probe))
+    logger.info(
+        "%s built in %.1f s; fidelity vs fp32: min cosine %.5f over %d images",
+        choice.label, time.monotonic() - started, worst, len(probe),
+    )
     return runtime

@@ -10,8 +10,10 @@ Choosing the model (``RIS_MODEL``):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import bentoml
 import numpy as np
@@ -26,7 +28,15 @@ from models.backbones import EfficientNetLite0, ResNet50, Weights, WeightsUnavai
 from models.embedding import ImageEmbedder
 from models.pipeline import prepare_image
 from models.preprocess import Preprocessing
-from models.runtime import RuntimeUnavailable, build_runtime, calibration_pixels, choose_runtime
+from models.runtime import (
+    InferenceRuntime,
+    OpenVINORuntime,
+    RuntimeCache,
+    RuntimeUnavailable,
+    build_runtime,
+    calibration_pixels,
+    choose_runtime,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -156,15 +166,20 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
     started = time.monotonic()
     choice = choose_runtime(settings.runtime, settings.precision, settings.device)
     stored = resolve_model(settings, import_if_missing)
-    model = bentoml.models.get(stored.tag)
-    backbone = get_backbone(stored.info.backbone)
-    module = backbone.build()
-    state = torch.load(model.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True)
-    module.load_state_dict(state, strict=True)
-    calibration = None
-    if choice.precision == "int8":
-        calibration = _calibration(settings, stored.preprocessing)
-    runtime = build_runtime(module, stored.preprocessing, choice, calibration)
+    calibration = _calibration(settings, stored.preprocessing) if choice.precision == "int8" else None
+    cache = RuntimeCache(_runtime_cache_dir(settings)) if choice.runtime == "openvino" else None
+    key = RuntimeCache.key(stored.info.model_id, stored.preprocessing, choice.precision, calibration) if cache else ""
+    runtime: InferenceRuntime | None = cache.load(key, choice) if cache else None
+    if runtime is None:
+        model = bentoml.models.get(stored.tag)
+        module = get_backbone(stored.info.backbone).build()
+        state = torch.load(model.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True)
+        module.load_state_dict(state, strict=True)
+        runtime = build_runtime(module, stored.preprocessing, choice, calibration)
+        if cache and isinstance(runtime, OpenVINORuntime):
+            cache.save(key, runtime)
+    else:
+        logger.info("%s loaded from the runtime cache (%s)", choice.label, key)
     embedder = ImageEmbedder(runtime, stored.info, stored.preprocessing)
     logger.info(
         "Embedding model %s (%s; %s) with %s (%s), loaded in %.1f s",
@@ -176,6 +191,13 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
         time.monotonic() - started,
     )
     return embedder
+
+
+def _runtime_cache_dir(settings: Settings) -> Path:
+    """Beside the model store the cached models derive from (BentoML's home), unless set."""
+    if settings.runtime_cache_dir is not None:
+        return settings.runtime_cache_dir
+    return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "ris-runtime-cache"
 
 
 def _calibration(settings: Settings, preprocessing: Preprocessing) -> np.ndarray:

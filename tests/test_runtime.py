@@ -227,3 +227,41 @@ def test_a_batch_size_bentoml_cannot_use_is_refused_by_the_settings():
 
     with pytest.raises(ValidationError, match="embed_max_batch_size"):
         Settings(embed_max_batch_size=1)
+
+
+# --- runtime cache (cold start) ------------------------------------------------------------------
+
+
+def test_runtime_cache_is_reused_verified_and_keyed_by_everything_that_changes_output(
+    bentoml_home, photo_set, tmp_path, caplog
+):
+    import logging
+
+    from models.runtime import RuntimeCache
+
+    settings = _settings(model="efficientnet-lite0", runtime="openvino", precision="fp32", runtime_cache_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="models"):
+        fresh = load_embedder(settings)
+        assert "built in" in caplog.text and "fidelity vs fp32" in caplog.text
+        entries = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+        assert len(entries) == 1 and (entries[0] / "model.xml").exists() and (entries[0] / "model.bin").exists()
+        caplog.clear()
+        cached = load_embedder(settings)
+        assert "loaded from the runtime cache" in caplog.text and "built in" not in caplog.text
+    pixels = _pixels(fresh, list(photo_set["originals"].values())[:4])
+    assert np.allclose(fresh.embed(pixels), cached.embed(pixels), atol=1e-5)
+
+    pre = fresh.preprocessing
+    key = RuntimeCache.key(fresh.info.model_id, pre, "fp32", None)
+    assert key == entries[0].name
+    assert RuntimeCache.key("efficientnet-lite0@other", pre, "fp32", None) != key
+    assert RuntimeCache.key(fresh.info.model_id, pre, "bf16", None) != key
+    assert RuntimeCache.key(fresh.info.model_id, pre, "fp32", pixels) != key
+
+    # A damaged entry is rebuilt, not trusted.
+    (entries[0] / "model.xml").write_text("<not a model/>")
+    with caplog.at_level(logging.INFO, logger="models"):
+        caplog.clear()
+        rebuilt = load_embedder(settings)
+        assert "unreadable" in caplog.text and "built in" in caplog.text
+    assert np.allclose(rebuilt.embed(pixels), fresh.embed(pixels), atol=1e-5)
