@@ -1,0 +1,46 @@
+"""The GPU check (bench/gpu_check.py) runs end to end on the CPU: the same script the GPU machine runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT
+
+
+def table_rows(section: str) -> list[list[str]]:
+    """Body rows of the first markdown table in ``section``, as lists of cell texts."""
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RIS_", "BENTOML_HOME"))}
+    result = subprocess.run(
+        [PYTHON, "bench/gpu_check.py", "--smoke", "--workdir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-3000:]}"
+    out = result.stdout
+    assert "\ndevice: " in out
+    _, _, rest = out.partition("## A. Embedder alone")
+    part_a, _, part_b = rest.partition("## B. Through the service")
+    assert part_b, out
+
+    rows = table_rows(part_a)
+    assert [row[0] for row in rows] == ["1", "4"]
+    for row in rows:
+        assert len(row) == 4 and float(row[1]) > 0 and float(row[2]) > 0
+    assert "floor 0.99): ok" in part_a
+
+    rows = table_rows(part_b)
+    assert [row[0] for row in rows] == ["on", "off"]
+    for row in rows:
+        assert float(row[2]) > 0 and int(row[5]) > 0
+        assert row[6] == "0 (0)"  # errors (503s)
+    assert "batching on / off throughput:" in part_b
+    assert out.rstrip().endswith("PASS")
