@@ -50,13 +50,12 @@ def free_port() -> int:
 
 
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RIS_") or k in ("RIS_RUNTIME", "RIS_PRECISION")}
-    env.update(
-        BENTOML_DO_NOT_TRACK="true",
-        RIS_DATA_DIR=str(data_dir),
-        RIS_MODEL="resnet50",
-        RIS_RESNET50_WEIGHTS=os.environ.get("RIS_RESNET50_WEIGHTS", "random"),
-    )
+    # RIS_* settings of the caller pass through (e.g. RIS_RUNTIME, RIS_API_WORKERS on a big machine);
+    # the model defaults to ResNet-50 and each scenario gets its own data directory.
+    env = dict(os.environ)
+    env.setdefault("RIS_MODEL", "resnet50")
+    env.setdefault("RIS_RESNET50_WEIGHTS", "random")
+    env.update(BENTOML_DO_NOT_TRACK="true", RIS_DATA_DIR=str(data_dir))
     env.update(extra)
     return env
 

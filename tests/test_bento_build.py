@@ -150,9 +150,15 @@ def test_cpu_bentofile_is_the_default_one_plus_the_cpu_index():
     assert cpu == base
 
 
+# Settings whose strings have a checked format.
+FORMATTED_SAMPLES = {"s3_public_endpoint": "https://images.example.com"}
+
+
 def _sample(name: str, annotation: object, default: object, tmp_path: Path) -> tuple[str, object]:
     """A valid non-default value for one setting: (the environment string, the parsed value)."""
     args = typing.get_args(annotation)
+    if name in FORMATTED_SAMPLES:
+        return FORMATTED_SAMPLES[name], FORMATTED_SAMPLES[name]
     if typing.get_origin(annotation) is typing.Literal:
         choice = next(value for value in args if value != default)
         return str(choice), choice
