@@ -459,7 +459,7 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print(DATA_NOTE)
     print(f"\n{args.queries} single queries per row, top_k {TOP_K}, with the product's metadata fields; {os.cpu_count()} CPU "
-          "cores. p50/p99: VectorIndex.search as the service calls it (consistency Strong); Bounded: the same "
+          "cores. p50/p99: VectorIndex.search as the service calls it (RIS_SEARCH_CONSISTENCY, default Session); Bounded: the same "
           "search at consistency Bounded.\n")
     print(table(rows))
     print(

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         "auto", description="Inference runtime: auto (CUDA: torch; CPU: openvino), torch (eager reference) or openvino."
     )
     precision: PrecisionChoice = Field(
-        "auto", description="auto (CUDA: fp16; OpenVINO: bf16 where the CPU has it, else fp32), fp32, fp16, bf16 or int8."
+        "auto", description="auto (CUDA: fp16; OpenVINO: bf16 where the CPU and model allow, else fp32), fp32, fp16, bf16 or int8."
     )
     runtime_cache_dir: Path | None = Field(
         None,

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from models.store import load_embedder
 
+            if settings.precision == "int8" and settings.int8_calibration_dir is None:
+                # The photos being ingested are the most typical calibration set there is.
+                settings = settings.model_copy(update={"int8_calibration_dir": args.folder})
             embedding = load_embedder(settings)
         vectors = VectorIndex(settings, embedding.info)
         job = IngestJob(settings, embedding, open_image_store(settings), vectors, options)

@@ -46,6 +46,7 @@ class Weights:
 class Backbone(Protocol):
     name: str
     dim: int
+    cpu_auto_precision: str
 
     def build(self) -> nn.Module:
         """The feature extractor, uninitialised: (N, 3, H, W) -> (N, dim) pooled features."""
@@ -59,6 +60,9 @@ class ResNet50:
 
     name = "resnet50"
     dim = 2048
+    # The lowest precision RIS_PRECISION=auto uses on CPU: bf16 keeps cosine >= 0.99 to fp32 on every
+    # photo measured (bench/runtimes.py).
+    cpu_auto_precision = "bf16"
 
     def build(self) -> nn.Module:
         from torchvision.models import resnet50
@@ -120,6 +124,10 @@ class EfficientNetLite0:
 
     name = "efficientnet-lite0"
     dim = 1280
+    # Depthwise convolutions are precision-sensitive: with bf16 (plus reduced-scale decoding) the
+    # cosine to fp32 fell to 0.982 on grainy 1080p photos (bench/runtimes.py), so auto stays fp32 (still
+    # 5x PyTorch eager through OpenVINO); int8 is refused by the fidelity guard (0.96-0.98).
+    cpu_auto_precision = "fp32"
     preprocessing = Preprocessing(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
     def build(self) -> nn.Module:

@@ -15,10 +15,12 @@ vectors that do not match the collection.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -87,8 +89,12 @@ def _openvino_cpu_capabilities() -> set[str]:
     return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def choose_runtime(runtime: RuntimeName, precision: PrecisionChoice, device: str) -> RuntimeChoice:
-    """Resolve ``auto`` and check that the combination can run here; raise RuntimeUnavailable if not."""
+def choose_runtime(
+    runtime: RuntimeName, precision: PrecisionChoice, device: str, cpu_auto_precision: str = "bf16"
+) -> RuntimeChoice:
+    """Resolve ``auto`` and check that the combination can run here; raise RuntimeUnavailable if not.
+
+    ``cpu_auto_precision`` is the lowest precision the backbone keeps faithful on CPU (bf16 or fp32)."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeUnavailable("RIS_DEVICE=cuda but no CUDA device is visible to torch.")
@@ -117,6 +123,8 @@ def choose_runtime(runtime: RuntimeName, precision: PrecisionChoice, device: str
     if not capabilities:
         raise RuntimeUnavailable("RIS_RUNTIME=openvino but the openvino package is not installed.")
     if precision == "auto":
+        if cpu_auto_precision != "bf16":
+            return RuntimeChoice("openvino", "fp32", "cpu", f"{why}; this model stays fp32 (bf16 loses fidelity)")
         if "BF16" in capabilities:
             return RuntimeChoice("openvino", "bf16", "cpu", f"{why}; the CPU has bf16 instructions")
         return RuntimeChoice("openvino", "fp32", "cpu", f"{why}; no bf16 instructions on this CPU")
@@ -286,7 +294,9 @@ def _quantise_int8(model: object, calibration: np.ndarray | None) -> object:
     except ImportError as exc:
         raise RuntimeUnavailable("RIS_PRECISION=int8 needs the nncf package (pip install nncf).") from exc
     dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
-    return nncf.quantize(model, dataset, subset_size=len(calibration), preset=nncf.QuantizationPreset.PERFORMANCE)
+    # NNCF draws progress bars on stdout, which belongs to the caller (e.g. `python -m ingest --json`).
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.quantize(model, dataset, subset_size=len(calibration), preset=nncf.QuantizationPreset.PERFORMANCE)
 
 
 def calibration_pixels(

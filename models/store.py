@@ -164,15 +164,16 @@ def resolve_model(settings: Settings, import_if_missing: bool = True) -> StoredM
 def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEmbedder:
     """Load the chosen model from the BentoML model store onto the configured device."""
     started = time.monotonic()
-    choice = choose_runtime(settings.runtime, settings.precision, settings.device)
     stored = resolve_model(settings, import_if_missing)
+    backbone = get_backbone(stored.info.backbone)
+    choice = choose_runtime(settings.runtime, settings.precision, settings.device, backbone.cpu_auto_precision)
     calibration = _calibration(settings, stored.preprocessing) if choice.precision == "int8" else None
     cache = RuntimeCache(_runtime_cache_dir(settings)) if choice.runtime == "openvino" else None
     key = RuntimeCache.key(stored.info.model_id, stored.preprocessing, choice.precision, calibration) if cache else ""
     runtime: InferenceRuntime | None = cache.load(key, choice) if cache else None
     if runtime is None:
         model = bentoml.models.get(stored.tag)
-        module = get_backbone(stored.info.backbone).build()
+        module = backbone.build()
         state = torch.load(model.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True)
         module.load_state_dict(state, strict=True)
         runtime = build_runtime(module, stored.preprocessing, choice, calibration)

@@ -169,3 +169,25 @@ def test_ingest_into_a_lite_file_the_service_holds_fails_at_once_with_advice(liv
     result = run_cli(["-m", "ingest", str(photo_set["root"] / "cat"), "--no-progress"], live_service.env)
     assert result.returncode == 1 and "one process per file" in result.stderr
     assert time.monotonic() - started < 50, "a held Lite file is not an outage: no retry loop"
+
+
+def test_int8_ingest_calibrates_on_its_own_folder_and_is_recorded(tmp_path, photo_set):
+    """RIS_PRECISION=int8 without a calibration folder calibrates on the photos being ingested, passes
+    the fidelity guard (ResNet-50 architecture), and the collection records which runtime wrote it."""
+    from pymilvus import MilvusClient
+
+    from tests.conftest import Backend
+
+    backend = Backend("lite-local", tmp_path / "data")
+    env = backend.process_env(RIS_MODEL="resnet50", RIS_RESNET50_WEIGHTS="random", RIS_PRECISION="int8")
+    done = run_cli(["-m", "ingest", str(photo_set["root"]), "--no-progress", "--json"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "openvino-int8 built in" in done.stderr and "fidelity vs fp32" in done.stderr
+    report = json.loads(done.stdout)
+    assert report["ingested"] + report["duplicates"] == report["scanned"] - len(report["rejected"])
+    client = MilvusClient(uri=backend.settings().milvus_uri)
+    try:
+        properties = client.describe_collection(backend.settings().collection)["properties"]
+    finally:
+        client.close()
+    assert properties["ris.runtimes"] == "openvino-int8"

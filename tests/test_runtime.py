@@ -41,11 +41,21 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # --- selection -----------------------------------------------------------------------------------
 
 
-def test_auto_picks_openvino_on_cpu_with_the_best_precision_the_cpu_has():
+def test_auto_picks_openvino_on_cpu_with_the_best_precision_the_cpu_and_model_allow():
     choice = choose_runtime("auto", "auto", "cpu")
     assert choice.runtime == "openvino" and choice.device == "cpu"
     assert choice.precision == ("bf16" if HAS_BF16 else "fp32")
     assert "OpenVINO" in choice.reason
+    # A precision-sensitive model (EfficientNet-Lite0, measured) stays fp32 under auto.
+    assert choose_runtime("auto", "auto", "cpu", cpu_auto_precision="fp32").precision == "fp32"
+
+
+def test_each_backbone_names_the_cpu_precision_auto_may_use(bentoml_home):
+    from models.backbones import EfficientNetLite0, ResNet50
+
+    assert ResNet50.cpu_auto_precision == "bf16" and EfficientNetLite0.cpu_auto_precision == "fp32"
+    lite = load_embedder(_settings(model="efficientnet-lite0"))
+    assert (lite.info.runtime, lite.info.precision) == ("openvino", "fp32")
 
 
 def test_torch_is_the_fp32_reference_on_cpu():
