@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import multiprocessing
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,12 +38,7 @@ from bento.config import Settings  # noqa: E402
 from bento.schemas import VectorRecord  # noqa: E402
 from bento.vectors import VectorIndex  # noqa: E402
 from ingest.demo import encode, near_duplicate, photos  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from scripts.devstack import BentoService  # noqa: E402
 
 
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -63,36 +55,12 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
 @contextmanager
 def serve(env: dict[str, str], log: Path):
     """Yield (base url, seconds from process start to /readyz 200)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:ImageSearch", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    service = BentoService(env, log)
+    cold = service.start(timeout_s=600)
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"service exited ({process.returncode}); see {log}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - started > 600:
-                raise RuntimeError(f"service not ready in 600 s; see {log}")
-            time.sleep(0.1)
-        yield url, time.perf_counter() - started
+        yield service.url, cold
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        service.stop()
 
 
 def query_photos() -> list[bytes]:

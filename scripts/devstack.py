@@ -43,6 +43,8 @@ class _Server:
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{self.name}.log"
+        self.env: dict[str, str] | None = None  # None: this process's environment
+        self.cwd: Path | None = None
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -55,17 +57,26 @@ class _Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command(), cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
+                code, self.process = self.process.returncode, None
+                raise RuntimeError(f"{self.name} exited with {code}; see {self.log_path}:\n{self.log_tail()}")
             if self.healthy():
                 elapsed = time.monotonic() - started
                 logger.info("%s ready on 127.0.0.1:%d in %.1f s", self.name, self.port, elapsed)
                 return elapsed
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"{self.name} not healthy after {timeout_s} s; see {self.log_path}")
+        raise RuntimeError(f"{self.name} not healthy after {timeout_s} s; see {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): it stops answering, like a network partition or a hung host."""
@@ -182,6 +193,37 @@ class S3Server(_Server):
         return True
 
 
+class BentoService(_Server):
+    """`bentoml serve <target>` (the source tree's service, or a built bento's tag) on a loopback port,
+    healthy once BentoML's /readyz answers 200 (model loaded and warmed, backends reachable)."""
+
+    name = "service"
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        target: str = "service:ImageSearch",
+        cwd: Path = ROOT,
+        port: int | None = None,
+    ) -> None:
+        super().__init__(log_path.parent, port)
+        self.log_path = log_path
+        self.env = env
+        self.cwd = cwd
+        self.target = target
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
 def stack_env(milvus: MilvusServer, s3: S3Server, bucket: str = "images", collection: str = "images") -> dict[str, str]:
     """The settings that point the product at the stack."""
     return {
@@ -223,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([python, "-m", "ingest", str(demo)], cwd=ROOT, env=env, check=True)
         bentoml = shutil.which("bentoml", path=str(BIN)) or "bentoml"
         logger.info("serving on http://127.0.0.1:%d (Milvus %s, S3 %s)", args.port, milvus.uri, s3.endpoint)
+        # In the foreground (its log on this terminal) until Ctrl-C, unlike BentoService.
         subprocess.run([bentoml, "serve", "service:ImageSearch", "--host", "127.0.0.1", "--port", str(args.port)], cwd=ROOT, env=env)
     except KeyboardInterrupt:
         pass

@@ -8,17 +8,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from bento.config import Settings
-from scripts.devstack import MilvusServer, S3Server, free_port, stack_env
+from scripts.devstack import BentoService, MilvusServer, S3Server, stack_env
 
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,55 +92,10 @@ def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-class ServiceProcess:
-    """`bentoml serve service:ImageSearch` (or another target: a bento tag) in a subprocess, on a free loopback port."""
+class ServiceProcess(BentoService):
+    """The service under test (scripts/devstack.py BentoService), remembering which backend it runs on."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, target: str = "service:ImageSearch", cwd: Path = ROOT) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.target = target
-        self.cwd = cwd
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.backend: Backend | None = None
-
-    def start(self, timeout_s: float = 120) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [PYTHON, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"service not ready in {timeout_s} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        import signal
-
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        self.process = None
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+    backend: Backend | None = None
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:

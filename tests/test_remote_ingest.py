@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from bento.imaging import content_hash
-from tests.conftest import ServiceProcess, free_port, run_cli, service_env
+from scripts.devstack import free_port
+from tests.conftest import ServiceProcess, run_cli, service_env
 
 pytestmark = pytest.mark.slow
 
