@@ -136,17 +136,15 @@ def choose_runtime(
 
 
 class _PixelsToFeatures(nn.Module):
-    """uint8 NHWC pixels -> features, so a converted graph includes the normalisation."""
+    """uint8 NHWC pixels -> features, so a converted graph includes the (one) normalisation recipe."""
 
     def __init__(self, module: nn.Module, preprocessing: Preprocessing) -> None:
         super().__init__()
         self.module = module
-        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0)
+        self.preprocessing = preprocessing
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).to(torch.float32)
-        return self.module((x - self.mean) / self.std)
+        return self.module(self.preprocessing.normalise(pixels))
 
 
 class TorchRuntime:
