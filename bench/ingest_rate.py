@@ -16,11 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from runtimes import _jpeg  # noqa: E402
-
-from ingest.demo import photos  # noqa: E402
+from ingest.demo import grainy_jpeg, photos  # noqa: E402
 
 
 def build_folder(root: Path, count: int) -> Path:
@@ -33,7 +30,7 @@ def build_folder(root: Path, count: int) -> Path:
         variant = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if (i // len(images)) % 2 else image
         folder = root / label
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:05d}.jpg").write_bytes(_jpeg(variant, (500, 375), seed=i))
+        (folder / f"{i:05d}.jpg").write_bytes(grainy_jpeg(variant, (500, 375), seed=i))
     return root
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bento.config import Settings
 from bento.imaging import DecodeLimits
-from ingest.demo import near_duplicate, photos
+from ingest.demo import grainy_jpeg, near_duplicate, photos
 from models.embedding import ImageEmbedder
 from models.pipeline import prepare_image
 from models.runtime import RuntimeUnavailable, cpu_threads
@@ -49,30 +49,17 @@ class PhotoSet:
     calibration_dir: Path
 
 
-def _jpeg(image: Image.Image, size: tuple[int, int], seed: int) -> bytes:
-    """A photo at ``size`` with camera-like grain (fine texture is what reduced-scale decoding loses)."""
-    scale = max(size[0] / image.width, size[1] / image.height)
-    big = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-    left, top = (big.width - size[0]) // 2, (big.height - size[1]) // 2
-    big = big.crop((left, top, left + size[0], top + size[1]))
-    grain = np.random.default_rng(seed).normal(0, 5, (size[1], size[0], 3))
-    pixels = np.clip(np.asarray(big, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
 def make_photos(workdir: Path) -> PhotoSet:
     images = [image for _, _, image in photos()]
     calibration_dir = workdir / "calibration"
     calibration_dir.mkdir(parents=True, exist_ok=True)
     imagenet, hd = [], []
     for i, image in enumerate(images):
-        imagenet.append(_jpeg(image, (500, 375), i))
-        hd.append(_jpeg(image, (1920, 1080), i))
+        imagenet.append(grainy_jpeg(image, (500, 375), i))
+        hd.append(grainy_jpeg(image, (1920, 1080), i))
         # int8 calibration: other crops of the photos than the ones measured (a held-out split is in the tests).
-        (calibration_dir / f"{i}.jpg").write_bytes(_jpeg(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (640, 480), 100 + i))
-    originals = [_jpeg(image, (500, 375), 200 + i) for i, image in enumerate(images)]
+        (calibration_dir / f"{i}.jpg").write_bytes(grainy_jpeg(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (640, 480), 100 + i))
+    originals = [grainy_jpeg(image, (500, 375), 200 + i) for i, image in enumerate(images)]
     queries = [near_duplicate(Image.open(io.BytesIO(data)).convert("RGB"), seed=i) for i, data in enumerate(originals)]
     return PhotoSet(imagenet=imagenet, hd=hd, originals=originals, queries=queries, calibration_dir=calibration_dir)
 

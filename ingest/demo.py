@@ -75,6 +75,20 @@ def near_duplicate(image: Image.Image, seed: int) -> bytes:
     return encode(copy, "JPEG", quality=rng.randint(55, 80))
 
 
+def grainy_jpeg(image: Image.Image, size: tuple[int, int], seed: int, grain: float = 5.0) -> bytes:
+    """A photo scaled and centre-cropped to ``size`` with camera-like grain, as JPEG q90: the fine texture
+    real photos have and reduced-scale decoding could lose (benchmarks and fidelity tests use it)."""
+    scale = max(size[0] / image.width, size[1] / image.height)
+    big = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    left, top = (big.width - size[0]) // 2, (big.height - size[1]) // 2
+    big = big.crop((left, top, left + size[0], top + size[1]))
+    noise = np.random.default_rng(seed).normal(0, grain, (size[1], size[0], 3))
+    pixels = np.clip(np.asarray(big, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
 def encode(image: Image.Image, fmt: str = "JPEG", **params: int) -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt, **({"quality": 90} | params if fmt == "JPEG" else params))

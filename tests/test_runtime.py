@@ -166,20 +166,10 @@ def test_the_fidelity_guard_refuses_a_runtime_that_drifts(lite_reference, photo_
 # --- decode-time downscaling ---------------------------------------------------------------------
 
 
-def _large_photo(image: Image.Image, seed: int) -> bytes:
-    """A 1920x1280-class JPEG with camera-like fine texture (grain), from a real photo."""
-    big = image.resize((1920, round(1920 * image.height / image.width)), Image.Resampling.LANCZOS)
-    grain = np.random.default_rng(seed).normal(0, 6, (big.height, big.width, 3))
-    noisy = np.clip(np.asarray(big, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(noisy).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
 def test_draft_decoding_keeps_the_original_size_and_embedding(lite_reference):
-    from ingest.demo import photos
+    from ingest.demo import grainy_jpeg, photos
 
-    blobs = [_large_photo(image, i) for i, (_, _, image) in enumerate(photos())]
+    blobs = [grainy_jpeg(image, (1920, 1280), seed=i, grain=6.0) for i, (_, _, image) in enumerate(photos())]
     first = decode_image(blobs[0], LIMITS, min_side=2 * lite_reference.preprocessing.resize)
     full = decode_image(blobs[0], LIMITS)
     assert (first.width, first.height) == (full.width, full.height), "metadata records the original size"
