@@ -1,116 +1,118 @@
-"""BentoML services: thin HTTP and RPC edges over the domain in bento/ and models/.
+"""BentoML services: thin edges over the domain (bento/catalog.py and the models/ it uses).
 
 - ``Embedder``: batchable pixels -> vectors (GPU when present), adaptive batching.
 - ``VectorSearch``: the single owner of the Milvus connection (Milvus Lite allows one process per file).
 - ``ImageSearch``: the entry service; HTTP API (``/api/...``), the web page (``/``) and OpenAPI docs
-  (``/docs``), composed with the two above through ``bentoml.depends``.
+  (``/docs``). Its routes parse the request, call the catalog (in a worker thread: decoding is CPU work
+  and the catalog's calls to the two services above are blocking), and shape the response.
+
+Domain errors cross from a service to its caller as data (``Reply``) and are raised there as the same
+class; ``HTTP_STATUS`` below is the one place they become HTTP statuses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
-import json
 import logging
 import shutil
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from http import HTTPStatus
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import aiohttp
 import anyio
 import bentoml
-import httpx
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from bento.catalog import Catalog, SearchResult
 from bento.config import Settings, get_settings
 from bento.errors import (
     BackendUnavailable,
+    ConnectionDropped,
     ImageTooLarge,
+    InvalidImage,
     InvalidRequest,
     ModelMismatch,
+    ModelUnavailable,
     NotFound,
     SearchError,
+    UnsupportedImageFormat,
     UrlFetchFailed,
 )
-from bento.imaging import DecodeLimits, check_size
+from bento.fetch import UrlFetcher
+from bento.imaging import check_size
+from bento.retry import FAIL_FAST
 from bento.schemas import (
     MAX_LABEL_LENGTH,
     DeleteResponse,
     ErrorResponse,
+    Health,
     ImageMetadata,
     IndexInfo,
     IndexSpec,
     InsertResponse,
-    ModelInfo,
+    Limits,
+    ModelDescription,
+    Reply,
     SearchById,
     SearchByUrl,
     SearchHit,
+    SearchOptions,
     SearchResponse,
     StatusResponse,
-    Timings,
     VectorHit,
     VectorQuery,
     VectorRecord,
 )
-from bento.storage import open_image_store, validate_image_id
+from bento.storage import open_image_store
 from bento.vectors import VectorIndex
-from models.pipeline import PreparedImage, prepare_image
-from models.preprocess import Preprocessing
 
 logger = logging.getLogger("ris.service")
+P = ParamSpec("P")
 T = TypeVar("T")
 STATIC_DIR = Path(__file__).parent / "bento" / "static"
 
-# Reading configuration at import is fine; building clients or models is not (they start in __init__).
-SETTINGS = get_settings()
+# BentoML's decorators take workers, resources, batching and dependency URLs when the classes below are
+# defined, so the settings are read at import (validated, and unknown RIS_* variables refused); nothing
+# else happens at import: clients and models are made in the services' __init__.
+DEPLOYMENT = get_settings()
+
+# How callers of a service pool their connections to it. BentoML 1.4.40 replaces its HTTP session every
+# 100 requests or 300 s by default and closes the old one under calls still in flight on it
+# (bentoml/BentoML#5540): under load that failed searches with 500s. The session is never recycled
+# (the peers are fixed service addresses); a connection the peer closes is ConnectionDropped, retried.
+DEPENDENCY_CONNECTION = {"max_requests": 2**62, "max_age": 10 * 365 * 24 * 3600.0}
 
 
-# How callers of a service pool their connections to it. BentoML 1.4.40 replaces the session every 100
-# requests (its default) and closes the old one under in-flight calls (bentoml/BentoML#5540): recycle
-# rarely; call_dependency() retries the rare call that still meets a recycled session.
-DEPENDENCY_CONNECTION = {"max_requests": 1_000_000_000, "max_age": 3600.0}
-
-
-def _embedder_resources() -> dict[str, Any]:
-    gpus = SETTINGS.embedder_gpus
-    if gpus < 0:
-        gpus = 1 if shutil.which("nvidia-smi") else 0
-    return {"gpu": gpus} if gpus else {}
+def embedder_resources(settings: Settings) -> dict[str, Any]:
+    """One GPU for the embedder when the model is to run on CUDA (or auto and a GPU is present)."""
+    wants_gpu = settings.model.device == "cuda" or (settings.model.device == "auto" and shutil.which("nvidia-smi"))
+    return {"gpu": 1} if wants_gpu else {}
 
 
 def embed_batching_options(settings: Settings) -> dict[str, Any]:
     """Adaptive batching of the embed API (README: "Adaptive batching"); off = one model call per request."""
-    if not settings.embed_batching:
+    if not settings.batching.enabled:
         return {}
     return {
         "batchable": True,
         "batch_dim": 0,
-        "max_batch_size": settings.embed_max_batch_size,
-        "max_latency_ms": settings.embed_max_latency_ms,
+        "max_batch_size": settings.batching.max_batch_size,
+        "max_latency_ms": settings.batching.max_latency_ms,
     }
-
-
-@contextlib.contextmanager
-def domain_errors_as_http() -> Iterator[None]:
-    """Inside RPC services: let a domain error cross to the caller with its status code."""
-    try:
-        yield
-    except SearchError as exc:
-        raise BentoMLException(exc.message, error_code=HTTPStatus(exc.status_code)) from exc
 
 
 @bentoml.service(
     name="embedder",
     workers=1,
-    resources=_embedder_resources(),
+    resources=embedder_resources(DEPLOYMENT),
     traffic={"timeout": 120, "max_concurrency": 256},
     runner_connection=DEPENDENCY_CONNECTION,
 )
@@ -123,27 +125,24 @@ class Embedder:
         self.embedder = load_embedder(get_settings())
         self.embedder.warm_up()
 
-    @bentoml.api(**embed_batching_options(SETTINGS))
+    @bentoml.api(**embed_batching_options(DEPLOYMENT))
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, crop, crop, 3) uint8 -> (N, dim) float32 unit vectors."""
-        with domain_errors_as_http():
-            return self.embedder.embed(pixels)
+        """(N, crop, crop, 3) uint8 -> (N, dim) float32 unit vectors (callers check the shape first)."""
+        return self.embedder.embed(pixels)
 
     @bentoml.api
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelDescription:
         """The serving model and its preprocessing recipe (callers prepare pixels with it)."""
-        return {
-            "info": self.embedder.info.model_dump(),
-            "preprocessing": self.embedder.preprocessing.to_dict(),
-            "device": self.embedder.device_name,
-        }
+        return self.embedder.describe()
 
 
 @bentoml.service(name="vector-search", workers=1, traffic={"timeout": 600}, runner_connection=DEPENDENCY_CONNECTION)
 class VectorSearch:
-    """Owns the one Milvus connection. Opens the collection lazily, once the model is known."""
+    """Owns the one Milvus connection. Opens the collection lazily, once the model is known.
 
-    embedder = bentoml.depends(Embedder, url=SETTINGS.embedder_url or None)
+    Each API answers a ``Reply``: the value, or the domain error as data."""
+
+    embedder = bentoml.depends(Embedder, url=DEPLOYMENT.services.embedder_url or None)
 
     def __init__(self) -> None:
         self.settings = get_settings()
@@ -155,20 +154,21 @@ class VectorSearch:
     def _vectors(self) -> VectorIndex:
         with self._index_lock:
             if self._index is None:
-                try:
-                    description = self.embedder.describe()
-                except BentoMLException as exc:
-                    raise BackendUnavailable(f"The embedder is not available yet: {exc}") from exc
-                self._index = VectorIndex(self.settings, ModelInfo.model_validate(description["info"]))
+                model = RemoteEmbedder(self.embedder).describe().info
+                self._index = VectorIndex(self.settings, model)
             return self._index
 
-    def __is_ready__(self) -> bool:
+    def _reply(self, operation: Callable[[VectorIndex], Any]) -> Reply:
         try:
-            self._vectors().ping()
+            return Reply.of(operation(self._vectors()))
         except SearchError as exc:
-            logger.warning("vector search not ready: %s", exc.message)
-            return False
-        return True
+            return Reply.failed(exc)
+
+    def __is_ready__(self) -> bool:
+        health = self.health()
+        if not health.ok and health.error is not None:
+            logger.warning("vector search not ready: %s", health.error.message)
+        return health.ok
 
     @bentoml.on_shutdown
     def close(self) -> None:
@@ -176,58 +176,158 @@ class VectorSearch:
             self._index.close()
 
     @bentoml.api
-    def search(self, query: VectorQuery) -> list[VectorHit]:
-        with domain_errors_as_http():
-            return self._vectors().search(query)
+    def search(self, query: VectorQuery) -> Reply:
+        return self._reply(lambda index: index.search(query))
 
     @bentoml.api
-    def upsert(self, records: list[VectorRecord]) -> int:
-        with domain_errors_as_http():
-            return self._vectors().upsert(records)
+    def upsert(self, records: list[VectorRecord]) -> Reply:
+        return self._reply(lambda index: index.upsert(records))
 
     @bentoml.api
-    def get(self, ids: list[str]) -> list[ImageMetadata]:
-        with domain_errors_as_http():
-            return self._vectors().get(ids)
+    def get(self, ids: list[str]) -> Reply:
+        return self._reply(lambda index: index.get(ids))
 
     @bentoml.api
-    def get_vector(self, image_id: str) -> list[float] | None:
-        with domain_errors_as_http():
-            return self._vectors().get_vector(image_id)
+    def get_vector(self, image_id: str) -> Reply:
+        return self._reply(lambda index: index.get_vector(image_id))
 
     @bentoml.api
-    def existing_ids(self, ids: list[str]) -> list[str]:
-        with domain_errors_as_http():
-            return sorted(self._vectors().existing_ids(ids))
+    def existing_ids(self, ids: list[str]) -> Reply:
+        return self._reply(lambda index: sorted(index.existing_ids(ids)))
 
     @bentoml.api
-    def delete(self, ids: list[str]) -> int:
-        with domain_errors_as_http():
-            return self._vectors().delete(ids)
+    def delete(self, ids: list[str]) -> Reply:
+        return self._reply(lambda index: index.delete(ids))
 
     @bentoml.api
-    def info(self) -> IndexInfo:
-        with domain_errors_as_http():
-            return self._vectors().info()
+    def info(self) -> Reply:
+        return self._reply(lambda index: index.info())
 
     @bentoml.api
-    def health(self) -> dict[str, Any]:
-        """Never raises: what /api/status shows when the vector store is down."""
+    def rebuild_index(self, spec: IndexSpec) -> Reply:
+        return self._reply(lambda index: index.rebuild_index(spec))
+
+    @bentoml.api
+    def health(self) -> Health:
+        """Never raises: what /api/status and readiness show when the vector store is down."""
         try:
             self._vectors().ping()
         except SearchError as exc:
-            return {"ok": False, "error": exc.message}
-        return {"ok": True, "error": ""}
+            return Health(ok=False, error=exc.to_payload())
+        return Health(ok=True)
 
-    @bentoml.api
+
+# --- adapters: the catalog's ports over the two services above ---------------------------------------
+
+
+@contextlib.contextmanager
+def calling(dependency: str) -> Iterator[None]:
+    """Transport failures of a call to a dependent service, as domain errors (by type)."""
+    try:
+        yield
+    except BentoMLException as exc:
+        status = exc.error_code.value if exc.error_code else 500
+        # Domain errors come back as replies; an HTTP error here is the service itself failing (or
+        # shedding load: 503), and its body says nothing the client can act on.
+        raise BackendUnavailable(
+            f"The {dependency} service failed or is unavailable (HTTP {status}); see GET /api/status and its log."
+        ) from exc
+    except aiohttp.ClientConnectionError as exc:
+        raise ConnectionDropped(f"The connection to the {dependency} service was dropped: {exc}") from exc
+    except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+        raise BackendUnavailable(f"The {dependency} service is unreachable: {exc.__class__.__name__}: {exc}") from exc
+
+
+class RemoteEmbedder:
+    """The ``Embedding`` port over the Embedder service (blocking: call from a worker thread)."""
+
+    def __init__(self, proxy: Any) -> None:
+        self._proxy = proxy
+        self._description: ModelDescription | None = None
+
+    def describe(self) -> ModelDescription:
+        if self._description is None:
+            with calling("embedder"):
+                answer = self._proxy.to_sync.describe()
+            self._description = ModelDescription.model_validate(answer, from_attributes=True)
+        return self._description
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        with calling("embedder"):
+            return self._proxy.to_sync.embed(pixels=pixels)
+
+
+class RemoteVectors:
+    """The ``VectorStore`` port over the VectorSearch service (blocking: call from a worker thread)."""
+
+    def __init__(self, proxy: Any) -> None:
+        self._proxy = proxy
+
+    def _call(self, kind: Any, call: Callable[[Any], Any]) -> Any:
+        with calling("vector-search"):
+            answer = call(self._proxy.to_sync)
+        return Reply.model_validate(answer, from_attributes=True).unwrap(kind)
+
+    def ensure_ready(self) -> None:
+        self.ping()
+
+    def ping(self) -> None:
+        with calling("vector-search"):
+            health = Health.model_validate(self._proxy.to_sync.health(), from_attributes=True)
+        if health.error is not None:
+            raise health.error.to_exception()
+
+    def existing_ids(self, ids: list[str]) -> set[str]:
+        return self._call(set[str], lambda client: client.existing_ids(ids=ids))
+
+    def get(self, ids: list[str]) -> list[ImageMetadata]:
+        return self._call(list[ImageMetadata], lambda client: client.get(ids=ids))
+
+    def get_vector(self, image_id: str) -> list[float] | None:
+        return self._call(list[float] | None, lambda client: client.get_vector(image_id=image_id))
+
+    def upsert(self, records: list[VectorRecord]) -> int:
+        return self._call(int, lambda client: client.upsert(records=records))
+
+    def search(self, query: VectorQuery) -> list[VectorHit]:
+        return self._call(list[VectorHit], lambda client: client.search(query=query))
+
+    def delete(self, ids: list[str]) -> int:
+        return self._call(int, lambda client: client.delete(ids=ids))
+
+    def count(self) -> int:
+        return self.info().count
+
+    def info(self) -> IndexInfo:
+        return self._call(IndexInfo, lambda client: client.info())
+
     def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
-        with domain_errors_as_http():
-            vectors = self._vectors()
-            vectors.rebuild_index(spec)
-            return vectors.info()
+        return self._call(IndexInfo, lambda client: client.rebuild_index(spec=spec))
+
+    def flush(self) -> None:
+        """Milvus seals segments by itself; the service has no bulk writes to seal."""
 
 
 # --- the HTTP edge ----------------------------------------------------------------------------------
+
+# The one table from domain errors to HTTP statuses (the most specific class wins).
+HTTP_STATUS: dict[type[SearchError], int] = {
+    InvalidRequest: 400,
+    UrlFetchFailed: 400,
+    NotFound: 404,
+    ModelMismatch: 409,
+    ImageTooLarge: 413,
+    UnsupportedImageFormat: 415,
+    InvalidImage: 422,
+    SearchError: 500,
+    ModelUnavailable: 503,
+    BackendUnavailable: 503,
+}
+
+
+def http_status(error: SearchError) -> int:
+    return next(HTTP_STATUS[cls] for cls in type(error).__mro__ if cls in HTTP_STATUS)
+
 
 app = FastAPI(
     title="Reverse image search",
@@ -238,68 +338,8 @@ app = FastAPI(
 )
 
 
-def _remote_error(exc: BentoMLException, dependency: str) -> SearchError:
-    status = exc.error_code.value if exc.error_code else 500
-    text = str(exc)
-    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):
-        body = json.loads(text)
-        body = body[0] if isinstance(body, list) else body
-        text = body["error"]
-    if status == 404:
-        return NotFound(text)
-    if status == 409:
-        return ModelMismatch(text)
-    if 400 <= status < 500:
-        return InvalidRequest(text)
-    return BackendUnavailable(
-        f"The {dependency} service failed or is unavailable (HTTP {status}); see GET /api/status and its log."
-    )
-
-
-@contextlib.asynccontextmanager
-async def calling(dependency: str) -> AsyncIterator[None]:
-    """Map failures of a dependent service to domain errors (4xx kept, the rest 503)."""
-    try:
-        yield
-    except BentoMLException as exc:
-        raise _remote_error(exc, dependency) from exc
-    except (TimeoutError, OSError, aiohttp.ClientError) as exc:
-        raise BackendUnavailable(f"The {dependency} service is unreachable: {exc}") from exc
-
-
-def _connection_dropped(exc: BaseException) -> bool:
-    return isinstance(exc, aiohttp.ClientConnectionError) or (
-        isinstance(exc, RuntimeError) and "Session is closed" in str(exc)
-    )
-
-
-async def call_dependency(dependency: str, method: Callable[..., Awaitable[T]], **kwargs: Any) -> T:
-    """One call to a dependent service, retried once if its connection was dropped under it.
-
-    BentoML 1.4.40's inter-service client replaces its HTTP session (see DEPENDENCY_CONNECTION) and
-    closes the old one under the calls still in flight on it (bentoml/BentoML#5540, #5698): under
-    concurrent load that failed a burst of requests with 500s. Every API called through here is
-    idempotent (embed, search, get, upsert by content id, delete), so one retry on a fresh session is safe.
-    """
-    async with calling(dependency):
-        try:
-            return await method(**kwargs)
-        except (aiohttp.ClientConnectionError, RuntimeError) as exc:
-            if not _connection_dropped(exc):
-                raise
-            logger.info("%s connection dropped (%s); retrying once", dependency, exc)
-        return await method(**kwargs)
-
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 2)
-
-
-def _clean_label(label: str | None) -> str:
-    label = (label or "").strip()
-    if len(label) > MAX_LABEL_LENGTH or any(ord(ch) < 32 for ch in label):
-        raise InvalidRequest(f"A label is at most {MAX_LABEL_LENGTH} printable characters.")
-    return label
+async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
 async def _read_upload(request: Request, upload: UploadFile, max_bytes: int) -> bytes:
@@ -312,90 +352,53 @@ async def _read_upload(request: Request, upload: UploadFile, max_bytes: int) -> 
     return data
 
 
-@bentoml.service(name="image-search", workers=SETTINGS.api_workers, traffic={"timeout": 120})
+@bentoml.service(name="image-search", workers=DEPLOYMENT.services.api_workers, traffic={"timeout": 120})
 @bentoml.asgi_app(app, path="/")
 class ImageSearch:
     """The HTTP API and the web page."""
 
-    embedder = bentoml.depends(Embedder, url=SETTINGS.embedder_url or None)
-    vectors = bentoml.depends(VectorSearch, url=SETTINGS.vector_search_url or None)
+    embedder = bentoml.depends(Embedder, url=DEPLOYMENT.services.embedder_url or None)
+    vectors = bentoml.depends(VectorSearch, url=DEPLOYMENT.services.vector_search_url or None)
 
     def __init__(self) -> None:
         self.settings = get_settings()
-        self.store = open_image_store(self.settings)
-        self.limits = DecodeLimits(self.settings.max_upload_bytes, self.settings.max_image_pixels)
-        self._model: ModelInfo | None = None
-        self._preprocessing: Preprocessing | None = None
-        self._device = ""
-        self._http: httpx.AsyncClient | None = None
-
-    # --- helpers ---------------------------------------------------------------------------------
-    async def _model_description(self) -> tuple[ModelInfo, Preprocessing]:
-        if self._model is None or self._preprocessing is None:
-            description = await call_dependency("embedder", self.embedder.to_async.describe)
-            self._model = ModelInfo.model_validate(description["info"])
-            self._preprocessing = Preprocessing.from_dict(description["preprocessing"])
-            self._device = description["device"]
-        return self._model, self._preprocessing
-
-    async def _prepare(self, data: bytes, thumbnail: bool) -> PreparedImage:
-        _, preprocessing = await self._model_description()
-        size = self.settings.thumbnail_size if thumbnail else None
-        return await anyio.to_thread.run_sync(
-            prepare_image, data, self.limits, preprocessing, size, self.settings.decode_draft_scale
+        self.remote_embedder = RemoteEmbedder(self.embedder)
+        self.catalog = Catalog(
+            RemoteVectors(self.vectors),
+            open_image_store(self.settings),
+            self.remote_embedder,
+            self.settings.limits,
+            self.settings.store.thumbnail_size,
+            FAIL_FAST,  # a request answers 503 at once; only a dropped connection is retried
         )
+        self.fetcher = UrlFetcher(self.settings.limits.max_upload_bytes, self.settings.limits.url_fetch_timeout_s)
 
-    async def _embed(self, pixels: np.ndarray) -> np.ndarray:
-        return await call_dependency("embedder", self.embedder.to_async.embed, pixels=pixels)
+    @bentoml.on_shutdown
+    def close_url_fetcher(self) -> None:
+        self.fetcher.close()
 
-    def _urls(self, image_id: str) -> tuple[str, str]:
-        original = self.store.presigned_url(image_id, "original") or f"/api/images/{image_id}"
-        thumbnail = self.store.presigned_url(image_id, "thumbnail") or f"/api/images/{image_id}/thumbnail"
-        return original, thumbnail
+    async def __is_ready__(self) -> bool:
+        """Model known and the image store reachable (BentoML adds the dependencies' readiness)."""
+        try:
+            await in_thread(self.remote_embedder.describe)
+            await in_thread(self.catalog.store.ping)
+        except SearchError as exc:
+            logger.warning("not ready: %s", exc.message)
+            return False
+        return True
 
+    # --- shaping --------------------------------------------------------------------------------
     def _hit(self, hit: VectorHit) -> SearchHit:
-        image_url, thumbnail_url = self._urls(hit.image.id)
         meta = hit.image
         return SearchHit(
-            id=meta.id, label=meta.label, score=round(hit.score, 6), image_url=image_url, thumbnail_url=thumbnail_url,
+            id=meta.id, label=meta.label, score=round(hit.score, 6),
+            image_url=self.catalog.direct_url(meta.id, "original") or f"/api/images/{meta.id}",
+            thumbnail_url=self.catalog.direct_url(meta.id, "thumbnail") or f"/api/images/{meta.id}/thumbnail",
             width=meta.width, height=meta.height, mime=meta.mime, size_bytes=meta.size_bytes, source=meta.source,
         )
 
-    async def _search_vector(
-        self, vector: list[float], query_id: str, top_k: int | None, offset: int, label: str | None,
-        started: float, timings: Timings,
-    ) -> SearchResponse:
-        """The vector search and the response, shared by every way of asking (upload, URL, id)."""
-        model, _ = await self._model_description()
-        top_k = top_k or self.settings.default_top_k
-        if top_k > self.settings.max_top_k:
-            raise InvalidRequest(f"top_k is at most {self.settings.max_top_k}.")
-        query = VectorQuery(vector=vector, top_k=top_k, offset=offset, label=_clean_label(label) if label else None)
-        search_started = time.perf_counter()
-        hits = await call_dependency("vector-search", self.vectors.to_async.search, query=query)
-        timings.search_ms = _ms(search_started)
-        timings.total_ms = _ms(started)
-        return SearchResponse(
-            query_id=query_id, hits=[self._hit(hit) for hit in hits], top_k=top_k, offset=offset, label=label,
-            model=model.model_id, timings=timings,
-        )
-
-    async def _search_bytes(self, data: bytes, top_k: int | None, offset: int, label: str | None) -> SearchResponse:
-        started = time.perf_counter()
-        timings = Timings()
-        prepared = await self._prepare(data, thumbnail=False)
-        timings.decode_ms = _ms(started)
-        embed_started = time.perf_counter()
-        vector = (await self._embed(prepared.pixels[None]))[0]
-        timings.embed_ms = _ms(embed_started)
-        return await self._search_vector(vector.tolist(), prepared.id, top_k, offset, label, started, timings)
-
-    async def _metadata(self, image_id: str) -> ImageMetadata:
-        validate_image_id(image_id)
-        found = await call_dependency("vector-search", self.vectors.to_async.get, ids=[image_id])
-        if not found:
-            raise NotFound(f"No image with id {image_id}.")
-        return found[0]
+    def _response(self, result: SearchResult) -> SearchResponse:
+        return SearchResponse(**result.model_dump(exclude={"hits"}), hits=[self._hit(hit) for hit in result.hits])
 
     # --- routes ----------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -412,23 +415,20 @@ class ImageSearch:
         label: Annotated[str | None, Form(max_length=MAX_LABEL_LENGTH)] = None,
     ) -> SearchResponse:
         """Search with an uploaded image (multipart form)."""
-        data = await _read_upload(request, file, self.settings.max_upload_bytes)
-        return await self._search_bytes(data, top_k, offset, label or None)
+        data = await _read_upload(request, file, self.settings.limits.max_upload_bytes)
+        options = SearchOptions(top_k=top_k, offset=offset, label=label or None)
+        return self._response(await in_thread(self.catalog.search_image, data, options))
 
     @app.post("/api/search/url", response_model=SearchResponse)
     async def search_url(self, body: SearchByUrl) -> SearchResponse:
         """Search with an image fetched from an http(s) URL."""
-        data = await self._fetch(body.url)
-        return await self._search_bytes(data, body.top_k, body.offset, body.label)
+        data = await in_thread(self.fetcher.fetch, body.url)
+        return self._response(await in_thread(self.catalog.search_image, data, body))
 
     @app.post("/api/search/id", response_model=SearchResponse)
     async def search_id(self, body: SearchById) -> SearchResponse:
         """Search with an image already in the collection (no re-embedding)."""
-        started = time.perf_counter()
-        vector = await call_dependency("vector-search", self.vectors.to_async.get_vector, image_id=body.id)
-        if vector is None:
-            raise NotFound(f"No image with id {body.id}.")
-        return await self._search_vector(vector, body.id, body.top_k, body.offset, body.label, started, Timings())
+        return self._response(await in_thread(self.catalog.search_stored, body.id, body))
 
     @app.post("/api/images", response_model=InsertResponse, status_code=201)
     async def insert(
@@ -438,89 +438,64 @@ class ImageSearch:
         label: Annotated[str | None, Form(max_length=MAX_LABEL_LENGTH)] = None,
     ) -> Response:
         """Add one image. Its id is the sha256 of its bytes: adding the same bytes again changes nothing."""
-        data = await _read_upload(request, file, self.settings.max_upload_bytes)
-        clean_label = _clean_label(label)
-        prepared = await self._prepare(data, thumbnail=True)
-        existing = await call_dependency("vector-search", self.vectors.to_async.get, ids=[prepared.id])
-        if existing:
-            # Repair a store that lost the blob (e.g. a crash between the two writes), then report.
-            await anyio.to_thread.run_sync(prepared.store_blobs, self.store)
-            body = InsertResponse(id=prepared.id, created=False, message="Already present; nothing changed.", image=existing[0])
-            return JSONResponse(body.model_dump(), status_code=200)
-        vector = (await self._embed(prepared.pixels[None]))[0]
-        record = prepared.record(vector, clean_label, (file.filename or "upload")[:200], int(time.time()))
-        await anyio.to_thread.run_sync(prepared.store_blobs, self.store)
-        await call_dependency("vector-search", self.vectors.to_async.upsert, records=[record])
-        body = InsertResponse(
-            id=prepared.id, created=True, message="Added.", image=ImageMetadata(**record.model_dump(exclude={"vector"}))
-        )
-        return JSONResponse(body.model_dump(), status_code=201)
+        data = await _read_upload(request, file, self.settings.limits.max_upload_bytes)
+        added = await in_thread(self.catalog.add, data, label, file.filename or "upload")
+        message = "Added." if added.created else "Already present; nothing changed."
+        body = InsertResponse(id=added.id, created=added.created, message=message, image=added.image)
+        return JSONResponse(body.model_dump(), status_code=201 if added.created else 200)
 
     @app.get("/api/images/{image_id}", responses={404: {"model": ErrorResponse}})
     async def get_image(self, image_id: str) -> Response:
         """The original image bytes, streamed from the store (503 when the store is down)."""
-        meta = await self._metadata(image_id)
-        return await self._blob_response(meta, "original")
+        return self._blob_response(*await in_thread(self.catalog.blob, image_id, "original"))
 
     @app.get("/api/images/{image_id}/thumbnail", responses={404: {"model": ErrorResponse}})
     async def get_thumbnail(self, image_id: str) -> Response:
-        meta = await self._metadata(image_id)
-        return await self._blob_response(meta, "thumbnail")
+        return self._blob_response(*await in_thread(self.catalog.blob, image_id, "thumbnail"))
 
-    @app.get("/api/images/{image_id}/metadata", response_model=ImageMetadata)
-    async def get_metadata(self, image_id: str) -> ImageMetadata:
-        return await self._metadata(image_id)
-
-    async def _blob_response(self, meta: ImageMetadata, kind: str) -> Response:
+    @staticmethod
+    def _blob_response(data: bytes, media_type: str) -> Response:
         # Streamed by the service whatever the store (hits carry presigned URLs for direct access):
         # one URL that always works, and a clear 503 when the store is down.
-        data = await anyio.to_thread.run_sync(self.store.get, meta.id, kind)
-        media_type = meta.mime if kind == "original" else "image/jpeg"
         # Content-addressed: the bytes behind an id never change.
         headers = {"Cache-Control": "public, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
         return Response(data, media_type=media_type, headers=headers)
 
+    @app.get("/api/images/{image_id}/metadata", response_model=ImageMetadata)
+    async def get_metadata(self, image_id: str) -> ImageMetadata:
+        return await in_thread(self.catalog.metadata, image_id)
+
     @app.delete("/api/images/{image_id}", response_model=DeleteResponse)
     async def delete_image(self, image_id: str) -> DeleteResponse:
         """Remove an image, its vector and its thumbnail."""
-        validate_image_id(image_id)
-        removed = await call_dependency("vector-search", self.vectors.to_async.delete, ids=[image_id])
-        had_blob = await anyio.to_thread.run_sync(self.store.exists, image_id, "original")
-        await anyio.to_thread.run_sync(self.store.delete, image_id)
-        if not removed and not had_blob:
-            raise NotFound(f"No image with id {image_id}.")
+        await in_thread(self.catalog.remove, image_id)
         return DeleteResponse(id=image_id, deleted=True)
 
     @app.get("/api/status", response_model=StatusResponse)
     async def status(self) -> StatusResponse:
         """Count, model, index, backends. Answers even when Milvus is down (ready=false)."""
-        model, _ = await self._model_description()
-        health = await call_dependency("vector-search", self.vectors.to_async.health)
-        info = await call_dependency("vector-search", self.vectors.to_async.info) if health["ok"] else None
-        problems = [] if health["ok"] else [health["error"]]
-        try:
-            await anyio.to_thread.run_sync(self.store.ping)
-        except SearchError as exc:
-            problems.append(exc.message)
-        limits = {
-            "max_upload_bytes": self.settings.max_upload_bytes,
-            "max_image_pixels": self.settings.max_image_pixels,
-            "max_top_k": self.settings.max_top_k,
-            "default_top_k": self.settings.default_top_k,
-            "embed_max_batch_size": self.settings.embed_max_batch_size,
-            "embed_max_latency_ms": self.settings.embed_max_latency_ms,
-        }
+        description = await in_thread(self.remote_embedder.describe)
+        info, problems = await in_thread(self.catalog.problems)
+        settings = self.settings
+        limits = Limits(
+            max_upload_bytes=settings.limits.max_upload_bytes,
+            max_image_pixels=settings.limits.max_image_pixels,
+            max_top_k=settings.limits.max_top_k,
+            default_top_k=settings.limits.default_top_k,
+            embed_max_batch_size=settings.batching.max_batch_size,
+            embed_max_latency_ms=settings.batching.max_latency_ms,
+        )
         return StatusResponse(
             ready=not problems,
             count=info.count if info else -1,
-            model=model,
-            device=self._device,
-            index=info.index if info else IndexSpec(index_type=self.settings.index_type),
+            model=description.info,
+            device=description.device,
+            index=info.index if info else IndexSpec(index_type=settings.milvus.index_type),
             metric=info.metric if info else "COSINE",
-            collection=self.settings.collection,
-            milvus_backend=self.settings.milvus_backend,
-            milvus_uri=self.settings.milvus_uri,
-            store=self.store.info(),
+            collection=settings.milvus.collection,
+            milvus_backend=settings.milvus.backend,
+            milvus_uri=settings.milvus.uri,
+            store=self.catalog.store.info(),
             limits=limits,
             error="; ".join(problems),
         )
@@ -528,82 +503,36 @@ class ImageSearch:
     @app.post("/api/index", response_model=IndexInfo)
     async def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
         """(Re)build the vector index with a chosen type and parameters (FLAT, IVF_FLAT, IVF_SQ8, HNSW)."""
-        async with calling("vector-search"):
-            return await self.vectors.to_async.rebuild_index(spec=spec)
+        return await in_thread(self.catalog.rebuild_index, spec)
 
-    @app.get("/api/model")
-    async def model(self) -> dict[str, Any]:
+    @app.get("/api/model", response_model=ModelDescription)
+    async def model(self) -> ModelDescription:
         """The serving model and preprocessing recipe (the ingest job's --service-url reads this)."""
-        return await call_dependency("embedder", self.embedder.to_async.describe)
+        return await in_thread(self.remote_embedder.describe)
 
     @app.post("/api/embed", response_class=Response)
     async def embed(self, request: Request) -> Response:
         """Batch embedding for the ingest job: body and answer are .npy arrays (uint8 pixels in, float32 out)."""
-        _, preprocessing = await self._model_description()
         raw = await request.body()
         try:
             pixels = np.load(io.BytesIO(raw), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise InvalidRequest(f"The body must be a .npy array: {exc}") from exc
-        crop = preprocessing.crop
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (crop, crop, 3) or len(pixels) > 1024:
-            raise InvalidRequest(f"Expected uint8 pixels of shape (N<=1024, {crop}, {crop}, 3), got {pixels.dtype} {pixels.shape}.")
-        vectors = await self._embed(pixels)
+        vectors, model = await in_thread(self.catalog.embed_pixels, pixels)
         out = io.BytesIO()
         np.save(out, np.asarray(vectors, dtype=np.float32), allow_pickle=False)
-        return Response(out.getvalue(), media_type="application/x-npy", headers={"X-Model-Id": self._model.model_id if self._model else ""})
-
-    def _url_client(self) -> httpx.AsyncClient:
-        """One pooled client for search-by-URL downloads, made on first use."""
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                timeout=self.settings.url_fetch_timeout_s, follow_redirects=True, max_redirects=3
-            )
-        return self._http
-
-    @bentoml.on_shutdown
-    async def close_url_client(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-
-    async def _fetch(self, url: str) -> bytes:
-        if not url.lower().startswith(("http://", "https://")):
-            raise InvalidRequest("Only http(s) URLs can be fetched.")
-        limit = self.settings.max_upload_bytes
-        try:
-            async with self._url_client().stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise UrlFetchFailed(f"Fetching the URL answered HTTP {response.status_code}.")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise ImageTooLarge(f"The image at the URL is over the {limit}-byte limit.")
-                    chunks.append(chunk)
-        except httpx.HTTPError as exc:
-            raise UrlFetchFailed(f"Fetching the URL failed: {exc.__class__.__name__}: {exc}") from exc
-        return b"".join(chunks)
-
-    async def __is_ready__(self) -> bool:
-        """Model known and the image store reachable (BentoML adds the dependencies' readiness)."""
-        try:
-            await self._model_description()
-            await anyio.to_thread.run_sync(self.store.ping)
-        except SearchError as exc:
-            logger.warning("not ready: %s", exc.message)
-            return False
-        return True
+        return Response(out.getvalue(), media_type="application/x-npy", headers={"X-Model-Id": model.model_id})
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return JSONResponse({"error": "validation_error", "detail": problems}, status_code=422)
+    return JSONResponse(ErrorResponse(error="validation_error", detail=problems).model_dump(), status_code=422)
 
 
 @app.exception_handler(SearchError)
 async def _domain_error(_: Request, exc: SearchError) -> JSONResponse:
-    if exc.status_code >= 500:
+    status = http_status(exc)
+    if status >= 500:
         logger.error("%s: %s", exc.code, exc.message)
-    return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status_code)
+    return JSONResponse(ErrorResponse(error=exc.code, detail=exc.message).model_dump(), status_code=status)

@@ -1,153 +1,294 @@
-"""One typed settings object for the whole product (env prefix ``RIS_``)."""
+"""One typed settings object for the whole product, read from ``RIS_*`` environment variables.
+
+Settings come in groups, one environment prefix each: ``RIS_MODEL_*`` (which model, on which runtime),
+``RIS_BATCHING_*``, ``RIS_SERVICES_*`` (how the BentoML services are composed), ``RIS_MILVUS_*``,
+``RIS_STORE_*`` and ``RIS_S3_*`` (the image store), ``RIS_LIMITS_*`` (what one request may ask), plus
+``RIS_DATA_DIR``. An unknown ``RIS_*`` variable is refused at start, so a typo never silently falls
+back to a default (and a renamed setting says what it is called now).
+
+The README's settings table is generated from this module (``python -m bento.config``); a test keeps
+the two equal.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ModelChoice = Literal["auto", "resnet50", "efficientnet-lite0"]
+ENV_PREFIX = "RIS_"
 RuntimeName = Literal["auto", "torch", "openvino"]
 PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
 IndexType = Literal["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"]
 
+# Settings that were renamed or folded into others when the settings were grouped: refused with advice.
+RENAMED: dict[str, str] = {
+    "RIS_MODEL": "RIS_MODEL_NAME",
+    "RIS_RESNET50_WEIGHTS": "RIS_MODEL_RESNET50_WEIGHTS",
+    "RIS_DEVICE": "RIS_MODEL_DEVICE",
+    "RIS_RUNTIME": "RIS_MODEL_RUNTIME",
+    "RIS_PRECISION": "RIS_MODEL_PRECISION",
+    "RIS_RUNTIME_CACHE_DIR": "RIS_MODEL_RUNTIME_CACHE_DIR",
+    "RIS_INT8_CALIBRATION_DIR": "RIS_MODEL_INT8_CALIBRATION_DIR",
+    "RIS_EMBEDDER_GPUS": "RIS_MODEL_DEVICE (cuda: the embedder asks BentoML for one GPU)",
+    "RIS_EMBED_BATCHING": "RIS_BATCHING_MAX_BATCH_SIZE (1 switches batching off)",
+    "RIS_EMBED_MAX_BATCH_SIZE": "RIS_BATCHING_MAX_BATCH_SIZE",
+    "RIS_EMBED_MAX_LATENCY_MS": "RIS_BATCHING_MAX_LATENCY_MS",
+    "RIS_API_WORKERS": "RIS_SERVICES_API_WORKERS",
+    "RIS_EMBEDDER_URL": "RIS_SERVICES_EMBEDDER_URL",
+    "RIS_VECTOR_SEARCH_URL": "RIS_SERVICES_VECTOR_SEARCH_URL",
+    "RIS_COLLECTION": "RIS_MILVUS_COLLECTION",
+    "RIS_INDEX_TYPE": "RIS_MILVUS_INDEX_TYPE",
+    "RIS_INDEX_PARAMS": "RIS_MILVUS_INDEX_PARAMS",
+    "RIS_SEARCH_CONSISTENCY": "RIS_MILVUS_SEARCH_CONSISTENCY",
+    "RIS_THUMBNAIL_SIZE": "RIS_STORE_THUMBNAIL_SIZE",
+    "RIS_PRESIGN_EXPIRY_S": "RIS_S3_PRESIGN_EXPIRY_S",
+    "RIS_MAX_UPLOAD_BYTES": "RIS_LIMITS_MAX_UPLOAD_BYTES",
+    "RIS_MAX_IMAGE_PIXELS": "RIS_LIMITS_MAX_IMAGE_PIXELS",
+    "RIS_URL_FETCH_TIMEOUT_S": "RIS_LIMITS_URL_FETCH_TIMEOUT_S",
+    "RIS_DEFAULT_TOP_K": "RIS_LIMITS_DEFAULT_TOP_K",
+    "RIS_MAX_TOP_K": "RIS_LIMITS_MAX_TOP_K",
+    "RIS_WEIGHTS_DOWNLOAD_TIMEOUT_S": "nothing: a measured constant now (models/backbones.py)",
+    "RIS_DECODE_DRAFT_SCALE": "nothing: a measured constant now (models/pipeline.py)",
+}
 
-class Settings(BaseSettings):
-    """Every knob of the service, the ingest job and the model import.
 
-    Read from the environment (``RIS_MILVUS_URI=...``) or a ``.env`` file. Nested values use ``__``.
-    """
+class ModelSettings(BaseModel):
+    """Which embedding model serves, and how it runs."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="RIS_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    name: str = Field(
+        "auto", description="Backbone: `auto` (the best one available), `resnet50` or `efficientnet-lite0`."
     )
-
-    data_dir: Path = Field(Path("data"), description="Root for the embedded defaults (Milvus Lite file, images).")
-
-    # --- model -----------------------------------------------------------------------------------
-    model: ModelChoice = Field("auto", description="Backbone: auto, resnet50 or efficientnet-lite0.")
     resnet50_weights: str = Field(
         "IMAGENET1K_V2",
-        description="ResNet-50 weights: a torchvision weights name, a local .pth path, or 'random' (tests only).",
+        description="ResNet-50 weights: a torchvision weights name, a local `.pth` path, or `random` (tests only).",
     )
-    weights_download_timeout_s: float = Field(
-        5.0, gt=0, description="How long `auto` waits for the weights host before falling back."
+    device: DeviceChoice = Field(
+        "auto", description="`auto` (CUDA when a GPU is visible), `cpu` or `cuda`; with a GPU the embedder asks BentoML for one."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the embedder runs.")
-    embedder_gpus: int = Field(-1, ge=-1, description="GPUs BentoML assigns to the embedder (-1: 1 if nvidia-smi exists).")
     runtime: RuntimeName = Field(
-        "auto", description="Inference runtime: auto (CUDA: torch; CPU: openvino), torch (eager reference) or openvino."
+        "auto", description="Inference runtime: `auto` (CUDA: `torch`; CPU: `openvino`), `torch` (eager, the fp32 reference), `openvino`."
     )
     precision: PrecisionChoice = Field(
-        "auto", description="auto (CUDA: fp16; OpenVINO: bf16 where the CPU and model allow, else fp32), fp32, fp16, bf16 or int8."
-    )
-    runtime_cache_dir: Path | None = Field(
-        None,
-        description="Converted OpenVINO models reused across restarts (cold start); empty: $BENTOML_HOME/ris-runtime-cache.",
+        "auto",
+        description="`auto` (CUDA: fp16; OpenVINO: bf16 where the CPU and the model allow, else fp32), `fp32`, `fp16`, `bf16`, `int8`.",
     )
     int8_calibration_dir: Path | None = Field(
-        None, description="Folder of typical photos that calibrates RIS_PRECISION=int8 (up to 128 are sampled)."
+        None, description="Folder of typical photos that calibrates `precision=int8` (up to 128 sampled)."
+    )
+    runtime_cache_dir: Path | None = Field(
+        None, description="Converted OpenVINO models reused across restarts; empty: `$BENTOML_HOME/ris-runtime-cache`."
     )
 
-    # --- adaptive batching (see README: measured batch-size/latency curve) ---------------------------
-    embed_batching: bool = Field(True, description="Adaptive batching of embed calls (false: one model call per request).")
-    embed_max_batch_size: int = Field(32, ge=2, le=512, description="Largest batch the embedder forms.")
-    embed_max_latency_ms: int = Field(
+    @field_validator("name")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        from models.backbones import model_choices
+
+        if name not in model_choices():
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_choices())}")
+        return name
+
+
+class BatchingSettings(BaseModel):
+    """Adaptive batching of the embedder (README: "Adaptive batching" has the measured curve)."""
+
+    max_batch_size: int = Field(32, ge=1, le=512, description="Largest batch the embedder forms; `1` switches batching off.")
+    max_latency_ms: int = Field(
         3000, ge=50, description="Latency budget per request; BentoML sheds (503) what it predicts would exceed it."
     )
 
-    # --- service composition ------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+
+class ServicesSettings(BaseModel):
+    """How the three BentoML services are composed."""
+
     api_workers: int = Field(1, ge=1, description="Processes of the HTTP API service (decoding runs there).")
-    embedder_url: str = Field("", description="Use a separately deployed embedder at this URL instead of a local one.")
-    vector_search_url: str = Field("", description="Use a separately deployed vector-search service at this URL.")
+    embedder_url: str = Field("", description="A separately deployed embedder at this URL instead of a local one.")
+    vector_search_url: str = Field("", description="A separately deployed vector-search service at this URL.")
 
-    # --- Milvus ----------------------------------------------------------------------------------
-    milvus_uri: str = Field("", description="Milvus URI; empty means the Milvus Lite file <data_dir>/milvus.db.")
-    milvus_token: str = Field("", description="Milvus token ('user:password' or API key).")
-    milvus_db_name: str = Field("", description="Milvus database (server only).")
-    collection: str = Field("images", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Milvus collection name.")
+
+class MilvusSettings(BaseModel):
+    uri: str = Field("", description="Milvus URI; empty: the Milvus Lite file `<data_dir>/milvus.db`.")
+    token: SecretStr = Field(SecretStr(""), description="Milvus token (`user:password` or API key; a secret).")
+    db_name: str = Field("", description="Milvus database (server only).")
+    collection: str = Field("images", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Collection name.")
     index_type: IndexType = Field("HNSW", description="Vector index built for a new collection.")
-    index_params: dict[str, int] = Field(default_factory=dict, description="Overrides of the index build parameters.")
-
+    index_params: dict[str, int] = Field(
+        default_factory=dict, description='Overrides of the index build parameters (JSON, e.g. `{"M": 32}`).'
+    )
     search_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
         "Session",
-        description="Milvus consistency of searches (Session: this service's own writes are always seen).",
+        description="Consistency of searches: `Session` (this service's own writes are always seen), `Strong` (~200 ms more on a server), `Bounded`, `Eventually`.",
     )
-    milvus_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Milvus call; past it the API answers 503.")
+    timeout_s: float = Field(10.0, gt=0, description="Timeout of one Milvus call; past it the API answers 503.")
 
-    # --- image store -------------------------------------------------------------------------------
-    store_backend: Literal["local", "s3"] = Field("local", description="Image store: a local directory or MinIO/S3.")
-    store_dir: Path | None = Field(None, description="Local image store; empty means <data_dir>/images.")
-    s3_endpoint: str = Field("", description="MinIO/S3 endpoint as host:port (no scheme).")
-    s3_public_endpoint: str = Field(
-        "",
-        description="Where browsers reach S3, as a URL without a path (https://images.example.com): "
-        "presigned URLs are signed for this host. Empty: signed for s3_endpoint.",
-    )
-    s3_bucket: str = Field("images", description="Bucket (created if missing, always private).")
-    s3_access_key: SecretStr = Field(SecretStr(""), description="S3 access key.")
-    s3_secret_key: SecretStr = Field(SecretStr(""), description="S3 secret key.")
-    s3_secure: bool = Field(True, description="Use HTTPS to reach the S3 endpoint.")
-    s3_region: str = Field("us-east-1", description="S3 region (also lets URLs be signed without a network call).")
-    s3_prefix: str = Field("", description="Key prefix inside the bucket (several deployments can share one).")
-    s3_timeout_s: float = Field(5.0, gt=0, description="Connect/read timeout of one S3 call.")
-    presign_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned image URLs.")
+    @property
+    def is_lite(self) -> bool:
+        """A Milvus Lite file is any URI that is not a network address."""
+        return not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+    @property
+    def backend(self) -> str:
+        return "milvus-lite" if self.is_lite else "milvus-server"
+
+
+class StoreSettings(BaseModel):
+    backend: Literal["local", "s3"] = Field("local", description="Image store: a `local` directory or `s3` (MinIO/S3, see `RIS_S3_*`).")
+    dir: Path | None = Field(None, description="Local image store; empty: `<data_dir>/images`.")
     thumbnail_size: int = Field(256, ge=32, le=1024, description="Longest side of stored thumbnails (px).")
 
-    # --- request limits ----------------------------------------------------------------------------
+
+class S3Settings(BaseModel):
+    endpoint: str = Field("", description="MinIO/S3 endpoint as `host:port` (no scheme); required with `s3`.")
+    public_endpoint: str = Field(
+        "",
+        description="Where browsers reach the same S3 server, a URL with scheme and host only (`https://images.example.com`): presigned URLs are signed for it (offline). Empty: signed for the endpoint.",
+    )
+    bucket: str = Field("images", description="Bucket (created if missing, always private).")
+    access_key: SecretStr = Field(SecretStr(""), description="S3 access key (a secret: never logged or shown).")
+    secret_key: SecretStr = Field(SecretStr(""), description="S3 secret key (a secret).")
+    secure: bool = Field(True, description="Use HTTPS to reach the endpoint.")
+    region: str = Field("us-east-1", description="S3 region (also lets URLs be signed without a network call).")
+    prefix: str = Field("", description="Key prefix inside the bucket (several deployments can share one).")
+    timeout_s: float = Field(5.0, gt=0, description="Connect/read timeout of one S3 call.")
+    presign_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned image URLs.")
+
+    @field_validator("public_endpoint")
+    @classmethod
+    def _scheme_and_host_only(cls, value: str) -> str:
+        if not value:
+            return value
+        url = urlsplit(value)
+        try:
+            url.port  # noqa: B018 (raises ValueError on a bad port)
+            well_formed = url.scheme in ("http", "https") and bool(url.hostname)
+        except ValueError:
+            well_formed = False
+        if not well_formed or url.path.strip("/") or url.query or url.fragment or url.username:
+            raise ValueError(
+                "RIS_S3_PUBLIC_ENDPOINT is a scheme and a host (and port) only, like https://images.example.com, "
+                f"not {value!r}: the bucket and key are added to it."
+            )
+        return f"{url.scheme}://{url.netloc}"
+
+
+class LimitsSettings(BaseModel):
+    """What one request may ask of the service."""
+
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted image file.")
     max_image_pixels: int = Field(50_000_000, ge=10_000, description="Largest accepted width x height (bomb guard).")
-    decode_draft_scale: float = Field(
-        2.0,
-        ge=0,
-        description="Decode large JPEGs at a reduced scale, keeping >= this x the model's resize size (0: full decode).",
-    )
     url_fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for search-by-URL downloads.")
-    default_top_k: int = Field(12, ge=1, description="Hits returned when a request names no top_k.")
-    max_top_k: int = Field(200, ge=1, le=16384, description="Largest top_k a request may ask for.")
+    default_top_k: int = Field(12, ge=1, description="Hits returned when a request names no `top_k`.")
+    max_top_k: int = Field(200, ge=1, le=16384, description="Largest `top_k` a request may ask for.")
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, the ingest job and the model import (see the module docstring)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,  # RIS_MILVUS_DB_NAME -> milvus.db_name
+        env_file=".env",
+        extra="ignore",
+    )
+
+    data_dir: Path = Field(Path("data"), description="Root for the embedded defaults (Milvus Lite file, images).")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    services: ServicesSettings = Field(default_factory=ServicesSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
-        if self.store_backend == "s3" and not self.s3_endpoint:
+        if self.store.backend == "s3" and not self.s3.endpoint:
             raise ValueError("RIS_STORE_BACKEND=s3 needs RIS_S3_ENDPOINT (host:port).")
-        if self.s3_public_endpoint:
-            url = urlsplit(self.s3_public_endpoint)
-            try:
-                url.port  # noqa: B018 (raises ValueError on a bad port)
-                well_formed = url.scheme in ("http", "https") and bool(url.hostname)
-            except ValueError:
-                well_formed = False
-            if not well_formed or url.path.strip("/") or url.query or url.fragment or url.username:
-                raise ValueError(
-                    "RIS_S3_PUBLIC_ENDPOINT is a scheme and a host (and port) only, like https://images.example.com, "
-                    f"not {self.s3_public_endpoint!r}: the bucket and key are added to it."
-                )
-            self.s3_public_endpoint = f"{url.scheme}://{url.netloc}"
-        if self.store_dir is None:
-            self.store_dir = self.data_dir / "images"
-        if not self.milvus_uri:
-            self.milvus_uri = str(self.data_dir / "milvus.db")
+        if self.store.dir is None:
+            self.store.dir = self.data_dir / "images"
+        if not self.milvus.uri:
+            self.milvus.uri = str(self.data_dir / "milvus.db")
         return self
 
     @property
-    def milvus_is_lite(self) -> bool:
-        """A Milvus Lite file is any URI that is not a network address."""
-        return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix:"))
-
-    @property
-    def milvus_backend(self) -> str:
-        return "milvus-lite" if self.milvus_is_lite else "milvus-server"
-
-    @property
     def image_store_dir(self) -> Path:
-        assert self.store_dir is not None  # filled by the validator
-        return self.store_dir
+        assert self.store.dir is not None  # filled by the validator
+        return self.store.dir
+
+    def but(self, **groups: dict[str, Any]) -> Settings:
+        """A copy with some fields of some groups changed: ``settings.but(milvus={"timeout_s": 60})``."""
+        update = {name: getattr(self, name).model_copy(update=fields) for name, fields in groups.items()}
+        return self.model_copy(update=update)
+
+
+def setting_fields() -> Iterator[tuple[str, Any]]:
+    """(environment variable, pydantic FieldInfo) for every setting, in declaration order."""
+    for name, field in Settings.model_fields.items():
+        group = field.annotation
+        if isinstance(group, type) and issubclass(group, BaseModel):
+            for sub, sub_field in group.model_fields.items():
+                yield f"{ENV_PREFIX}{name}_{sub}".upper(), sub_field
+        else:
+            yield f"{ENV_PREFIX}{name}".upper(), field
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Refuse ``RIS_*`` variables that are not settings (typos, renamed settings) with advice."""
+    known = {name for name, _ in setting_fields()}
+    environ = dict(os.environ if environ is None else environ)
+    problems = []
+    for key in sorted(environ):
+        if not key.upper().startswith(ENV_PREFIX) or key.upper() in known:
+            continue
+        renamed = RENAMED.get(key.upper())
+        problems.append(f"{key} (now {renamed})" if renamed else f"{key} (not a setting)")
+    if problems:
+        raise ValueError(
+            f"Unknown RIS_* environment variables: {'; '.join(problems)}. The settings are listed in the README "
+            "(or run `python -m bento.config`)."
+        )
+
+
+def _default_text(field: Any) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return f"`{value}`" if value else "(empty)"
+    value = field.default
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value is None or value == "":
+        return "(empty)"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def settings_table() -> str:
+    """The README's settings table (markdown), generated from the fields above."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for env_name, field in setting_fields():
+        rows.append(f"| `{env_name}` | {_default_text(field)} | {field.description} |")
+    return "\n".join(rows)
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
+    check_environment()
     return Settings()
+
+
+if __name__ == "__main__":
+    print(settings_table())  # noqa: T201 (a developer tool: the README's table)

@@ -1,73 +1,110 @@
-"""The domain's exceptions. Each carries the HTTP status the API edge answers with."""
+"""The domain's exceptions. They know nothing of HTTP: the edge (service.py) maps them to statuses.
+
+Every error has a stable ``code`` (what API clients see in ``{"error": code}``) and can cross a process
+boundary as an :class:`ErrorPayload` and come out as the same class with the same message.
+"""
 
 from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class ErrorPayload(BaseModel):
+    """A domain error as data: what one service hands another (and what the HTTP API answers)."""
+
+    code: str
+    message: str
+
+    def to_exception(self) -> SearchError:
+        return error_class(self.code)(self.message)
 
 
 class SearchError(Exception):
     """Base of every error this product raises on purpose."""
 
-    status_code = 500
     code = "internal_error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
+    def to_payload(self) -> ErrorPayload:
+        return ErrorPayload(code=self.code, message=self.message)
+
 
 class InvalidRequest(SearchError):
-    status_code = 400
     code = "invalid_request"
 
 
 class InvalidImage(SearchError):
     """The bytes are not a decodable image (not an image, truncated, corrupt)."""
 
-    status_code = 422
     code = "invalid_image"
 
 
 class UnsupportedImageFormat(InvalidImage):
-    status_code = 415
     code = "unsupported_image_format"
 
 
 class ImageTooLarge(SearchError):
     """Too many bytes, or too many pixels (a decompression bomb)."""
 
-    status_code = 413
     code = "image_too_large"
 
 
 class UrlFetchFailed(SearchError):
-    status_code = 400
     code = "url_fetch_failed"
 
 
 class NotFound(SearchError):
-    status_code = 404
     code = "not_found"
 
 
 class ModelMismatch(SearchError):
     """The collection holds embeddings of another model; mixing them would make search meaningless."""
 
-    status_code = 409
     code = "model_mismatch"
 
 
 class ModelUnavailable(SearchError):
-    status_code = 503
+    """The model or runtime asked for cannot be loaded here. Waiting does not help."""
+
     code = "model_unavailable"
 
 
 class BackendUnavailable(SearchError):
-    """Milvus, the image store or a dependent service cannot be reached right now."""
+    """Milvus, the image store or a dependent service cannot be reached right now.
 
-    status_code = 503
+    ``transient``: whether waiting and trying again can help (the retry policy, bento/retry.py)."""
+
     code = "backend_unavailable"
+    transient = True
+
+
+class ConnectionDropped(BackendUnavailable):
+    """A connection to a dependency was closed under an in-flight call. Safe to retry at once: every
+    call the product makes to a dependency is idempotent (reads, upserts by content id, deletes)."""
+
+    code = "connection_dropped"
 
 
 class MilvusLiteLocked(BackendUnavailable):
     """The Milvus Lite file cannot be opened (usually: another process owns it). Not transient."""
 
     code = "milvus_lite_locked"
+    transient = False
+
+
+def _subclasses(cls: type[SearchError]) -> list[type[SearchError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
+
+
+def error_class(code: str) -> type[SearchError]:
+    """The class for an error code (unknown codes: the base class, so nothing is lost)."""
+    for cls in _subclasses(SearchError):
+        if cls.code == code:
+            return cls
+    return SearchError

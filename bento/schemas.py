@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from bento.config import IndexType
+from bento.errors import ErrorPayload, SearchError
+from models.preprocess import Preprocessing
 
 # A content hash (sha256, lowercase hex) is the only image id the product accepts.
 IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"
@@ -26,6 +28,47 @@ class ModelInfo(BaseModel):
     store_tag: str = Field("", description="BentoML model-store tag the weights were loaded from.")
     runtime: str = Field("", description="Inference runtime that computes the embeddings (torch, openvino).")
     precision: str = Field("", description="Numeric precision of that runtime (fp32, fp16, bf16, int8).")
+
+
+class ModelDescription(BaseModel):
+    """What the embedder tells its callers: the model, its preprocessing recipe (callers prepare pixels with
+    it), and where it runs."""
+
+    info: ModelInfo
+    preprocessing: Preprocessing
+    device: str
+
+
+class Health(BaseModel):
+    """A dependency's answer to "can you serve?" (never an exception: /api/status shows it)."""
+
+    ok: bool
+    error: ErrorPayload | None = None
+
+
+class Reply(BaseModel):
+    """What a service-to-service call returns: a value, or the domain error it raised as data.
+
+    BentoML turns an exception raised by a service into an HTTP error whose 5xx text it replaces with a
+    generic message; as a reply, the error reaches the caller whole and is raised there as the same class
+    (``unwrap``), so e.g. the advice of a locked Milvus Lite file reaches the HTTP client."""
+
+    value: Any = None
+    error: ErrorPayload | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> Reply:
+        return cls(value=value.model_dump() if isinstance(value, BaseModel) else value)
+
+    @classmethod
+    def failed(cls, error: SearchError) -> Reply:
+        return cls(error=error.to_payload())
+
+    def unwrap(self, kind: Any) -> Any:
+        """The value validated as ``kind`` (a type or a type expression), or the error raised."""
+        if self.error is not None:
+            raise self.error.to_exception()
+        return TypeAdapter(kind).validate_python(self.value)
 
 
 class IndexSpec(BaseModel):
@@ -135,6 +178,17 @@ class DeleteResponse(BaseModel):
     deleted: bool
 
 
+class Limits(BaseModel):
+    """What one request may ask (shown by /api/status)."""
+
+    max_upload_bytes: int
+    max_image_pixels: int
+    max_top_k: int
+    default_top_k: int
+    embed_max_batch_size: int
+    embed_max_latency_ms: int
+
+
 class StoreInfo(BaseModel):
     backend: str
     location: str
@@ -151,7 +205,7 @@ class StatusResponse(BaseModel):
     milvus_backend: str
     milvus_uri: str
     store: StoreInfo
-    limits: dict[str, Any]
+    limits: Limits
     error: str = Field("", description="Why Milvus or the image store is not ready, when one is not.")
 
 

@@ -15,12 +15,12 @@ from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from bento.config import Settings
-from bento.errors import BackendUnavailable, InvalidRequest, NotFound, SearchError
-from bento.schemas import StoreInfo
+from bento.errors import BackendUnavailable, ConnectionDropped, InvalidRequest, NotFound, SearchError
+from bento.schemas import IMAGE_ID_PATTERN, StoreInfo
 
 logger = logging.getLogger(__name__)
 
-_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+_ID_RE = re.compile(IMAGE_ID_PATTERN)
 Kind = Literal["original", "thumbnail"]
 
 
@@ -135,11 +135,10 @@ class S3ImageStore:
         import urllib3
         from minio import Minio
 
-        # Short timeouts and few retries: an unreachable store must become a quick 503, not a hang.
+        # Short timeouts and no retries of its own: an unreachable store must become a quick 503, not a
+        # hang, and retrying is the callers' one policy (bento/retry.py).
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-            retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
-            maxsize=16,
+            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s), retries=False, maxsize=16
         )
         self.client = Minio(
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http
@@ -184,6 +183,9 @@ class S3ImageStore:
             if exc.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise BackendUnavailable(f"S3 at {self.endpoint} refused our credentials ({exc.code}).") from exc
             raise BackendUnavailable(f"S3 at {self.endpoint} answered {exc.code}: {exc.message}") from exc
+        except (urllib3.exceptions.ProtocolError, ConnectionResetError) as exc:
+            # A pooled keep-alive connection the server had closed: the request never ran.
+            raise ConnectionDropped(f"S3 at {self.endpoint} dropped the connection: {exc.__class__.__name__}") from exc
         except (urllib3.exceptions.HTTPError, MinioException, OSError) as exc:
             self._bucket_ready = False
             raise BackendUnavailable(f"S3 at {self.endpoint} is unavailable: {exc.__class__.__name__}") from exc
@@ -260,17 +262,18 @@ class S3ImageStore:
 
 def open_image_store(settings: Settings) -> ImageStore:
     """The store the settings name. Builds a client object only; nothing is contacted yet."""
-    if settings.store_backend == "s3":
+    if settings.store.backend == "s3":
+        s3 = settings.s3
         return S3ImageStore(
-            settings.s3_endpoint,
-            settings.s3_bucket,
-            settings.s3_access_key.get_secret_value(),
-            settings.s3_secret_key.get_secret_value(),
-            secure=settings.s3_secure,
-            region=settings.s3_region,
-            prefix=settings.s3_prefix,
-            timeout_s=settings.s3_timeout_s,
-            presign_expiry_s=settings.presign_expiry_s,
-            public_endpoint=settings.s3_public_endpoint,
+            s3.endpoint,
+            s3.bucket,
+            s3.access_key.get_secret_value(),
+            s3.secret_key.get_secret_value(),
+            secure=s3.secure,
+            region=s3.region,
+            prefix=s3.prefix,
+            timeout_s=s3.timeout_s,
+            presign_expiry_s=s3.presign_expiry_s,
+            public_endpoint=s3.public_endpoint,
         )
     return LocalImageStore(settings.image_store_dir)

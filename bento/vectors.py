@@ -10,8 +10,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 from pymilvus import DataType, MilvusClient
@@ -38,6 +38,7 @@ except ImportError:
     _LITE_ERRORS = ()
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METRIC = "COSINE"  # vectors are unit length: cosine == inner product, scores read as similarity
 SCHEMA_VERSION = "1"
@@ -122,16 +123,16 @@ class VectorIndex:
     def _connect(self) -> MilvusClient:
         if self._client is not None:
             return self._client
-        uri = self.settings.milvus_uri
-        if self.settings.milvus_is_lite:
+        uri = self.settings.milvus.uri
+        if self.settings.milvus.is_lite:
             _quiet_lite_timestamp_noise()
             from pathlib import Path
 
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
-            client = MilvusClient(uri=uri, token=self.settings.milvus_token, db_name=self.settings.milvus_db_name, timeout=self.settings.milvus_timeout_s)
+            client = MilvusClient(uri=uri, token=self.settings.milvus.token.get_secret_value(), db_name=self.settings.milvus.db_name, timeout=self.settings.milvus.timeout_s)
         except (MilvusException, OSError, RuntimeError, *_LITE_ERRORS) as exc:
-            if self.settings.milvus_is_lite:
+            if self.settings.milvus.is_lite:
                 # A local file does not come back by waiting: report it at once, with the usual cause.
                 raise MilvusLiteLocked(
                     f"Cannot open the Milvus Lite file {uri} ({exc}). Most often another process holds it: "
@@ -162,31 +163,29 @@ class VectorIndex:
         with self._lock:
             self._reset()
 
-    def _invoke(self, client: MilvusClient, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        """One MilvusClient call, always with a timeout; a lost or frozen server becomes
+    def _run(self, what: str, call: Callable[[MilvusClient, float], T], *, client: MilvusClient | None = None, timeout: float | None = None) -> T:
+        """One MilvusClient call, always with a timeout. A lost or frozen server becomes
         BackendUnavailable (503) and a fresh connection on the next call, so the service recovers by
-        itself when Milvus is back."""
+        itself when Milvus is back. ``call`` gets the client and the timeout to pass on."""
+        milvus = client or self._milvus()
         try:
-            return getattr(client, method)(*args, timeout=timeout or self.settings.milvus_timeout_s, **kwargs)
+            return call(milvus, timeout or self.settings.milvus.timeout_s)
         except (MilvusUnavailableException, ConnectError) as exc:
             self._reset()
-            raise BackendUnavailable(f"Milvus {method} failed: {exc}") from exc
+            raise BackendUnavailable(f"Milvus {what} failed: {exc}") from exc
         except grpc.RpcError as exc:
             # pymilvus lets some transport errors through unwrapped (a deadline while Milvus hangs).
             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
                 raise
             self._reset()
             raise BackendUnavailable(
-                f"Milvus at {self.settings.milvus_uri} did not answer {method} in time ({exc.code().name})"  # type: ignore[attr-defined]
+                f"Milvus at {self.settings.milvus.uri} did not answer {what} in time ({exc.code().name})"  # type: ignore[attr-defined]
             ) from exc
         except MilvusException as exc:
             if _is_connection_problem(exc):
                 self._reset()
-                raise BackendUnavailable(f"Milvus at {self.settings.milvus_uri} is unavailable ({method}): {exc.message}") from exc
+                raise BackendUnavailable(f"Milvus at {self.settings.milvus.uri} is unavailable ({what}): {exc.message}") from exc
             raise
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._invoke(self._milvus(), method, *args, **kwargs)
 
     # --- collection lifecycle -------------------------------------------------------------------------
     def _model_properties(self) -> dict[str, str]:
@@ -199,26 +198,26 @@ class VectorIndex:
         }
 
     def _prepare_collection(self, client: MilvusClient) -> IndexSpec:
-        name = self.settings.collection
-        if not self._invoke(client, "has_collection", name):
-            spec = index_spec(self.settings.index_type, self.settings.index_params)
+        name = self.settings.milvus.collection
+        if not self._run("has_collection", lambda c, t: c.has_collection(name, timeout=t), client=client):
+            spec = index_spec(self.settings.milvus.index_type, self.settings.milvus.index_params)
             self._create_collection(client, spec)
             return spec
-        props = self._invoke(client, "describe_collection", name).get("properties", {}) or {}
+        props = self._run("describe_collection", lambda c, t: c.describe_collection(name, timeout=t), client=client).get("properties", {}) or {}
         self._guard(props)
         self._record_runtime(client, props)
         spec = IndexSpec.model_validate_json(props[f"{_P}index"]) if f"{_P}index" in props else index_spec("FLAT")
-        if not self._invoke(client, "list_indexes", name):
+        if not self._run("list_indexes", lambda c, t: c.list_indexes(name, timeout=t), client=client):
             self._create_index(client, spec)
-        self._invoke(client, "load_collection", name, timeout=LOAD_TIMEOUT_S)
+        self._load(client)
         return spec
 
     def _guard(self, props: dict[str, str]) -> None:
         expected = self._model_properties()
         if f"{_P}model_id" not in props:
             raise ModelMismatch(
-                f"Collection '{self.settings.collection}' was not created by this product (no model record); "
-                "choose another RIS_COLLECTION."
+                f"Collection '{self.settings.milvus.collection}' was not created by this product (no model record); "
+                "choose another RIS_MILVUS_COLLECTION."
             )
         differences = [
             f"{key.removeprefix(_P)}: collection has {props.get(key)!r}, serving model has {value!r}"
@@ -227,8 +226,8 @@ class VectorIndex:
         ]
         if differences:
             raise ModelMismatch(
-                f"Collection '{self.settings.collection}' holds embeddings of another model; refusing to mix them "
-                f"({'; '.join(differences)}). Serve the model it was built with, or use another RIS_COLLECTION "
+                f"Collection '{self.settings.milvus.collection}' holds embeddings of another model; refusing to mix them "
+                f"({'; '.join(differences)}). Serve the model it was built with, or use another RIS_MILVUS_COLLECTION "
                 "and re-ingest."
             )
 
@@ -245,8 +244,8 @@ class VectorIndex:
         if label in self._runtimes:
             return
         self._runtimes.append(label)
-        logger.info("Collection %s: embeddings now also come from %s", self.settings.collection, label)
-        self._invoke(client, "alter_collection_properties", self.settings.collection, properties={f"{_P}runtimes": ",".join(self._runtimes)})
+        logger.info("Collection %s: embeddings now also come from %s", self.settings.milvus.collection, label)
+        self._set_property(client, f"{_P}runtimes", ",".join(self._runtimes))
 
     def _create_collection(self, client: MilvusClient, spec: IndexSpec) -> None:
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -263,12 +262,13 @@ class VectorIndex:
         properties = {**self._model_properties(), f"{_P}index": spec.model_dump_json(), f"{_P}runtimes": self._runtimes[0]}
         # The index is created in a second call: passing it to create_collection makes pymilvus ask
         # Milvus Lite for a timestamp it does not implement, which logs a scary (harmless) traceback.
-        self._invoke(client, "create_collection", self.settings.collection, schema=schema, properties=properties)
+        name = self.settings.milvus.collection
+        self._run("create_collection", lambda c, t: c.create_collection(name, schema=schema, properties=properties, timeout=t), client=client)
         self._create_index(client, spec)
-        self._invoke(client, "load_collection", self.settings.collection, timeout=LOAD_TIMEOUT_S)
+        self._load(client)
         logger.info(
             "Created collection %s (%s, dim %d, %s %s)",
-            self.settings.collection, self.model.model_id, self.model.dim, spec.index_type, spec.params,
+            self.settings.milvus.collection, self.model.model_id, self.model.dim, spec.index_type, spec.params,
         )
 
     @staticmethod
@@ -278,33 +278,44 @@ class VectorIndex:
         return params
 
     def _create_index(self, client: MilvusClient, spec: IndexSpec) -> None:
-        self._invoke(client, "create_index", self.settings.collection, self._index_params(client, spec), timeout=LOAD_TIMEOUT_S)
+        name, params = self.settings.milvus.collection, self._index_params(client, spec)
+        self._run("create_index", lambda c, t: c.create_index(name, params, timeout=t), client=client, timeout=LOAD_TIMEOUT_S)
 
-    def rebuild_index(self, spec: IndexSpec) -> IndexSpec:
+    def _load(self, client: MilvusClient) -> None:
+        name = self.settings.milvus.collection
+        self._run("load_collection", lambda c, t: c.load_collection(name, timeout=t), client=client, timeout=LOAD_TIMEOUT_S)
+
+    def _set_property(self, client: MilvusClient, key: str, value: str) -> None:
+        name = self.settings.milvus.collection
+        self._run("alter_collection_properties", lambda c, t: c.alter_collection_properties(name, properties={key: value}, timeout=t), client=client)
+
+    def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
         """Replace the vector index (the collection is briefly unloaded; searches wait on the lock)."""
         spec = index_spec(spec.index_type, spec.params)
-        name = self.settings.collection
+        name = self.settings.milvus.collection
 
         with self._lock:
             started = time.monotonic()
-            self._call("release_collection", name)
-            for index_name in self._call("list_indexes", name):
-                self._call("drop_index", name, index_name)
-            self._call("create_index", name, self._index_params(self._milvus(), spec), timeout=LOAD_TIMEOUT_S)
-            self._call("alter_collection_properties", name, properties={f"{_P}index": spec.model_dump_json()})
-            self._call("load_collection", name, timeout=LOAD_TIMEOUT_S)
+            client = self._milvus()
+            self._run("release_collection", lambda c, t: c.release_collection(name, timeout=t), client=client)
+            for index_name in self._run("list_indexes", lambda c, t: c.list_indexes(name, timeout=t), client=client):
+                self._run("drop_index", lambda c, t, index_name=index_name: c.drop_index(name, index_name, timeout=t), client=client)
+            self._create_index(client, spec)
+            self._set_property(client, f"{_P}index", spec.model_dump_json())
+            self._load(client)
             self._spec = spec
         logger.info("Rebuilt index as %s %s in %.1f s", spec.index_type, spec.params, time.monotonic() - started)
-        return spec
+        return self.info()
 
     def ensure_ready(self) -> None:
         self._milvus()
 
     def ping(self) -> None:
         """A real round trip (readiness probes): raise BackendUnavailable when Milvus does not answer."""
-        state = self._call("get_load_state", self.settings.collection)
+        name = self.settings.milvus.collection
+        state = self._run("get_load_state", lambda c, t: c.get_load_state(name, timeout=t))
         if "Loaded" not in str(state.get("state", "")):
-            raise BackendUnavailable(f"Collection {self.settings.collection} is not loaded ({state}).")
+            raise BackendUnavailable(f"Collection {self.settings.milvus.collection} is not loaded ({state}).")
 
     # --- data ---------------------------------------------------------------------------------------
     @staticmethod
@@ -313,7 +324,7 @@ class VectorIndex:
         for start in range(0, len(rows), per_chunk):
             yield rows[start : start + per_chunk]
 
-    def upsert(self, records: Iterable[VectorRecord]) -> int:
+    def upsert(self, records: list[VectorRecord]) -> int:
         rows = []
         for record in records:
             if len(record.vector) != self.model.dim:
@@ -326,7 +337,7 @@ class VectorIndex:
         row_bytes = self.model.dim * 4 + 2 * MAX_SOURCE_BYTES
         written = 0
         for chunk in self._chunks(rows, row_bytes):
-            result = self._call("upsert", self.settings.collection, chunk)
+            result = self._run("upsert", lambda c, t, chunk=chunk: c.upsert(self.settings.milvus.collection, chunk, timeout=t))
             written += int(result.get("upsert_count", len(chunk)))
         return written
 
@@ -335,20 +346,20 @@ class VectorIndex:
             raise InvalidRequest(f"query vector has {len(query.vector)} dims; the collection holds {self.model.dim}")
         if query.top_k + query.offset > MAX_WINDOW:
             raise InvalidRequest(f"top_k + offset must be at most {MAX_WINDOW}")
-        spec = self._spec or index_spec(self.settings.index_type)
+        spec = self._spec or index_spec(self.settings.milvus.index_type)
         kwargs: dict[str, Any] = {
             "limit": query.top_k,
             "output_fields": METADATA_FIELDS,
             "search_params": {"metric_type": METRIC, "params": _search_params(spec, query.top_k + query.offset)},
             # Not Strong: on a Milvus server a Strong search waits for the next time tick (~200 ms, measured
             # in bench/index_bench.py). Session still shows every write made through this client.
-            "consistency_level": self.settings.search_consistency,
+            "consistency_level": self.settings.milvus.search_consistency,
         }
         if query.offset:
             kwargs["offset"] = query.offset
         if query.label is not None:
             kwargs["filter"] = _label_filter(query.label)
-        results = self._call("search", self.settings.collection, [query.vector], **kwargs)
+        results = self._run("search", lambda c, t: c.search(self.settings.milvus.collection, [query.vector], timeout=t, **kwargs))
         return [
             VectorHit(score=float(hit["distance"]), image=ImageMetadata(id=hit["id"], **hit["entity"]))
             for hit in results[0]
@@ -357,45 +368,51 @@ class VectorIndex:
     def get(self, ids: list[str]) -> list[ImageMetadata]:
         if not ids:
             return []
-        rows = self._call("get", self.settings.collection, ids=ids, output_fields=METADATA_FIELDS, consistency_level="Strong")
+        rows = self._get(ids, METADATA_FIELDS)
         return [ImageMetadata(id=row["id"], **{k: row[k] for k in METADATA_FIELDS}) for row in rows]
 
     def get_vector(self, image_id: str) -> list[float] | None:
-        rows = self._call("get", self.settings.collection, ids=[image_id], output_fields=["vector"], consistency_level="Strong")
+        rows = self._get([image_id], ["vector"])
         return [float(v) for v in rows[0]["vector"]] if rows else None
 
     def existing_ids(self, ids: list[str]) -> set[str]:
         if not ids:
             return set()
-        rows = self._call("get", self.settings.collection, ids=ids, output_fields=["id"], consistency_level="Strong")
-        return {row["id"] for row in rows}
+        return {row["id"] for row in self._get(ids, ["id"])}
+
+    def _get(self, ids: list[str], fields: list[str]) -> list[dict[str, Any]]:
+        """Rows by id, read-your-writes (Strong): used to decide what is present."""
+        name = self.settings.milvus.collection
+        return self._run("get", lambda c, t: c.get(name, ids=ids, output_fields=fields, consistency_level="Strong", timeout=t))
 
     def delete(self, ids: list[str]) -> int:
         if not ids:
             return 0
         present = self.existing_ids(ids)
         if present:
-            self._call("delete", self.settings.collection, ids=sorted(present))
+            self._run("delete", lambda c, t: c.delete(self.settings.milvus.collection, ids=sorted(present), timeout=t))
         return len(present)
 
     def count(self) -> int:
-        rows = self._call("query", self.settings.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
+        name = self.settings.milvus.collection
+        rows = self._run("count", lambda c, t: c.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong", timeout=t))
         return int(rows[0]["count(*)"])
 
     def info(self) -> IndexInfo:
         count = self.count()
         return IndexInfo(
-            collection=self.settings.collection,
+            collection=self.settings.milvus.collection,
             count=count,
             model=self.model,
-            index=self._spec or index_spec(self.settings.index_type),
+            index=self._spec or index_spec(self.settings.milvus.index_type),
             metric=METRIC,
-            milvus_backend=self.settings.milvus_backend,
-            milvus_uri=self.settings.milvus_uri,  # the token is a separate setting, never shown
+            milvus_backend=self.settings.milvus.backend,
+            milvus_uri=self.settings.milvus.uri,  # the token is a separate setting, never shown
             loaded=self._spec is not None,
             embedding_runtimes=list(self._runtimes),
         )
 
     def flush(self) -> None:
         """Seal what was written so the server builds its index over it (a no-op cost on Lite)."""
-        self._call("flush", self.settings.collection, timeout=LOAD_TIMEOUT_S)
+        name = self.settings.milvus.collection
+        self._run("flush", lambda c, t: c.flush(name, timeout=t), timeout=LOAD_TIMEOUT_S)

@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from bento.config import Settings
+from bento.catalog import Catalog, Embedding
+from bento.config import get_settings
 from bento.errors import SearchError
-from bento.storage import open_image_store
-from bento.vectors import VectorIndex
+from bento.retry import RetryPolicy
 from ingest.job import IngestJob, IngestOptions
 from ingest.remote import RemoteEmbedding
 
@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images embedded together (default 32)")
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: cores, max 4)")
     parser.add_argument("--service-url", help="embed through a running service (e.g. http://127.0.0.1:3000)")
-    parser.add_argument("--retry-seconds", type=float, default=60.0, help="keep retrying an unavailable Milvus/store this long (default 60)")
+    parser.add_argument(
+        "--retry-seconds", type=float, default=60.0,
+        help="keep retrying an unavailable Milvus, store or service this long (default 60)",
+    )
     parser.add_argument(
         "--shard-index", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")),
         help="this run's shard (default: $JOB_COMPLETION_INDEX of a Kubernetes Indexed Job, else 0)",
@@ -36,33 +39,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    settings = Settings()
-    options = IngestOptions(batch_size=max(1, args.batch_size), progress=not args.no_progress, retry_s=max(0.0, args.retry_seconds))
+    options = IngestOptions(batch_size=max(1, args.batch_size), progress=not args.no_progress)
     options.shard_index, options.shard_count = args.shard_index, max(1, args.shard_count)
     if args.workers:
         options.workers = max(1, args.workers)
+    retry = RetryPolicy(deadline_s=max(0.0, args.retry_seconds))
+    try:
+        settings = get_settings()
+    except ValueError as exc:  # pydantic's ValidationError, or an unknown RIS_* variable
+        print(f"ingest: the settings are invalid: {exc}", file=sys.stderr)
+        return 2
+    embedding: Embedding | None = None
     try:
         if args.service_url:
-            embedding = RemoteEmbedding(args.service_url)
+            embedding = RemoteEmbedding(args.service_url, retry)
         else:
             from models.store import load_embedder
 
-            if settings.precision == "int8" and settings.int8_calibration_dir is None:
+            if settings.model.precision == "int8" and settings.model.int8_calibration_dir is None:
                 # The photos being ingested are the most typical calibration set there is.
-                settings = settings.model_copy(update={"int8_calibration_dir": args.folder})
+                settings = settings.but(model={"int8_calibration_dir": args.folder})
             embedding = load_embedder(settings)
-        vectors = VectorIndex(settings, embedding.info)
-        job = IngestJob(settings, embedding, open_image_store(settings), vectors, options)
+        catalog = Catalog.in_process(settings, embedding, retry)
         try:
-            report = job.run(args.folder)
+            report = IngestJob(catalog, options).run(args.folder)
         finally:
-            vectors.close()
-            if isinstance(embedding, RemoteEmbedding):
-                embedding.close()
+            catalog.close()
     except SearchError as exc:
         print(f"ingest failed: {exc.message}", file=sys.stderr)
         print("Nothing written so far is lost; rerun the same command to continue.", file=sys.stderr)
         return 1
+    finally:
+        if isinstance(embedding, RemoteEmbedding):
+            embedding.close()
     print(report.model_dump_json(indent=2) if args.json else report.summary())
     return 130 if report.interrupted else 0
 

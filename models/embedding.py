@@ -6,13 +6,12 @@ import logging
 
 import numpy as np
 
-from bento.errors import InvalidRequest
-from bento.schemas import ModelInfo
+from bento.schemas import ModelDescription, ModelInfo
+from models.pipeline import check_pixels
 from models.preprocess import Preprocessing
 from models.runtime import InferenceRuntime
 
 logger = logging.getLogger(__name__)
-
 
 class ImageEmbedder:
     """One backbone behind one runtime (models/runtime.py). Call from one thread at a time."""
@@ -27,13 +26,12 @@ class ImageEmbedder:
     def device_name(self) -> str:
         return self.runtime.describe()
 
+    def describe(self) -> ModelDescription:
+        return ModelDescription(info=self.info, preprocessing=self.preprocessing, device=self.device_name)
+
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(N, crop, crop, 3) uint8 -> (N, dim) float32, each row of unit length."""
-        crop = self.preprocessing.crop
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (crop, crop, 3):
-            raise InvalidRequest(
-                f"embed() takes uint8 pixels of shape (N, {crop}, {crop}, 3); got {pixels.dtype} {pixels.shape}"
-            )
+        check_pixels(pixels, self.preprocessing.crop)
         if len(pixels) == 0:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         features = self.runtime.features(pixels)

@@ -6,11 +6,11 @@ normalisation runs on the embedder's device, so only 224x224x3 bytes per image c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     import torch
@@ -19,25 +19,15 @@ if TYPE_CHECKING:
 RECIPE_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Preprocessing:
+class Preprocessing(BaseModel):
+    """The recipe; a typed value that crosses processes (model-store metadata, the embedder's description)."""
+
+    model_config = ConfigDict(frozen=True)
+
     resize: int  # short side, before the centre crop
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        """Inverse of to_dict (model-store metadata, the embedder's describe() answer)."""
-        return cls(
-            resize=int(data["resize"]),
-            crop=int(data["crop"]),
-            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
-        )
 
     @property
     def version(self) -> str:

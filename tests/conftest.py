@@ -6,12 +6,16 @@ The BentoML home (model store) is one temp dir per test session; data dirs are p
 from __future__ import annotations
 
 import os
+import random
+import struct
 import subprocess
 import sys
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -21,6 +25,18 @@ from scripts.devstack import BentoService, MilvusServer, S3Server, stack_env
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
+
+# Fixtures that start a server (a Milvus, an S3 server, the service): a test that uses one is slow, so
+# `pytest -m "not slow"` (the fast tier) starts no server at all.
+SERVER_FIXTURES = {"milvus_server", "s3_server", "live_service", "own_s3", "milvus_lite_server", "browser"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("backend") == "server-s3":
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,7 +74,7 @@ def efficientnet(bentoml_home: Path):
     from bento.config import Settings
     from models.store import load_embedder
 
-    return load_embedder(Settings(model="efficientnet-lite0", data_dir=Path("unused")))
+    return load_embedder(Settings(model={"name": "efficientnet-lite0"}, data_dir=Path("unused")))
 
 
 @pytest.fixture(scope="session")
@@ -131,9 +147,11 @@ class Backend:
     data_dir: Path
     env: dict[str, str] = field(default_factory=dict)
 
-    def settings(self, **extra: object) -> Settings:
-        fields = {key.removeprefix("RIS_").lower(): value for key, value in self.env.items()}
-        return Settings(data_dir=self.data_dir, **{**fields, **extra})
+    def settings(self, **extra: str) -> Settings:
+        """The settings a process started with process_env(**extra) reads (from the same variables)."""
+        env = {key: value for key, value in self.process_env(**extra).items() if key.startswith("RIS_")}
+        with mock.patch.dict(os.environ, env):
+            return Settings(_env_file=None)
 
     def process_env(self, **extra: str) -> dict[str, str]:
         return service_env(self.data_dir, **self.env, **extra)
@@ -143,17 +161,17 @@ class Backend:
         from pymilvus import MilvusClient
 
         settings = self.settings()
-        client = MilvusClient(uri=settings.milvus_uri)
+        client = MilvusClient(uri=settings.milvus.uri)
         try:
-            client.load_collection(settings.collection)
-            rows = client.query(settings.collection, filter='id != ""', output_fields=["id"], limit=16384, consistency_level="Strong")
+            client.load_collection(settings.milvus.collection)
+            rows = client.query(settings.milvus.collection, filter='id != ""', output_fields=["id"], limit=16384, consistency_level="Strong")
             return {row["id"] for row in rows}
         finally:
             client.close()
 
     def blob_ids(self) -> set[str]:
         settings = self.settings()
-        if settings.store_backend == "local":
+        if settings.store.backend == "local":
             root = settings.image_store_dir / "originals"
             return {p.name for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
         from bento.storage import S3ImageStore, open_image_store
@@ -185,7 +203,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 def live_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, photo_set, efficientnet) -> Iterator[ServiceProcess]:
     """The real bento (`bentoml serve`) over the ingested photo set, once per backend."""
     backend = make_backend(request.param, tmp_path_factory.mktemp("service-data"), request)
-    env = backend.process_env(RIS_MODEL="efficientnet-lite0", RIS_MAX_UPLOAD_BYTES="3000000")
+    env = backend.process_env(RIS_MODEL_NAME="efficientnet-lite0", RIS_LIMITS_MAX_UPLOAD_BYTES="3000000")
     ingest = run_cli(["-m", "ingest", str(photo_set["root"]), "--no-progress", "--json"], env)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     service = ServiceProcess(env, backend.data_dir / "service.log")
@@ -193,3 +211,36 @@ def live_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     service.start()
     yield service
     service.stop()
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A tiny valid-looking PNG whose header claims huge dimensions (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def make_images(folder: Path, count: int) -> None:
+    """``count`` generated JPEGs in label folders (distinct content, so distinct ids)."""
+    from ingest.demo import GENERATED, encode
+
+    rng = random.Random(11)
+    makers = list(GENERATED.items())
+    for i in range(count):
+        label, make = makers[i % len(makers)]
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        (folder / label / f"{i:04d}.jpg").write_bytes(encode(make(rng), "JPEG"))
+
+
+def local_catalog(settings: Settings, embedding, deadline_s: float = 0.0):
+    """A catalog over the settings' Milvus and image store, embedding in this process."""
+    from bento.catalog import Catalog
+    from bento.retry import RetryPolicy
+
+    return Catalog.in_process(settings, embedding, RetryPolicy(deadline_s))

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from bento.config import Settings
+from bento.config import Settings, get_settings, setting_fields
 from tests.conftest import ROOT, ServiceProcess, run_cli, service_env
 
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -92,10 +92,10 @@ def test_bento_builds_offline_with_model_page_and_pins_and_serves(bentoml_home, 
         assert path in names, path
 
     # Serve the bento on a machine that never imported a model: a fresh BENTOML_HOME that only imports
-    # the archive, RIS_MODEL left at its default (auto), as in the container.
+    # the archive, RIS_MODEL_NAME left at its default (auto), as in the container.
     home = tmp_path / "fresh-bentoml-home"
     _bentoml(["import", str(archive)], home)
-    env = service_env(tmp_path / "data", BENTOML_HOME=str(home), RIS_MAX_UPLOAD_BYTES="3000000")
+    env = service_env(tmp_path / "data", BENTOML_HOME=str(home), RIS_LIMITS_MAX_UPLOAD_BYTES="3000000")
     service = ServiceProcess(env, tmp_path / "service.log", target=tag, cwd=tmp_path)
     service.start()
     try:
@@ -151,7 +151,7 @@ def test_cpu_bentofile_is_the_default_one_plus_the_cpu_index():
 
 
 # Settings whose strings have a checked format.
-FORMATTED_SAMPLES = {"s3_public_endpoint": "https://images.example.com"}
+FORMATTED_SAMPLES = {"RIS_S3_PUBLIC_ENDPOINT": "https://images.example.com", "RIS_MODEL_NAME": "efficientnet-lite0"}
 
 
 def _sample(name: str, annotation: object, default: object, tmp_path: Path) -> tuple[str, object]:
@@ -179,16 +179,32 @@ def _sample(name: str, annotation: object, default: object, tmp_path: Path) -> t
     raise AssertionError(f"add a sample value for setting {name}: {annotation}")
 
 
+def _setting_paths() -> dict[str, tuple[str, ...]]:
+    """Environment variable -> attribute path in Settings (a group and its field, or a top-level field)."""
+    paths: dict[str, tuple[str, ...]] = {}
+    for name, field in Settings.model_fields.items():
+        fields = getattr(field.annotation, "model_fields", None)
+        for sub in fields or [None]:
+            path = (name, sub) if sub else (name,)
+            paths["_".join(("RIS", *path)).upper()] = path
+    return paths
+
+
 def test_every_setting_is_read_from_its_environment_variable(monkeypatch, tmp_path):
     """The container is configured only by environment variables: each RIS_* reaches its field."""
+    fields = dict(setting_fields())
+    paths = _setting_paths()
+    assert set(paths) == set(fields)
     expected = {}
-    for name, field in Settings.model_fields.items():
-        raw, value = _sample(name, field.annotation, field.get_default(call_default_factory=True), tmp_path)
-        monkeypatch.setenv(f"RIS_{name.upper()}", raw)
-        expected[name] = value
+    for env_name, field in fields.items():
+        raw, value = _sample(env_name, field.annotation, field.get_default(call_default_factory=True), tmp_path)
+        monkeypatch.setenv(env_name, raw)
+        expected[env_name] = value
     monkeypatch.chdir(tmp_path)  # no .env file
-    settings = Settings()
-    for name, value in expected.items():
-        got = getattr(settings, name)
+    settings = get_settings()
+    for env_name, value in expected.items():
+        got = settings
+        for part in paths[env_name]:
+            got = getattr(got, part)
         got = got.get_secret_value() if isinstance(got, SecretStr) else got
-        assert got == value, f"RIS_{name.upper()}: {got!r} != {value!r}"
+        assert got == value, f"{env_name}: {got!r} != {value!r}"

@@ -1,71 +1,112 @@
 """Settings, and the mapping of domain errors to HTTP at the edge."""
 
-import json
 import re
 from http import HTTPStatus
 from pathlib import Path
 
 import pytest
-from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
 
 from bento import errors
-from bento.config import Settings
+from bento.config import RENAMED, Settings, check_environment, get_settings, setting_fields, settings_table
+from bento.schemas import ImageMetadata, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_derive_from_the_data_dir(tmp_path):
     settings = Settings(data_dir=tmp_path)
-    assert settings.milvus_uri == str(tmp_path / "milvus.db") and settings.milvus_is_lite
+    assert settings.milvus.uri == str(tmp_path / "milvus.db") and settings.milvus.is_lite
     assert settings.image_store_dir == tmp_path / "images"
-    assert not Settings(milvus_uri="http://127.0.0.1:19530").milvus_is_lite
+    assert not Settings(milvus={"uri": "http://127.0.0.1:19530"}).milvus.is_lite
 
 
-def test_settings_come_from_the_environment(monkeypatch):
-    monkeypatch.setenv("RIS_MODEL", "resnet50")
-    monkeypatch.setenv("RIS_INDEX_PARAMS", '{"M": 32}')
-    settings = Settings()
-    assert settings.model == "resnet50" and settings.index_params == {"M": 32}
-    monkeypatch.setenv("RIS_MODEL", "vgg")
-    with pytest.raises(ValueError):
+def test_settings_come_from_the_environment_by_group(monkeypatch):
+    monkeypatch.setenv("RIS_MODEL_NAME", "resnet50")
+    monkeypatch.setenv("RIS_MILVUS_INDEX_PARAMS", '{"M": 32}')
+    monkeypatch.setenv("RIS_MILVUS_DB_NAME", "images_db")
+    monkeypatch.setenv("RIS_S3_SECRET_KEY", "s3cr3t")
+    settings = get_settings()
+    assert settings.model.name == "resnet50" and settings.milvus.index_params == {"M": 32}
+    assert settings.milvus.db_name == "images_db" and settings.s3.secret_key.get_secret_value() == "s3cr3t"
+    assert "s3cr3t" not in repr(settings), "secrets never show in logs or reprs"
+    monkeypatch.setenv("RIS_MODEL_NAME", "vgg")
+    with pytest.raises(ValueError, match="unknown model 'vgg'; choose one of auto, resnet50, efficientnet-lite0"):
         Settings()
 
 
-def test_readme_documents_every_setting():
+def test_unknown_and_renamed_variables_are_refused_with_advice(monkeypatch):
+    """A typo must not silently fall back to a default (RIS_MILVUS_URL would have written to a Lite file)."""
+    monkeypatch.setenv("RIS_MILVUS_URL", "http://milvus:19530")
+    monkeypatch.setenv("RIS_COLLECTION", "photos")
+    with pytest.raises(ValueError) as refused:
+        get_settings()
+    message = str(refused.value)
+    assert "RIS_MILVUS_URL (not a setting)" in message and "RIS_COLLECTION (now RIS_MILVUS_COLLECTION)" in message
+    check_environment({"RIS_MILVUS_URI": "x", "RIS_DATA_DIR": "d", "PATH": "/bin"})  # known ones pass
+
+
+def test_every_renamed_setting_names_an_existing_one():
+    known = {name for name, _ in setting_fields()}
+    for old, new in RENAMED.items():
+        assert old not in known, f"{old} is both renamed and a setting"
+        target = new.split()[0]
+        assert target == "nothing:" or target in known, f"{old} -> {new}: not a setting"
+
+
+def test_readme_settings_table_is_the_generated_one():
+    """Every setting is documented once, from its field: `python -m bento.config` prints the table."""
     readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `RIS_([A-Z0-9_]+)` \|", readme, flags=re.M))
-    assert documented == {name.upper() for name in Settings.model_fields}
+    assert settings_table() in readme, "regenerate the README's settings table: python -m bento.config"
+    documented = re.findall(r"^\| `(RIS_[A-Z0-9_]+)` \|", readme, flags=re.M)
+    assert sorted(documented) == sorted(name for name, _ in setting_fields()), "each setting once, no stale rows"
 
 
+# Where the HTTP API answers each domain error (service.HTTP_STATUS, the one table at the edge).
 @pytest.mark.parametrize(
     ("error", "status"),
     [
         (errors.InvalidRequest, 400), (errors.InvalidImage, 422), (errors.UnsupportedImageFormat, 415),
         (errors.ImageTooLarge, 413), (errors.NotFound, 404), (errors.ModelMismatch, 409),
         (errors.BackendUnavailable, 503), (errors.ModelUnavailable, 503), (errors.UrlFetchFailed, 400),
+        (errors.MilvusLiteLocked, 503), (errors.ConnectionDropped, 503), (errors.SearchError, 500),
     ],
 )
-def test_every_domain_error_has_its_status(error, status):
-    assert issubclass(error, errors.SearchError) and error("x").status_code == status
+def test_every_domain_error_has_its_status_at_the_edge(error, status):
+    from service import http_status
+
+    assert http_status(error("x")) == status
+    assert not hasattr(error("x"), "status_code"), "domain errors know nothing of HTTP"
 
 
-def test_errors_from_dependent_services_keep_4xx_and_become_503_otherwise():
-    from service import _remote_error
+@pytest.mark.parametrize("error", [errors.MilvusLiteLocked, errors.ModelMismatch, errors.NotFound, errors.ConnectionDropped, errors.SearchError])
+def test_domain_errors_cross_a_service_boundary_as_data_and_come_out_the_same(error):
+    message = "Cannot open the Milvus Lite file: Milvus Lite allows one process per file."
+    reply = Reply.failed(error(message))
+    crossed = Reply.model_validate_json(reply.model_dump_json())  # what travels between services
+    with pytest.raises(error) as raised:
+        crossed.unwrap(int)
+    assert type(raised.value) is error and raised.value.message == message
 
-    body = json.dumps([{"error": "Collection 'images' holds embeddings of another model"}])
-    mismatch = _remote_error(BentoMLException(body, error_code=HTTPStatus.CONFLICT), "vector-search")
-    assert isinstance(mismatch, errors.ModelMismatch) and mismatch.message.startswith("Collection 'images'")
-    assert isinstance(_remote_error(BentoMLException("x", error_code=HTTPStatus.NOT_FOUND), "v"), errors.NotFound)
-    down = _remote_error(BentoMLException("boom", error_code=HTTPStatus.INTERNAL_SERVER_ERROR), "vector-search")
-    assert isinstance(down, errors.BackendUnavailable) and "vector-search" in down.message
+
+def test_replies_validate_their_value_as_the_caller_expects():
+    assert Reply.of(["a", "b"]).unwrap(set[str]) == {"a", "b"}
+    meta = {"id": "a" * 64, "mime": "image/png", "width": 1, "height": 1, "size_bytes": 1, "created_at": 0}
+    assert Reply.of([meta]).unwrap(list[ImageMetadata])[0].id == "a" * 64
+    with pytest.raises(ValidationError):
+        Reply.of("not a number").unwrap(int)
 
 
-def test_domain_errors_cross_rpc_with_their_status():
-    from service import domain_errors_as_http
+def test_transport_failures_of_a_dependency_become_typed_domain_errors():
+    import aiohttp
+    from bentoml.exceptions import BentoMLException
 
-    with pytest.raises(BentoMLException) as caught, domain_errors_as_http():
-        raise errors.ModelMismatch("mixed models")
-    assert caught.value.error_code == HTTPStatus.CONFLICT and "mixed models" in str(caught.value)
+    from service import calling
+
+    with pytest.raises(errors.ConnectionDropped), calling("embedder"):
+        raise aiohttp.ServerDisconnectedError()
+    with pytest.raises(errors.BackendUnavailable, match="vector-search service failed .*HTTP 500"), calling("vector-search"):
+        raise BentoMLException("An unexpected error has occurred", error_code=HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
 def test_bento_requirements_match_the_project_dependencies():

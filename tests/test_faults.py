@@ -15,14 +15,14 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from bento.imaging import content_hash
 from scripts.devstack import S3Server, stack_env
-from tests.conftest import PYTHON, ROOT, Backend, ServiceProcess, run_cli
-from tests.test_ingest import make_images
+from tests.conftest import PYTHON, ROOT, Backend, ServiceProcess, make_images, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_short_milvus_outage_during_ingest_is_ridden_out_by_retries(milvus_serve
 def _service_client(milvus, s3, name: str, tmp_path, **env: str) -> Iterator[httpx.Client]:
     """A running service over the given servers (own collection and bucket), and a client for it."""
     backend = Backend("server-s3", tmp_path / "data", stack_env(milvus, s3, bucket=f"fault-{name}", collection=f"fault_{name}"))
-    service = ServiceProcess(backend.process_env(RIS_MODEL="efficientnet-lite0", **env), tmp_path / "service.log")
+    service = ServiceProcess(backend.process_env(RIS_MODEL_NAME="efficientnet-lite0", **env), tmp_path / "service.log")
     service.start()
     try:
         with httpx.Client(base_url=service.url, timeout=60) as client:
@@ -139,3 +139,37 @@ def test_milvus_outage_under_the_service(milvus_server, s3_server, efficientnet,
         _wait_for(lambda: client.get("/readyz").status_code == 200, 90, "readiness after Milvus came back")
         hits = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["rocket"])}).json()["hits"]
         assert hits[0]["id"] == image_id and client.get("/api/status").json()["count"] == 1
+
+
+class _AnsweringService(ServiceProcess):
+    """A service that is up (its HTTP API answers /api/status) though not ready."""
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/api/status", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def test_a_locked_lite_file_is_explained_to_the_http_client(efficientnet, photo_set, tmp_path):
+    """The VectorSearch service's advice (another process holds the Milvus Lite file) crosses to the API
+    service as a typed error and reaches the HTTP client whole, not as a generic 503."""
+    from pymilvus import MilvusClient
+
+    backend = Backend("lite-local", tmp_path / "data")
+    path = backend.settings().milvus.uri
+    Path(path).parent.mkdir(parents=True)
+    holder = MilvusClient(uri=path)  # this test process owns the file now
+    service = _AnsweringService(backend.process_env(RIS_MODEL_NAME="efficientnet-lite0"), tmp_path / "service.log")
+    try:
+        service.start()
+        with httpx.Client(base_url=service.url, timeout=60) as client:
+            status = client.get("/api/status").json()
+            assert status["ready"] is False and "one process per file" in status["error"]
+            search = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["coffee"])})
+            assert search.status_code == 503, search.text
+            assert search.json()["error"] == "milvus_lite_locked" and "one process per file" in search.json()["detail"]
+            assert client.get("/readyz").status_code == 503
+    finally:
+        service.stop()
+        holder.close()

@@ -1,12 +1,11 @@
 import io
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
 from bento.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 from bento.imaging import DecodeLimits, content_hash, decode_image, make_thumbnail
+from tests.conftest import png_header_claiming
 
 LIMITS = DecodeLimits(max_bytes=5_000_000, max_pixels=20_000_000)
 
@@ -15,15 +14,6 @@ def _encode(image: Image.Image, fmt: str, **params) -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt, **params)
     return out.getvalue()
-
-
-def _png_header_claiming(width: int, height: int) -> bytes:
-    """A tiny valid-looking PNG whose header claims huge dimensions (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
 
 
 def test_decodes_jpeg_to_rgb_with_size_and_mime():
@@ -69,13 +59,13 @@ def test_too_many_bytes_is_refused_before_decoding():
 
 def test_decompression_bomb_is_refused_from_its_header():
     with pytest.raises(ImageTooLarge, match="pixels"):
-        decode_image(_png_header_claiming(100_000, 100_000), LIMITS)
+        decode_image(png_header_claiming(100_000, 100_000), LIMITS)
 
 
 def test_pixel_limit_is_ours_not_only_pillows():
     # 30 MP is below Pillow's own bomb threshold but above this product's setting.
     with pytest.raises(ImageTooLarge, match="6000x5000 pixels"):
-        decode_image(_png_header_claiming(6000, 5000), DecodeLimits(max_bytes=10**6, max_pixels=20_000_000))
+        decode_image(png_header_claiming(6000, 5000), DecodeLimits(max_bytes=10**6, max_pixels=20_000_000))
 
 
 def test_unsupported_format_gets_its_own_error():

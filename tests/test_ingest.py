@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import time
@@ -10,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bento.storage import open_image_store
-from bento.vectors import VectorIndex
 from ingest.job import IngestJob, IngestOptions, scan_folder
-from tests.conftest import PYTHON, ROOT, run_cli
+from tests.conftest import PYTHON, ROOT, local_catalog, make_images, run_cli
 
 
 def test_scan_gives_labels_from_top_level_folders(tmp_path):
@@ -26,10 +23,8 @@ def test_scan_gives_labels_from_top_level_folders(tmp_path):
 
 
 def _job(backend, embedder, **options):
-    settings = backend.settings()
-    vectors = VectorIndex(settings, embedder.info)
-    store = open_image_store(settings)
-    return IngestJob(settings, embedder, store, vectors, IngestOptions(progress=False, **options)), vectors, store
+    catalog = local_catalog(backend.settings(), embedder)
+    return IngestJob(catalog, IngestOptions(progress=False, **options)), catalog.vectors, catalog.store
 
 
 def test_ingest_then_rerun_skips_everything(backend, efficientnet, photo_set, tmp_path):
@@ -79,17 +74,6 @@ def test_half_written_images_are_repaired_on_rerun(backend, efficientnet, photo_
     vectors.close()
 
 
-def make_images(folder: Path, count: int) -> None:
-    from ingest.demo import GENERATED, encode
-
-    rng = random.Random(11)
-    makers = list(GENERATED.items())
-    for i in range(count):
-        label, make = makers[i % len(makers)]
-        (folder / label).mkdir(parents=True, exist_ok=True)
-        (folder / label / f"{i:04d}.jpg").write_bytes(encode(make(rng), "JPEG"))
-
-
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_a_clean_run(backend, efficientnet, tmp_path, request):
     from tests.conftest import make_backend
@@ -124,9 +108,9 @@ def test_sigkill_mid_run_then_rerun_equals_a_clean_run(backend, efficientnet, tm
 
 def test_ingest_with_another_model_is_refused_clearly(backend, efficientnet, photo_set):
     folder = str(photo_set["root"] / "cat")
-    first = run_cli(["-m", "ingest", folder, "--no-progress"], backend.process_env(RIS_MODEL="efficientnet-lite0"))
+    first = run_cli(["-m", "ingest", folder, "--no-progress"], backend.process_env(RIS_MODEL_NAME="efficientnet-lite0"))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(["-m", "ingest", folder, "--no-progress"], backend.process_env(RIS_MODEL="resnet50", RIS_RESNET50_WEIGHTS="random"))
+    second = run_cli(["-m", "ingest", folder, "--no-progress"], backend.process_env(RIS_MODEL_NAME="resnet50", RIS_MODEL_RESNET50_WEIGHTS="random"))
     assert second.returncode == 1
     assert "holds embeddings of another model" in second.stderr
     assert len(backend.stored_ids()) == 1  # nothing mixed in
@@ -135,7 +119,7 @@ def test_ingest_with_another_model_is_refused_clearly(backend, efficientnet, pho
 def test_missing_folder_is_a_clear_error(tmp_path):
     from tests.conftest import service_env
 
-    result = run_cli(["-m", "ingest", str(tmp_path / "nope"), "--no-progress"], service_env(tmp_path / "data", RIS_MODEL="efficientnet-lite0"))
+    result = run_cli(["-m", "ingest", str(tmp_path / "nope"), "--no-progress"], service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0"))
     assert result.returncode == 1 and "is not a folder" in result.stderr
 
 
@@ -144,13 +128,12 @@ def test_shards_split_a_folder_without_overlap(efficientnet, photo_set, tmp_path
     from bento.config import Settings
     from ingest.job import in_shard
 
-    settings = Settings(data_dir=tmp_path / "data")
-    vectors = VectorIndex(settings, efficientnet.info)
-    store = open_image_store(settings)
+    catalog = local_catalog(Settings(data_dir=tmp_path / "data"), efficientnet)
+    vectors = catalog.vectors
     total = sum(1 for _ in scan_folder(photo_set["root"]))
     ingested = []
     for index in range(3):
-        job = IngestJob(settings, efficientnet, store, vectors, IngestOptions(progress=False, shard_index=index, shard_count=3))
+        job = IngestJob(catalog, IngestOptions(progress=False, shard_index=index, shard_count=3))
         report = job.run(photo_set["root"])
         assert report.ingested + report.other_shards == total
         ingested.append(report.ingested)
@@ -172,22 +155,22 @@ def test_ingest_into_a_lite_file_the_service_holds_fails_at_once_with_advice(liv
 
 
 def test_int8_ingest_calibrates_on_its_own_folder_and_is_recorded(tmp_path, photo_set):
-    """RIS_PRECISION=int8 without a calibration folder calibrates on the photos being ingested, passes
+    """RIS_MODEL_PRECISION=int8 without a calibration folder calibrates on the photos being ingested, passes
     the fidelity guard (ResNet-50 architecture), and the collection records which runtime wrote it."""
     from pymilvus import MilvusClient
 
     from tests.conftest import Backend
 
     backend = Backend("lite-local", tmp_path / "data")
-    env = backend.process_env(RIS_MODEL="resnet50", RIS_RESNET50_WEIGHTS="random", RIS_PRECISION="int8")
+    env = backend.process_env(RIS_MODEL_NAME="resnet50", RIS_MODEL_RESNET50_WEIGHTS="random", RIS_MODEL_PRECISION="int8")
     done = run_cli(["-m", "ingest", str(photo_set["root"]), "--no-progress", "--json"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "openvino-int8 built in" in done.stderr and "fidelity vs fp32" in done.stderr
     report = json.loads(done.stdout)
     assert report["ingested"] + report["duplicates"] == report["scanned"] - len(report["rejected"])
-    client = MilvusClient(uri=backend.settings().milvus_uri)
+    client = MilvusClient(uri=backend.settings().milvus.uri)
     try:
-        properties = client.describe_collection(backend.settings().collection)["properties"]
+        properties = client.describe_collection(backend.settings().milvus.collection)["properties"]
     finally:
         client.close()
     assert properties["ris.runtimes"] == "openvino-int8"

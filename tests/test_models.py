@@ -14,8 +14,8 @@ from models.pipeline import prepare_image
 from models.store import import_model, load_embedder, resolve_model
 
 
-def _settings(**overrides) -> Settings:
-    return Settings(data_dir=Path("unused"), **overrides)
+def _settings(**model) -> Settings:
+    return Settings(data_dir=Path("unused"), model=model)
 
 
 def test_preprocessing_matches_torchvision_transforms_exactly():
@@ -50,7 +50,7 @@ def test_preprocessing_version_changes_with_the_recipe():
 
 @pytest.fixture(scope="module")
 def random_resnet(bentoml_home):
-    return load_embedder(_settings(model="resnet50", resnet50_weights="random"))
+    return load_embedder(_settings(name="resnet50", resnet50_weights="random"))
 
 
 def test_random_resnet50_end_to_end(random_resnet):
@@ -81,24 +81,24 @@ def test_resnet50_from_a_local_pth_file(tmp_path, random_resnet):
 
     path = tmp_path / "resnet50-custom.pth"
     torch.save(resnet50(weights=None).state_dict(), path)
-    stored = import_model(_settings(model="resnet50", resnet50_weights=str(path)))
+    stored = import_model(_settings(name="resnet50", resnet50_weights=str(path)))
     assert stored.info.pretrained and stored.info.weights == "local file resnet50-custom.pth"
     assert stored.info.model_id != random_resnet.info.model_id
-    again = import_model(_settings(model="resnet50", resnet50_weights=str(path)))
+    again = import_model(_settings(name="resnet50", resnet50_weights=str(path)))
     assert again.tag == stored.tag, "importing the same weights twice reuses the stored model"
 
 
 def test_auto_falls_back_to_efficientnet_when_resnet_weights_cannot_be_had(bentoml_home, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
-    stored = import_model(_settings(model="auto", weights_download_timeout_s=3))
+    stored = import_model(_settings(name="auto"))
     assert stored.info.backbone == "efficientnet-lite0" and stored.info.pretrained
     assert "ResNet-50 weights unavailable" in stored.info.reason
     # The service side resolves the same model from the store without any network access.
-    assert resolve_model(_settings(model="auto"), import_if_missing=False).info.model_id == stored.info.model_id
+    assert resolve_model(_settings(name="auto"), import_if_missing=False).info.model_id == stored.info.model_id
 
 
 def test_auto_never_picks_random_weights(bentoml_home):
-    stored = import_model(_settings(model="auto", resnet50_weights="random"))
+    stored = import_model(_settings(name="auto", resnet50_weights="random"))
     assert stored.info.backbone == "efficientnet-lite0"
     assert "never chosen by auto" in stored.info.reason
 
@@ -107,7 +107,7 @@ def test_unknown_weights_are_a_clear_error(bentoml_home):
     from bento.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match="neither a torchvision weights name"):
-        import_model(_settings(model="resnet50", resnet50_weights="/no/such/file.pth"))
+        import_model(_settings(name="resnet50", resnet50_weights="/no/such/file.pth"))
 
 
 def test_efficientnet_embeddings_are_meaningful(efficientnet, photo_set):

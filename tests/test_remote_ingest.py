@@ -48,7 +48,7 @@ def milvus_lite_server(tmp_path):
 
 
 def test_ingest_through_a_running_service(milvus_lite_server, efficientnet, photo_set, tmp_path):
-    env = service_env(tmp_path / "data", RIS_MODEL="efficientnet-lite0", RIS_MILVUS_URI=milvus_lite_server)
+    env = service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0", RIS_MILVUS_URI=milvus_lite_server)
     service = ServiceProcess(env, tmp_path / "service.log")
     service.start()
     try:

@@ -25,8 +25,8 @@ LIMITS = DecodeLimits(10**8, 10**8)
 HAS_BF16 = "BF16" in _openvino_cpu_capabilities()
 
 
-def _settings(**overrides) -> Settings:
-    return Settings(data_dir=Path("unused"), **overrides)
+def _settings(model: str, **fields) -> Settings:
+    return Settings(data_dir=Path("unused"), model={"name": model, **fields})
 
 
 def _pixels(embedder, blobs: list[bytes], draft_scale: float = 0.0) -> np.ndarray:
@@ -59,14 +59,14 @@ def test_each_backbone_names_the_cpu_precision_auto_may_use(bentoml_home):
 
 
 def test_torch_is_the_fp32_reference_on_cpu():
-    assert choose_runtime("torch", "auto", "cpu") == RuntimeChoice("torch", "fp32", "cpu", "requested (RIS_RUNTIME=torch)")
+    assert choose_runtime("torch", "auto", "cpu") == RuntimeChoice("torch", "fp32", "cpu", "requested (RIS_MODEL_RUNTIME=torch)")
     assert choose_runtime("torch", "bf16", "cpu").precision == "bf16"
 
 
 @pytest.mark.parametrize(
     ("runtime", "precision", "device", "message"),
     [
-        ("torch", "int8", "cpu", "needs RIS_RUNTIME=openvino"),
+        ("torch", "int8", "cpu", "needs RIS_MODEL_RUNTIME=openvino"),
         ("openvino", "fp16", "cpu", "fp16 is a GPU precision"),
         ("auto", "int8", "cuda", "CUDA"),  # no CUDA here: asking for it is an error, not a silent CPU fallback
     ],
@@ -77,7 +77,7 @@ def test_impossible_combinations_are_refused_with_the_reason(runtime, precision,
 
 
 def test_int8_without_calibration_images_is_refused_before_any_work(bentoml_home, tmp_path):
-    with pytest.raises(RuntimeUnavailable, match="RIS_INT8_CALIBRATION_DIR"):
+    with pytest.raises(RuntimeUnavailable, match="RIS_MODEL_INT8_CALIBRATION_DIR"):
         load_embedder(_settings(model="efficientnet-lite0", runtime="openvino", precision="int8"))
     with pytest.raises(RuntimeUnavailable, match="does not exist"):
         load_embedder(
@@ -218,15 +218,15 @@ def test_batching_settings_reach_the_embedder_api():
     batchable, size, latency, recycle = _embed_api_config().split()
     assert (batchable, size, latency) == ("True", "32", "3000"), "the measured defaults (README: Adaptive batching)"
     assert int(recycle) >= 10**6, "callers must not recycle their connection to the embedder every 100 requests"
-    assert _embed_api_config(RIS_EMBED_MAX_BATCH_SIZE="8", RIS_EMBED_MAX_LATENCY_MS="500").split()[:3] == ["True", "8", "500"]
-    assert _embed_api_config(RIS_EMBED_BATCHING="false").split()[0] == "False"
+    assert _embed_api_config(RIS_BATCHING_MAX_BATCH_SIZE="8", RIS_BATCHING_MAX_LATENCY_MS="500").split()[:3] == ["True", "8", "500"]
+    assert _embed_api_config(RIS_BATCHING_MAX_BATCH_SIZE="1").split()[0] == "False", "a batch of one is batching off"
 
 
 def test_a_batch_size_bentoml_cannot_use_is_refused_by_the_settings():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="embed_max_batch_size"):
-        Settings(embed_max_batch_size=1)
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        Settings(batching={"max_batch_size": 0})
 
 
 # --- runtime cache (cold start) ------------------------------------------------------------------

@@ -12,7 +12,7 @@ from PIL import Image
 
 from bento.imaging import content_hash
 from ingest.demo import encode
-from tests.test_imaging import _png_header_claiming
+from tests.conftest import ServiceProcess, png_header_claiming
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +128,7 @@ def test_insert_is_idempotent_and_delete_removes_everything(client):
         (b"definitely not an image", 422, "invalid_image"),
         (encode(Image.effect_noise((400, 400), 40).convert("RGB"))[:3000], 422, "invalid_image"),
         (b"\xff" * 3_200_000, 413, "image_too_large"),
-        (_png_header_claiming(60_000, 60_000), 413, "image_too_large"),
+        (png_header_claiming(60_000, 60_000), 413, "image_too_large"),
         (b"", 422, "invalid_image"),
     ],
     ids=["text", "truncated", "too-many-bytes", "bomb", "empty"],
@@ -158,13 +158,17 @@ def test_bad_parameters_are_4xx(client, photo_set):
 
 
 def test_rebuild_index_then_search_still_finds_originals(client, photo_set):
-    for index_type, params in (("FLAT", {}), ("IVF_FLAT", {"nlist": 8}), ("HNSW", {"M": 8, "efConstruction": 64})):
-        info = client.post("/api/index", json={"index_type": index_type, "params": params})
-        assert info.status_code == 200, info.text
-        assert info.json()["index"]["index_type"] == index_type
-        assert client.get("/api/status").json()["index"]["index_type"] == index_type
-        top = _search(client, photo_set["queries"]["chelsea"], top_k=1).json()["hits"][0]
-        assert top["id"] == content_hash(photo_set["originals"]["chelsea"])
+    original = client.get("/api/status").json()["index"]
+    try:
+        for index_type, params in (("FLAT", {}), ("IVF_FLAT", {"nlist": 8}), ("HNSW", {"M": 8, "efConstruction": 64})):
+            info = client.post("/api/index", json={"index_type": index_type, "params": params})
+            assert info.status_code == 200, info.text
+            assert info.json()["index"]["index_type"] == index_type
+            assert client.get("/api/status").json()["index"]["index_type"] == index_type
+            top = _search(client, photo_set["queries"]["chelsea"], top_k=1).json()["hits"][0]
+            assert top["id"] == content_hash(photo_set["originals"]["chelsea"])
+    finally:  # the shared service is left as every other test expects it
+        assert client.post("/api/index", json=original).status_code == 200
 
 
 def test_openapi_docs_and_page_are_served(client):
@@ -191,13 +195,22 @@ def test_embed_endpoint_for_remote_ingest(client):
     assert client.post("/api/embed", content=wrong.getvalue()).status_code == 400
 
 
-def test_restart_keeps_the_data(live_service, client, photo_set):
-    before = client.get("/api/status").json()["count"]
-    live_service.stop()
-    live_service.start()
-    assert client.get("/api/status").json()["count"] == before
-    top = _search(client, photo_set["queries"]["coins"], top_k=1).json()["hits"][0]
-    assert top["id"] == content_hash(photo_set["originals"]["coins"])
+def test_restart_keeps_the_data(backend, efficientnet, photo_set):
+    """A service of its own (restarting the shared one would disturb the other tests)."""
+    service = ServiceProcess(backend.process_env(RIS_MODEL_NAME="efficientnet-lite0"), backend.data_dir / "service.log")
+    service.start()
+    try:
+        with httpx.Client(base_url=service.url, timeout=60) as own:
+            for name in ("coins", "rocket"):
+                added = own.post("/api/images", files={"file": (f"{name}.jpg", photo_set["originals"][name])})
+                assert added.status_code == 201, added.text
+            service.stop()
+            service.start()
+            assert own.get("/api/status").json()["count"] == 2
+            top = _search(own, photo_set["queries"]["coins"], top_k=1).json()["hits"][0]
+            assert top["id"] == content_hash(photo_set["originals"]["coins"])
+    finally:
+        service.stop()
 
 
 def _adaptive_batches(metrics: str) -> tuple[float, float]:

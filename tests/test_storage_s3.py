@@ -128,8 +128,9 @@ def test_public_urls_are_signed_offline_with_the_scheme_they_name():
 def test_the_public_endpoint_setting_reaches_the_store_and_bad_values_are_refused(s3_server):
     def settings(public: str) -> Settings:
         return Settings(
-            _env_file=None, store_backend="s3", s3_endpoint=s3_server.endpoint, s3_secure=False,
-            s3_access_key=s3_server.access_key, s3_secret_key=s3_server.secret_key, s3_public_endpoint=public,
+            _env_file=None, store={"backend": "s3"},
+            s3={"endpoint": s3_server.endpoint, "secure": False, "access_key": s3_server.access_key,
+                "secret_key": s3_server.secret_key, "public_endpoint": public},
         )
 
     store = open_image_store(settings(f"http://localhost:{s3_server.port}/"))  # a trailing slash is fine

@@ -31,7 +31,7 @@ def _records(n: int, rng: np.random.Generator, label_of=lambda i: f"class{i % 3}
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings(data_dir=tmp_path, index_type="HNSW")
+    return Settings(data_dir=tmp_path, milvus={"index_type": "HNSW"})
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_rebuild_index_keeps_results(index, index_type):
     rng = np.random.default_rng(3)
     records = _records(50, rng)
     index.upsert(records)
-    spec = index.rebuild_index(IndexSpec(index_type=index_type, params={"nlist": 4} if "IVF" in index_type else {}))
+    spec = index.rebuild_index(IndexSpec(index_type=index_type, params={"nlist": 4} if "IVF" in index_type else {})).index
     assert index.info().index == spec and spec.index_type == index_type
     hits = index.search(VectorQuery(vector=records[11].vector, top_k=1))
     assert hits[0].image.id == records[11].id
@@ -113,14 +113,14 @@ def test_bad_index_specs_are_refused():
 def test_large_upserts_are_chunked(index, monkeypatch):
     calls = []
     monkeypatch.setattr(vectors_module, "MAX_UPSERT_BYTES", 5 * (DIM * 4 + 2 * vectors_module.MAX_SOURCE_BYTES))
-    original = index._call
+    original = index._run
 
-    def spy(what, fn, *args, **kwargs):
+    def spy(what, call, **kwargs):
         if what == "upsert":
             calls.append(what)
-        return original(what, fn, *args, **kwargs)
+        return original(what, call, **kwargs)
 
-    monkeypatch.setattr(index, "_call", spy)
+    monkeypatch.setattr(index, "_run", spy)
     assert index.upsert(_records(23, np.random.default_rng(4))) == 23
     assert len(calls) == 5 and index.count() == 23
 

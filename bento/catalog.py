@@ -1,0 +1,305 @@
+"""The catalog: every flow on the collection of images, written once, for the HTTP service and the ingest job.
+
+It owns the rules (image ids are content hashes, what a label may be, what "present" means, how search
+options are bounded) and the write order, and reaches its three dependencies through small ports:
+
+- ``Embedding``: pixels -> unit vectors (the local model, the Embedder service, or a running service's
+  HTTP API for ``ingest --service-url``);
+- ``VectorStore``: the Milvus collection (``bento.vectors.VectorIndex`` in-process, or the VectorSearch
+  service through its RPC adapter);
+- ``ImageStore``: originals and thumbnails (``bento.storage``).
+
+**Write order.** An image's blobs (original, thumbnail) are stored BEFORE its vector row, and only a row
+marks an image as added: a crash in between leaves a blob that the next add reuses, never a hit without
+an image. An image is *complete* when its row and its original exist; an add of an image whose row
+exists repairs its blobs without re-embedding. Ids are content hashes and rows are upserts, so nothing is
+ever duplicated.
+
+Every dependency call runs under one retry policy (bento/retry.py), chosen by the caller: the HTTP API
+fails fast (503), the ingest job rides out outages for as long as it is told.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from pydantic import BaseModel
+
+from bento.config import LimitsSettings, Settings
+from bento.errors import InvalidRequest, NotFound, SearchError
+from bento.imaging import DecodeLimits
+from bento.retry import FAIL_FAST, RetryPolicy
+from bento.schemas import (
+    MAX_LABEL_LENGTH,
+    ImageMetadata,
+    IndexInfo,
+    IndexSpec,
+    ModelDescription,
+    ModelInfo,
+    SearchOptions,
+    Timings,
+    VectorHit,
+    VectorQuery,
+    VectorRecord,
+)
+from bento.storage import ImageStore, Kind, validate_image_id
+from models.pipeline import PreparedImage, check_pixels, prepare_image
+
+
+class Embedding(Protocol):
+    """Where vectors come from."""
+
+    def describe(self) -> ModelDescription:
+        """The model and its preprocessing recipe (cached by implementations: it never changes)."""
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, crop, crop, 3) uint8 -> (N, dim) float32 unit vectors."""
+
+
+class VectorStore(Protocol):
+    """The vector collection, with the image metadata kept beside each vector."""
+
+    def ensure_ready(self) -> None: ...
+
+    def ping(self) -> None:
+        """Raise BackendUnavailable when the collection cannot serve."""
+
+    def existing_ids(self, ids: list[str]) -> set[str]: ...
+
+    def get(self, ids: list[str]) -> list[ImageMetadata]: ...
+
+    def get_vector(self, image_id: str) -> list[float] | None: ...
+
+    def upsert(self, records: list[VectorRecord]) -> int: ...
+
+    def search(self, query: VectorQuery) -> list[VectorHit]: ...
+
+    def delete(self, ids: list[str]) -> int: ...
+
+    def count(self) -> int: ...
+
+    def info(self) -> IndexInfo: ...
+
+    def rebuild_index(self, spec: IndexSpec) -> IndexInfo: ...
+
+    def flush(self) -> None: ...
+
+
+def clean_label(label: str | None) -> str:
+    """The one label rule: at most MAX_LABEL_LENGTH printable characters, surrounding blanks dropped."""
+    label = (label or "").strip()
+    if len(label) > MAX_LABEL_LENGTH or any(ord(ch) < 32 or ord(ch) == 127 for ch in label):
+        raise InvalidRequest(f"A label is at most {MAX_LABEL_LENGTH} printable characters; got {label[:40]!r}...")
+    return label
+
+
+@dataclass
+class NewImage:
+    """An image on its way in: decoded and preprocessed, with what is recorded beside it."""
+
+    prepared: PreparedImage
+    label: str
+    source: str
+
+
+class Added(BaseModel):
+    """What adding one image did: ``created`` False when its row already existed (blobs are repaired)."""
+
+    id: str
+    created: bool
+    image: ImageMetadata
+
+
+class SearchResult(BaseModel):
+    query_id: str | None
+    hits: list[VectorHit]
+    top_k: int
+    offset: int
+    label: str | None
+    model: str
+    timings: Timings
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+class Catalog:
+    def __init__(
+        self,
+        vectors: VectorStore,
+        store: ImageStore,
+        embedding: Embedding,
+        limits: LimitsSettings,
+        thumbnail_size: int,
+        retry: RetryPolicy = FAIL_FAST,
+    ) -> None:
+        self.vectors = vectors
+        self.store = store
+        self.embedding = embedding
+        self.limits = limits
+        self.decode_limits = DecodeLimits(limits.max_upload_bytes, limits.max_image_pixels)
+        self.thumbnail_size = thumbnail_size
+        self.retry = retry
+
+    @classmethod
+    def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:
+        """A catalog that opens Milvus and the image store itself (the ingest job, tools, tests)."""
+        from bento.storage import open_image_store
+        from bento.vectors import VectorIndex
+
+        vectors = VectorIndex(settings, retry.call(embedding.describe).info)
+        return cls(vectors, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry)
+
+    def close(self) -> None:
+        """Release what the catalog opened (the Milvus connection of an in-process vector index)."""
+        close = getattr(self.vectors, "close", None)
+        if close is not None:
+            close()
+
+    # --- the model ----------------------------------------------------------------------------------
+    def model(self) -> ModelInfo:
+        return self.retry.call(self.embedding.describe).info
+
+    def prepare(self, data: bytes, *, thumbnail: bool) -> PreparedImage:
+        """Check, decode and preprocess untrusted bytes (InvalidImage / ImageTooLarge / ... on bad input)."""
+        preprocessing = self.retry.call(self.embedding.describe).preprocessing
+        return prepare_image(data, self.decode_limits, preprocessing, self.thumbnail_size if thumbnail else None)
+
+    def _embed(self, pixels: np.ndarray) -> np.ndarray:
+        return self.retry.call(self.embedding.embed, pixels)
+
+    def embed_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ModelInfo]:
+        """Embed pixels prepared elsewhere (``ingest --service-url``), checked against the model's recipe."""
+        description = self.retry.call(self.embedding.describe)
+        check_pixels(pixels, description.preprocessing.crop)
+        return self._embed(pixels), description.info
+
+    # --- adding ------------------------------------------------------------------------------------
+    def complete_ids(self, ids: list[str]) -> set[str]:
+        """Ids whose vector row AND original exist: nothing left to do for them."""
+        if not ids:
+            return set()
+        rows = self.retry.call(self.vectors.existing_ids, ids)
+        return {image_id for image_id in rows if self.retry.call(self.store.exists, image_id, "original")}
+
+    def add(self, data: bytes, label: str | None, source: str) -> Added:
+        """Add one image from its bytes (the HTTP API)."""
+        image = NewImage(self.prepare(data, thumbnail=True), clean_label(label), source)
+        return self.add_many([image])[0]
+
+    def add_many(self, images: Sequence[NewImage]) -> list[Added]:
+        """Add prepared images (distinct ids) in the write order; one embedding call for the new ones."""
+        if not images:
+            return []
+        ids = [image.prepared.id for image in images]
+        if len(set(ids)) != len(ids):
+            raise InvalidRequest("add_many takes distinct images; drop duplicate files first.")
+        existing = {meta.id: meta for meta in self.retry.call(self.vectors.get, ids)}
+        fresh = [image for image in images if image.prepared.id not in existing]
+        records: dict[str, VectorRecord] = {}
+        if fresh:
+            vectors = self._embed(np.stack([image.prepared.pixels for image in fresh]))
+            now = int(time.time())
+            for image, vector in zip(fresh, vectors, strict=True):
+                records[image.prepared.id] = image.prepared.record(vector, image.label, image.source, now)
+        # Blobs first (a repair for the existing rows), then the rows that mark the new images added.
+        for image in images:
+            self.retry.call(image.prepared.store_blobs, self.store)
+        if records:
+            self.retry.call(self.vectors.upsert, list(records.values()))
+        return [
+            Added(id=image_id, created=False, image=existing[image_id])
+            if image_id in existing
+            else Added(id=image_id, created=True, image=ImageMetadata(**records[image_id].model_dump(exclude={"vector"})))
+            for image_id in ids
+        ]
+
+    # --- reading and removing -----------------------------------------------------------------------
+    def metadata(self, image_id: str) -> ImageMetadata:
+        validate_image_id(image_id)
+        found = self.retry.call(self.vectors.get, [image_id])
+        if not found:
+            raise NotFound(f"No image with id {image_id}.")
+        return found[0]
+
+    def blob(self, image_id: str, kind: Kind) -> tuple[bytes, str]:
+        """The bytes of an image's original or thumbnail and their media type (only for a present image)."""
+        meta = self.metadata(image_id)
+        data = self.retry.call(self.store.get, image_id, kind)
+        return data, meta.mime if kind == "original" else "image/jpeg"
+
+    def direct_url(self, image_id: str, kind: Kind) -> str | None:
+        """A URL straight to the store (presigned), or None when the bytes must be served by the caller."""
+        return self.store.presigned_url(image_id, kind)
+
+    def remove(self, image_id: str) -> None:
+        """Remove an image: its row first (no hit may point at a missing image), then its blobs."""
+        validate_image_id(image_id)
+        removed = self.retry.call(self.vectors.delete, [image_id])
+        had_blob = self.retry.call(self.store.exists, image_id, "original")
+        self.retry.call(self.store.delete, image_id)
+        if not removed and not had_blob:
+            raise NotFound(f"No image with id {image_id}.")
+
+    # --- searching ---------------------------------------------------------------------------------
+    def search_vector(
+        self, vector: list[float], options: SearchOptions, query_id: str | None, timings: Timings | None = None
+    ) -> SearchResult:
+        started = time.perf_counter()
+        timings = timings or Timings()
+        top_k = options.top_k or self.limits.default_top_k
+        if top_k > self.limits.max_top_k:
+            raise InvalidRequest(f"top_k is at most {self.limits.max_top_k}.")
+        label = clean_label(options.label) if options.label else None
+        query = VectorQuery(vector=vector, top_k=top_k, offset=options.offset, label=label)
+        hits = self.retry.call(self.vectors.search, query)
+        timings.search_ms = _ms(started)
+        timings.total_ms = round(timings.decode_ms + timings.embed_ms + timings.search_ms, 2)
+        return SearchResult(
+            query_id=query_id, hits=hits, top_k=top_k, offset=options.offset, label=label,
+            model=self.model().model_id, timings=timings,
+        )
+
+    def search_image(self, data: bytes, options: SearchOptions) -> SearchResult:
+        """Search with the bytes of an image (an upload, a fetched URL)."""
+        started = time.perf_counter()
+        timings = Timings()
+        prepared = self.prepare(data, thumbnail=False)
+        timings.decode_ms = _ms(started)
+        embed_started = time.perf_counter()
+        vector = self._embed(prepared.pixels[None])[0]
+        timings.embed_ms = _ms(embed_started)
+        return self.search_vector(vector.tolist(), options, prepared.id, timings)
+
+    def search_stored(self, image_id: str, options: SearchOptions) -> SearchResult:
+        """Search with an image of the collection (its stored vector: no decoding, no embedding)."""
+        validate_image_id(image_id)
+        vector = self.retry.call(self.vectors.get_vector, image_id)
+        if vector is None:
+            raise NotFound(f"No image with id {image_id}.")
+        return self.search_vector(vector, options, image_id)
+
+    # --- the collection ----------------------------------------------------------------------------
+    def problems(self) -> tuple[IndexInfo | None, list[str]]:
+        """The collection's info when it can serve, and what is wrong with the backends (never raises
+        a backend error: /api/status and readiness show it)."""
+        problems: list[str] = []
+        info = None
+        try:
+            self.vectors.ping()
+            info = self.vectors.info()
+        except SearchError as exc:
+            problems.append(exc.message)
+        try:
+            self.store.ping()
+        except SearchError as exc:
+            problems.append(exc.message)
+        return info, problems
+
+    def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
+        return self.vectors.rebuild_index(spec)

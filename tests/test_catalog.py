@@ -1,0 +1,92 @@
+"""The catalog (bento/catalog.py) in-process, over a real Milvus Lite file and local image store: the
+flows the HTTP API and the ingest job share."""
+
+import numpy as np
+import pytest
+
+from bento.catalog import NewImage, clean_label
+from bento.config import Settings
+from bento.errors import InvalidImage, InvalidRequest, NotFound
+from bento.imaging import content_hash
+from bento.schemas import SearchOptions
+from tests.conftest import local_catalog
+
+
+class CountingEmbedding:
+    """The real model, counting how many images it was asked to embed."""
+
+    def __init__(self, embedder) -> None:
+        self.embedder, self.embedded = embedder, 0
+
+    def describe(self):
+        return self.embedder.describe()
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        self.embedded += len(pixels)
+        return self.embedder.embed(pixels)
+
+
+@pytest.fixture
+def catalog(efficientnet, tmp_path):
+    catalog = local_catalog(Settings(data_dir=tmp_path / "data"), CountingEmbedding(efficientnet))
+    yield catalog
+    catalog.close()
+
+
+def test_add_is_idempotent_and_search_finds_the_original(catalog, photo_set):
+    data = photo_set["originals"]["chelsea"]
+    first = catalog.add(data, " cat ", "chelsea.jpg")
+    assert first.created and first.id == content_hash(data) and first.image.label == "cat"
+    again = catalog.add(data, "cat", "other-name.jpg")
+    assert not again.created and again.image.source == "chelsea.jpg" and catalog.vectors.count() == 1
+    catalog.add(photo_set["originals"]["coffee"], "coffee", "coffee.jpg")
+    result = catalog.search_image(photo_set["queries"]["chelsea"], SearchOptions(top_k=2))
+    assert [hit.image.id for hit in result.hits][0] == first.id and result.query_id != first.id
+    assert result.timings.embed_ms > 0 and result.model.startswith("efficientnet-lite0@")
+    by_id = catalog.search_stored(first.id, SearchOptions(top_k=1, label="cat"))
+    assert by_id.hits[0].image.id == first.id and by_id.hits[0].score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_lost_original_is_repaired_without_embedding_again(catalog, photo_set):
+    data = photo_set["originals"]["rocket"]
+    added = catalog.add(data, "rocket", "rocket.jpg")
+    catalog.store.delete(added.id)
+    assert catalog.complete_ids([added.id]) == set(), "a row without its original is not complete"
+    embedded = catalog.embedding.embedded
+    repaired = catalog.add_many([NewImage(catalog.prepare(data, thumbnail=True), "rocket", "rocket.jpg")])[0]
+    assert not repaired.created and catalog.embedding.embedded == embedded
+    assert catalog.blob(added.id, "original") == (data, "image/jpeg")
+    assert catalog.complete_ids([added.id]) == {added.id}
+
+
+def test_remove_takes_row_and_blobs_and_then_is_not_found(catalog, photo_set):
+    added = catalog.add(photo_set["originals"]["coins"], "", "coins.jpg")
+    catalog.remove(added.id)
+    assert catalog.vectors.count() == 0 and not catalog.store.exists(added.id, "thumbnail")
+    with pytest.raises(NotFound):
+        catalog.remove(added.id)
+    with pytest.raises(NotFound):
+        catalog.metadata(added.id)
+    with pytest.raises(InvalidRequest):
+        catalog.remove("../../etc/passwd")
+
+
+def test_rules_are_enforced_once_for_every_caller(catalog, photo_set):
+    assert clean_label("  person ") == "person" and clean_label(None) == ""
+    for bad in ("x\ny", "tab\there", "x" * 257, "del\x7f"):
+        with pytest.raises(InvalidRequest):
+            clean_label(bad)
+    with pytest.raises(InvalidImage):
+        catalog.add(b"not an image", "", "x.txt")
+    with pytest.raises(InvalidRequest, match="top_k is at most"):
+        catalog.search_image(photo_set["queries"]["coins"], SearchOptions(top_k=10_000))
+    assert catalog.vectors.count() == 0, "nothing half-added"
+
+
+def test_embed_pixels_checks_the_models_recipe(catalog):
+    vectors, model = catalog.embed_pixels(np.zeros((2, 224, 224, 3), dtype=np.uint8))
+    assert vectors.shape == (2, 1280) and model.backbone == "efficientnet-lite0"
+    with pytest.raises(InvalidRequest, match="224, 224, 3"):
+        catalog.embed_pixels(np.zeros((1, 100, 100, 3), dtype=np.uint8))
+    with pytest.raises(InvalidRequest):
+        catalog.embed_pixels(np.zeros((1, 224, 224, 3), dtype=np.float32))
