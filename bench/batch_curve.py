@@ -33,8 +33,10 @@ def main() -> int:
     weights = {"resnet50_weights": "random"} if args.model == "resnet50" else {}
     embedder = load_embedder(
         Settings(
-            model=args.model, runtime=args.runtime, precision=args.precision,
-            int8_calibration_dir=args.calibration_dir, **weights,
+            model={
+                "name": args.model, "runtime": args.runtime, "precision": args.precision,
+                "int8_calibration_dir": args.calibration_dir, **weights,
+            }
         )
     )
     embedder.warm_up()

@@ -2,20 +2,21 @@
 
 ``python bench/gpu_check.py [--batches 1,32,128] [--concurrency 32] [--seconds 20] [--photos N] [--smoke]``
 
-- Part A, the embedder alone: ``load_embedder`` (ResNet-50; random-init weights unless RIS_RESNET50_WEIGHTS
+- Part A, the embedder alone: ``load_embedder`` (ResNet-50; random-init weights unless RIS_MODEL_RESNET50_WEIGHTS
   names real ones; device auto, so CUDA when torch sees one, with the runtime the service would pick there:
   fp16 autocast + channels-last) at each batch size: images/s, ms per batch and, on CUDA, the peak of
   ``torch.cuda.max_memory_allocated``. Then fidelity: real photos (ingest.demo.photos(), prepared as the
   service prepares uploads) through that runtime and through PyTorch fp32 on the CPU; the smallest cosine
   must reach models.runtime.FIDELITY_FLOOR (0.99).
-- Part B, through the service: ``bentoml serve service:ImageSearch`` with RIS_EMBED_BATCHING=true, then
-  false (bench/serving.py's serve() and load_test()), each loaded by N concurrent uploaders of near-duplicate
-  photos to POST /api/search for S seconds: requests/s, p50/p99, errors, and the on/off ratio. Any non-200
-  answer (503s included) is a failure.
+- Part B, through the service: ``bentoml serve service:ImageSearch`` with adaptive batching on, then off
+  (RIS_BATCHING_MAX_BATCH_SIZE=1; bench/serving.py's serve() and load_test()), each loaded by N concurrent
+  uploaders of near-duplicate photos to POST /api/search for S seconds: requests/s, p50/p99, errors, and the
+  on/off ratio. Any non-200 answer (503s included) is a failure.
 
 ``--smoke`` (batches 1,4; 4 uploaders; 3 s; 4 photos) is the CPU smoke test that CI runs
-(tests/test_bench_smoke.py); on a 2-core CPU it finishes in about a minute. RIS_RUNTIME / RIS_PRECISION /
-RIS_DEVICE apply to part A and (RIS_RUNTIME, RIS_PRECISION) to the served model.
+(tests/test_bench_smoke.py); on a 2-core CPU it finishes in about a minute. RIS_MODEL_RUNTIME /
+RIS_MODEL_PRECISION / RIS_MODEL_DEVICE apply to part A and (RIS_MODEL_RUNTIME, RIS_MODEL_PRECISION) to the
+served model.
 
 On the lent GPU machine (bare, no network, its own Python 3.12 with PyTorch): ``bench/gpu_check.sh``
 installs the wheels fetched beforehand with ``bench/gpu_check.sh fetch`` and runs this script; see
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving import base_env, load_test, query_photos, serve  # noqa: E402
+from serving import base_env, batching, load_test, query_photos, serve  # noqa: E402
 
 from ingest.demo import encode, photos  # noqa: E402
 
@@ -110,7 +111,7 @@ def part_a(plan: Plan, settings, photo_bytes: list[bytes]) -> list[str]:
         memory = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if cuda else "-"
         print(f"| {batch} | {batch / seconds:.1f} | {seconds * 1000:.1f} | {memory} |")
 
-    reference = load_embedder(settings.model_copy(update={"device": "cpu", "runtime": "torch", "precision": "fp32"}))
+    reference = load_embedder(settings.but(model={"device": "cpu", "runtime": "torch", "precision": "fp32"}))
     pixels = np.stack([prepare_image(data, LIMITS, embedder.preprocessing, None).pixels for data in photo_bytes])
     cosines = np.sum(embedder.embed(pixels) * reference.embed(pixels), axis=1)
     worst = float(cosines.min())
@@ -138,7 +139,7 @@ def part_b(plan: Plan, work: Path, photo_bytes: list[bytes]) -> list[str]:
     rps: dict[str, float] = {}
     for name, flag in (("on", "true"), ("off", "false")):
         try:
-            with serve(base_env(work / f"batching-{flag}", RIS_EMBED_BATCHING=flag), log) as (url, cold):
+            with serve(base_env(work / f"batching-{flag}", **batching(flag == "true")), log) as (url, cold):
                 with httpx.Client(base_url=url, timeout=120) as http:
                     for i, data in enumerate(photo_bytes):
                         http.post("/api/images", files={"file": (f"{i}.jpg", data)}).raise_for_status()
@@ -176,13 +177,16 @@ def main() -> int:
     # One model store for part A and both services: the services find the model part A imported.
     os.environ.setdefault("BENTOML_HOME", str(work / "bentoml"))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    os.environ.setdefault("RIS_RESNET50_WEIGHTS", "random")
+    os.environ.setdefault("RIS_MODEL_RESNET50_WEIGHTS", "random")
     from bento.config import Settings
 
-    settings = Settings(data_dir=work / "data", model="resnet50", resnet50_weights=os.environ["RIS_RESNET50_WEIGHTS"])
+    settings = Settings(
+        data_dir=work / "data",
+        model={"name": "resnet50", "resnet50_weights": os.environ["RIS_MODEL_RESNET50_WEIGHTS"]},
+    )
     photo_bytes = [encode(image) for _, _, image in photos()][: plan.photos]
 
-    print(f"# GPU check: ResNet-50 (weights: {settings.resnet50_weights})\n")
+    print(f"# GPU check: ResNet-50 (weights: {settings.model.resnet50_weights})\n")
     print(f"device: {device_line()}\n")
     started = time.perf_counter()
     failures = part_a(plan, settings, photo_bytes)

@@ -44,7 +44,7 @@ fi
 
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/build/gpu-check-out}
-WORK=${RIS_GPU_CHECK_WORKDIR:-/tmp/ris-gpu-check}
+WORK=${GPU_CHECK_WORKDIR:-/tmp/ris-gpu-check}
 mkdir -p "$OUT"
 if ! "$PY" -c 'import bentoml, fastapi, milvus_lite, minio, pydantic_settings, pymilvus' 2>/dev/null; then
     if ! compgen -G "$WHEELS/*.whl" >/dev/null; then

@@ -214,7 +214,9 @@ class ServerBackend(Backend):
         self.server.stop()
 
     def settings(self, collection: str) -> Settings:
-        return Settings(data_dir=self.workdir, milvus_uri=self.server.uri, collection=collection, milvus_timeout_s=120)
+        return Settings(
+            data_dir=self.workdir, milvus={"uri": self.server.uri, "collection": collection, "timeout_s": 120}
+        )
 
     def data_dir(self) -> Path:
         return self.server.data_dir
@@ -225,7 +227,9 @@ class ServerBackend(Backend):
         # earlier build stays mapped: only the first index type's figure is clean, later ones are upper bounds.
         assert self.server.process is not None
         rss = float(tree_rss(self.server.process.pid) - self.idle_rss)
-        collection_id = str(index._call("describe_collection", index.settings.collection)["collection_id"])
+        name = index.settings.milvus.collection
+        described = index._run("describe_collection", lambda c, t: c.describe_collection(name, timeout=t))
+        collection_id = str(described["collection_id"])
         reported = 0.0
         for line in httpx.get("http://127.0.0.1:9091/metrics", timeout=10).text.splitlines():
             if line.startswith("milvus_querynode_entity_size{") and f'collection_id="{collection_id}"' in line and 'segment_state="Sealed"' in line:
@@ -250,7 +254,7 @@ class LiteBackend(Backend):
     name = "lite"
 
     def settings(self, collection: str) -> Settings:
-        return Settings(data_dir=self.workdir, collection=collection, milvus_timeout_s=120)
+        return Settings(data_dir=self.workdir, milvus={"collection": collection, "timeout_s": 120})
 
     def data_dir(self) -> Path:
         return self.workdir / "milvus.db"
@@ -262,7 +266,7 @@ class LiteBackend(Backend):
         index.close()
         server_manager_instance.release_server(str(self.data_dir()))
         out = subprocess.run(
-            [sys.executable, "-c", _LITE_RSS_CHILD, str(self.data_dir()), index.settings.collection, str(DIM)],
+            [sys.executable, "-c", _LITE_RSS_CHILD, str(self.data_dir()), index.settings.milvus.collection, str(DIM)],
             capture_output=True, text=True, timeout=900,
         )
         if out.returncode != 0:
@@ -290,23 +294,24 @@ def ingest(index: VectorIndex, vectors: np.ndarray, chunk: int = 2000) -> float:
 def build(index: VectorIndex, index_type: str) -> str:
     """(Re)build the index and load it; returns its build + search parameters."""
     if index_type in DEFAULT_INDEX_PARAMS:
-        spec = index.rebuild_index(IndexSpec(index_type=index_type))  # type: ignore[arg-type]
+        spec = index.rebuild_index(IndexSpec(index_type=index_type)).index  # type: ignore[arg-type]
         return json.dumps(spec.params | _search_params(spec, TOP_K))
     build_params, search_params = CANDIDATES[index_type]
-    name = index.settings.collection
-    index._call("release_collection", name)
-    for index_name in index._call("list_indexes", name):
-        index._call("drop_index", name, index_name)
+    name = index.settings.milvus.collection
+    index._run("release_collection", lambda c, t: c.release_collection(name, timeout=t))
+    for index_name in index._run("list_indexes", lambda c, t: c.list_indexes(name, timeout=t)):
+        index._run("drop_index", lambda c, t, index_name=index_name: c.drop_index(name, index_name, timeout=t))
     params = index._milvus().prepare_index_params()
     params.add_index("vector", index_type=index_type, metric_type=METRIC, params=dict(build_params))
-    index._call("create_index", name, params, timeout=900)
-    index._call("load_collection", name, timeout=900)
+    index._run("create_index", lambda c, t: c.create_index(name, params, timeout=t), timeout=900)
+    index._run("load_collection", lambda c, t: c.load_collection(name, timeout=t), timeout=900)
     return json.dumps(build_params | search_params) + " (candidate)"
 
 
 def searcher(index: VectorIndex, index_type: str, consistency: str = "Strong") -> Callable[[np.ndarray], list[int]]:
     """One single-vector search. Strong on a product index type: the service's own call
     (VectorIndex.search); otherwise the same call through the client, with that consistency level."""
+    name = index.settings.milvus.collection
     if index_type in DEFAULT_INDEX_PARAMS:
         if consistency == "Strong":
 
@@ -315,18 +320,20 @@ def searcher(index: VectorIndex, index_type: str, consistency: str = "Strong") -
                 return [int(h.image.id, 16) for h in hits]
 
             return product_search
-        spec = IndexSpec.model_validate_json(
-            index._call("describe_collection", index.settings.collection)["properties"]["ris.index"]
-        )
+        described = index._run("describe_collection", lambda c, t: c.describe_collection(name, timeout=t))
+        spec = IndexSpec.model_validate_json(described["properties"]["ris.index"])
         search_params = _search_params(spec, TOP_K)
     else:
         search_params = CANDIDATES[index_type][1]
-    name = index.settings.collection
 
     def raw_search(vector: np.ndarray) -> list[int]:
-        result = index._call(
-            "search", name, [vector.tolist()], limit=TOP_K, output_fields=METADATA_FIELDS,
-            search_params={"metric_type": METRIC, "params": search_params}, consistency_level=consistency,
+        result = index._run(
+            "search",
+            lambda c, t: c.search(
+                name, [vector.tolist()], limit=TOP_K, output_fields=METADATA_FIELDS,
+                search_params={"metric_type": METRIC, "params": search_params}, consistency_level=consistency,
+                timeout=t,
+            ),
         )
         return [int(hit["id"], 16) for hit in result[0]]
 
@@ -346,10 +353,13 @@ def timed(search: Callable[[np.ndarray], list[int]], queries: np.ndarray) -> tup
 
 def wait_indexed(index: VectorIndex, n: int, timeout_s: float = 900) -> None:
     """The server builds asynchronously after sealing; wait until every row is indexed."""
+    name = index.settings.milvus.collection
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        names = index._call("list_indexes", index.settings.collection)
-        info = index._call("describe_index", index.settings.collection, names[0]) if names else {}
+        names = index._run("list_indexes", lambda c, t: c.list_indexes(name, timeout=t))
+        info: dict[str, Any] = {}
+        if names:
+            info = index._run("describe_index", lambda c, t, first=names[0]: c.describe_index(name, first, timeout=t))
         if "indexed_rows" not in info or int(info["indexed_rows"]) >= n:
             return
         time.sleep(0.5)
@@ -405,7 +415,7 @@ def run_backend(backend: Backend, sizes: list[int], index_types: list[str], n_qu
                 )
                 rows.append(row)
                 print(f"[{backend.name} {n}] {row}", file=sys.stderr)
-            index._call("drop_collection", collection)
+            index._run("drop_collection", lambda c, t, collection=collection: c.drop_collection(collection, timeout=t))
             index.close()
     finally:
         backend.stop()
@@ -459,7 +469,7 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print(DATA_NOTE)
     print(f"\n{args.queries} single queries per row, top_k {TOP_K}, with the product's metadata fields; {os.cpu_count()} CPU "
-          "cores. p50/p99: VectorIndex.search as the service calls it (RIS_SEARCH_CONSISTENCY, default Session); Bounded: the same "
+          "cores. p50/p99: VectorIndex.search as the service calls it (RIS_MILVUS_SEARCH_CONSISTENCY, default Session); Bounded: the same "
           "search at consistency Bounded.\n")
     print(table(rows))
     print(

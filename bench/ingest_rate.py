@@ -46,8 +46,8 @@ def main() -> int:
     env_base = {k: v for k, v in os.environ.items() if not k.startswith("RIS_")}
     env_base.update(
         BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=os.environ.get("BENTOML_HOME", str(work / "bentoml")),
-        RIS_MODEL=args.model, RIS_RESNET50_WEIGHTS=os.environ.get("RIS_RESNET50_WEIGHTS", "random"),
-        RIS_INT8_CALIBRATION_DIR=str(calibration),
+        RIS_MODEL_NAME=args.model, RIS_MODEL_RESNET50_WEIGHTS=os.environ.get("RIS_MODEL_RESNET50_WEIGHTS", "random"),
+        RIS_MODEL_INT8_CALIBRATION_DIR=str(calibration),
     )
     print(f"## Ingest job: {args.images} JPEGs of 500x375 (~{sum(p.stat().st_size for p in folder.rglob('*.jpg')) // args.images // 1000} KB), "
           f"{args.model}, Milvus Lite + local store, {os.cpu_count()} CPUs")
@@ -56,7 +56,10 @@ def main() -> int:
     base = None
     for label in args.runtimes.split(","):
         runtime, precision = label.split("-")
-        env = {**env_base, "RIS_DATA_DIR": str(work / f"data-{label}"), "RIS_RUNTIME": runtime, "RIS_PRECISION": precision}
+        env = {
+            **env_base, "RIS_DATA_DIR": str(work / f"data-{label}"), "RIS_MODEL_RUNTIME": runtime,
+            "RIS_MODEL_PRECISION": precision,
+        }
         done = subprocess.run(
             [sys.executable, "-m", "ingest", str(folder), "--no-progress", "--json"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,

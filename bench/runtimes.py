@@ -4,7 +4,7 @@ fidelity (cosine to PyTorch eager fp32) and near-duplicate recall@1.
 
 ``python bench/runtimes.py [--model resnet50] [--batches 1,8,32] [--runtimes ...]``
 
-ResNet-50 runs with random-init weights unless RIS_RESNET50_WEIGHTS names real ones (ImageNet weights
+ResNet-50 runs with random-init weights unless RIS_MODEL_RESNET50_WEIGHTS names real ones (ImageNet weights
 cannot be downloaded on our CI machines); speed does not depend on the weight values. Fidelity of a
 random-init network is a harsher test than of a trained one for bf16 (no trained feature scale) and
 a fair one for int8 calibration; EfficientNet-Lite0 (`--model efficientnet-lite0`) has genuine weights.
@@ -68,11 +68,13 @@ def load(model: str, label: str, calibration_dir: Path) -> ImageEmbedder:
     runtime, precision = label.split("-")
     settings = Settings(
         data_dir=Path("unused"),
-        model=model,
-        resnet50_weights=os.environ.get("RIS_RESNET50_WEIGHTS", "random"),
-        runtime=runtime,
-        precision=precision,
-        int8_calibration_dir=calibration_dir,
+        model={
+            "name": model,
+            "resnet50_weights": os.environ.get("RIS_MODEL_RESNET50_WEIGHTS", "random"),
+            "runtime": runtime,
+            "precision": precision,
+            "int8_calibration_dir": calibration_dir,
+        },
     )
     return load_embedder(settings)
 

@@ -5,9 +5,9 @@ concurrent uploaders, and single-request HTTP search latency with 10k / 100k vec
 ``python bench/serving.py [--sizes 10000,100000] [--backends lite,server] [--concurrency 32] [--seconds 30]``
 
 Each scenario starts its own `bentoml serve service:ImageSearch` (ResNet-50 architecture, random-init
-weights unless RIS_RESNET50_WEIGHTS names real ones; default runtime unless RIS_RUNTIME/RIS_PRECISION
-are set). Index scenarios are pre-filled with synthetic ResNet-50-like vectors (bench/index_bench.py
-FeatureModel) under the served model's identity; the queries are real photo uploads.
+weights unless RIS_MODEL_RESNET50_WEIGHTS names real ones; default runtime unless RIS_MODEL_RUNTIME /
+RIS_MODEL_PRECISION are set). Index scenarios are pre-filled with synthetic ResNet-50-like vectors
+(bench/index_bench.py FeatureModel) under the served model's identity; the queries are real photo uploads.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import numpy as np
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from index_bench import FeatureModel, wait_indexed  # noqa: E402
 
-from bento.config import Settings  # noqa: E402
+from bento.config import BatchingSettings, Settings, check_environment  # noqa: E402
 from bento.schemas import VectorRecord  # noqa: E402
 from bento.vectors import VectorIndex  # noqa: E402
 from ingest.demo import encode, near_duplicate, photos  # noqa: E402
@@ -42,14 +43,31 @@ from scripts.devstack import BentoService  # noqa: E402
 
 
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    # RIS_* settings of the caller pass through (e.g. RIS_RUNTIME, RIS_API_WORKERS on a big machine);
-    # the model defaults to ResNet-50 and each scenario gets its own data directory.
+    # RIS_* settings of the caller pass through (e.g. RIS_MODEL_RUNTIME, RIS_SERVICES_API_WORKERS on a big
+    # machine); the model defaults to ResNet-50 and each scenario gets its own data directory.
     env = dict(os.environ)
-    env.setdefault("RIS_MODEL", "resnet50")
-    env.setdefault("RIS_RESNET50_WEIGHTS", "random")
+    env.setdefault("RIS_MODEL_NAME", "resnet50")
+    env.setdefault("RIS_MODEL_RESNET50_WEIGHTS", "random")
     env.update(BENTOML_DO_NOT_TRACK="true", RIS_DATA_DIR=str(data_dir))
     env.update(extra)
     return env
+
+
+def batching(on: bool) -> dict[str, str]:
+    """The embedder's adaptive batching on (the caller's RIS_BATCHING_MAX_BATCH_SIZE, else the default) or
+    off (a batch size of 1)."""
+    if not on:
+        return {"RIS_BATCHING_MAX_BATCH_SIZE": "1"}
+    if os.environ.get("RIS_BATCHING_MAX_BATCH_SIZE", "").strip() == "1":
+        return {"RIS_BATCHING_MAX_BATCH_SIZE": str(BatchingSettings().max_batch_size)}
+    return {}
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    """The settings a service started with ``env`` reads (the product's own parsing of RIS_* variables)."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        check_environment()
+        return Settings()
 
 
 @contextmanager
@@ -127,7 +145,7 @@ def model_info(url: str):
 def fill(settings: Settings, info, count: int, seed: int = 0) -> float:
     """Insert ``count`` synthetic vectors under the served model's identity; seconds incl. index build."""
     # Bulk loading 100k rows makes Milvus Lite compact/index segments inside some upserts: allow for it.
-    index = VectorIndex(settings.model_copy(update={"milvus_timeout_s": 600.0}), info)
+    index = VectorIndex(settings.but(milvus={"timeout_s": 600.0}), info)
     started = time.perf_counter()
     features = FeatureModel(seed)
     try:
@@ -184,7 +202,7 @@ def batching_scenarios(args: argparse.Namespace, work: Path, log: Path, uploads:
     results = {}
     for name, batch in (("off", "false"), ("on", "true")):
         data_dir = work / f"batching-{batch}"
-        with serve(base_env(data_dir, RIS_EMBED_BATCHING=batch), log) as (url, cold):
+        with serve(base_env(data_dir, **batching(batch == "true")), log) as (url, cold):
             with httpx.Client(base_url=url, timeout=60) as http:
                 for i, (_, _, image) in enumerate(photos()):
                     http.post("/api/images", files={"file": (f"{i}.jpg", encode(image))}).raise_for_status()
@@ -210,14 +228,14 @@ def search_scenarios(args: argparse.Namespace, work: Path, log: Path, uploads: l
         try:
             for size in sizes:
                 data_dir = work / f"{backend}-{size}"
-                extra = {"RIS_COLLECTION": f"bench_{size}"}
+                extra = {"RIS_MILVUS_COLLECTION": f"bench_{size}"}
                 if server is not None:
                     extra["RIS_MILVUS_URI"] = server.uri
                 env = base_env(data_dir, **extra)
                 # Learn the served model identity, stop, fill (a Lite file has one owner), serve again.
                 with serve(env, log) as (url, _):
                     info = model_info(url)
-                settings = Settings(**{k.removeprefix("RIS_").lower(): v for k, v in env.items() if k.startswith("RIS_")})
+                settings = settings_of(env)
                 # In a child process: a Milvus Lite file stays locked by the process that opened it.
                 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     seconds = pool.submit(fill, settings, info, size).result()

@@ -228,7 +228,7 @@ def stack_env(milvus: MilvusServer, s3: S3Server, bucket: str = "images", collec
     """The settings that point the product at the stack."""
     return {
         "RIS_MILVUS_URI": milvus.uri,
-        "RIS_COLLECTION": collection,
+        "RIS_MILVUS_COLLECTION": collection,
         "RIS_STORE_BACKEND": "s3",
         "RIS_S3_ENDPOINT": s3.endpoint,
         "RIS_S3_BUCKET": bucket,
