@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the tests need (venv, Chromium for the browser test) and run the whole suite.
-# Extra arguments go to pytest, e.g. scripts/test.sh -k ingest
+# Extra arguments go to one plain pytest run instead, e.g. scripts/test.sh -k ingest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BENTOML_DO_NOT_TRACK=true
@@ -21,5 +21,12 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 echo "==> lint"
 .venv/bin/ruff check .
-echo "==> tests"
-exec .venv/bin/python -m pytest -ra --durations=15 "$@"
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest -ra --durations=15 "$@"
+fi
+# The fast tier (no server, ~2-3 min) in a random order: every test stands alone. Then the tests that
+# start servers, in file order (their shared session-scoped servers start once that way).
+echo "==> fast tests, random order"
+.venv/bin/python -m pytest -ra -m "not slow" -p random_order --random-order-bucket=global --durations=10
+echo "==> slow tests (real Milvus, S3, bentoml serve, Chromium)"
+exec .venv/bin/python -m pytest -ra -m slow --durations=15
