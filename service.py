@@ -16,9 +16,11 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -26,24 +28,38 @@ import aiohttp
 import anyio
 import bentoml
 import numpy as np
+import psutil
 from bentoml.exceptions import BentoMLException
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from bento.auth import KeyTable, Principal, Scope, is_loopback, presented_key
 from bento.catalog import Catalog, SearchResult
 from bento.config import Settings, get_settings
 from bento.errors import (
     BackendUnavailable,
+    Conflict,
     ConnectionDropped,
+    Forbidden,
     ImageTooLarge,
     InvalidImage,
     InvalidRequest,
     ModelMismatch,
     ModelUnavailable,
     NotFound,
+    RateLimited,
     SearchError,
+    Unauthenticated,
     UnsupportedImageFormat,
+    UnsupportedMediaType,
     UrlFetchFailed,
 )
 from bento.fetch import UrlFetcher
@@ -71,8 +87,9 @@ from bento.schemas import (
     VectorQuery,
     VectorRecord,
 )
-from bento.storage import open_image_store
+from bento.storage import Kind, open_image_store
 from bento.vectors import VectorIndex
+from models.pipeline import MAX_PIXELS_BATCH
 
 logger = logging.getLogger("ris.service")
 P = ParamSpec("P")
@@ -314,42 +331,245 @@ class RemoteVectors:
 HTTP_STATUS: dict[type[SearchError], int] = {
     InvalidRequest: 400,
     UrlFetchFailed: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
     NotFound: 404,
+    Conflict: 409,
     ModelMismatch: 409,
     ImageTooLarge: 413,
     UnsupportedImageFormat: 415,
+    UnsupportedMediaType: 415,
     InvalidImage: 422,
+    RateLimited: 429,
     SearchError: 500,
     ModelUnavailable: 503,
     BackendUnavailable: 503,
 }
+# What a client told "503, try later" should wait (a dropped dependency, a busy decoder, an outage).
+RETRY_AFTER_S = 5
 
 
 def http_status(error: SearchError) -> int:
     return next(HTTP_STATUS[cls] for cls in type(error).__mro__ if cls in HTTP_STATUS)
 
 
+def error_response(error: SearchError) -> JSONResponse:
+    status = http_status(error)
+    headers: dict[str, str] = {}
+    if isinstance(error, RateLimited):
+        headers["Retry-After"] = str(error.retry_after_s)
+    elif status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    elif status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="reverse-image-search"'
+    return JSONResponse(ErrorResponse(error=error.code, detail=error.message).model_dump(), status_code=status, headers=headers)
+
+
+# --- request bodies and response headers, for every route (a pure ASGI middleware: it sees the body as it
+# streams, before FastAPI spools a multipart upload or reads a JSON body) --------------------------------
+
+JSON_BODY_LIMIT = 64 * 1024
+MULTIPART_OVERHEAD = 64 * 1024
+EMBED_BODY_LIMIT = MAX_PIXELS_BATCH * 224 * 224 * 3 + 4096  # the largest .npy /api/embed accepts
+
+
+def body_limit(method: str, path: str, settings: Settings) -> tuple[int, ErrorResponse]:
+    """The most bytes a request to this route may send, and the answer when it sends more (413)."""
+    if method == "POST" and path in ("/api/search", "/api/images"):
+        limit = settings.limits.max_upload_bytes + MULTIPART_OVERHEAD
+        detail = f"The upload is over the {settings.limits.max_upload_bytes}-byte image limit."
+        return limit, ErrorResponse(error=ImageTooLarge.code, detail=detail)
+    limit = EMBED_BODY_LIMIT if method == "POST" and path == "/api/embed" else JSON_BODY_LIMIT
+    return limit, ErrorResponse(error="request_too_large", detail=f"The request body is over this route's {limit}-byte limit.")
+
+
+def security_headers(settings: Settings) -> list[tuple[bytes, bytes]]:
+    """Headers on every answer: a CSP that allows only the page's own script and style (no inline code),
+    images from here, blobs (local previews), https and the S3 host of presigned URLs; no framing."""
+    image_sources = ["'self'", "data:", "blob:", "https:"]
+    if settings.store.backend == "s3":
+        public = settings.s3.public_endpoint or f"{'https' if settings.s3.secure else 'http'}://{settings.s3.endpoint}"
+        image_sources.append(public)
+    csp = (
+        "default-src 'self'; script-src 'self'; style-src 'self'; "
+        f"img-src {' '.join(image_sources)}; connect-src 'self'; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+    headers = {
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+    }
+    return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class EdgeGuard:
+    """Refuses a request body over its route's limit (413) whether or not it declares a Content-Length,
+    while it streams; adds the security headers to every answer."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.headers = security_headers(settings)
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, refusal = body_limit(scope["method"], scope["path"], self.settings)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await self._too_large(send, refusal)
+            return
+        received, exceeded, started = 0, False, False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if exceeded:  # whatever the app made of the interrupted body, the answer is 413
+                return
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if exceeded and not started:
+            await self._too_large(send, refusal)
+
+    async def _too_large(self, send: Callable[[dict[str, Any]], Awaitable[None]], refusal: ErrorResponse) -> None:
+        payload = refusal.model_dump_json().encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                   (b"connection", b"close"), *self.headers]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
 app = FastAPI(
     title="Reverse image search",
-    description="Upload a photo, get the most similar images. Errors are JSON: {error, detail}.",
+    description="Upload a photo, get the most similar images. Errors are JSON: {error, detail}. "
+    "Writes and admin actions need an API key (Authorization: Bearer KEY, or X-API-Key).",
     version="0.1.0",
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
+app.add_middleware(EdgeGuard, settings=DEPLOYMENT)
+app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+# --- who may do what ----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def key_table() -> KeyTable:
+    auth = get_settings().auth
+    return KeyTable.from_settings(auth.keys, auth.keys_file, auth.anonymous_scopes)
+
+
+@functools.lru_cache(maxsize=1)
+def listening_on_loopback_only() -> bool:
+    """Whether every socket this API worker listens on is bound to a loopback address.
+
+    BentoML hands its workers an already bound socket, and the ASGI scope names only the address a
+    client reached, so the answer comes from the process's own listening sockets. When they cannot be
+    read, the answer is no (the safe side: no writes without keys)."""
+    try:
+        listening = [c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        logger.warning("cannot read this process's listening sockets; treating the service as exposed")
+        return False
+    return bool(listening) and all(is_loopback(address.ip) for address in listening)
+
+
+def allowed(scope: Scope) -> Callable[..., Awaitable[Principal]]:
+    """A route dependency: the caller's principal, when it may act in ``scope`` (401/403 otherwise)."""
+
+    async def check(
+        request: Request,
+        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+        x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    ) -> Principal:
+        loopback = listening_on_loopback_only()
+        table = key_table()
+        principal = table.identify(presented_key(authorization, x_api_key), loopback)
+        table.require(principal, scope, loopback)
+        return principal
+
+    return check
+
+
+Searcher = Annotated[Principal, Depends(allowed("search"))]
+Writer = Annotated[Principal, Depends(allowed("write"))]
+Admin = Annotated[Principal, Depends(allowed("admin"))]
+
+
+class ClientLimits:
+    """Per-client limits of the expensive routes (a moving window per minute, in this worker's memory).
+    Admin principals (the operators' tools, e.g. the remote ingest) are not limited."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.item = RateLimitItemPerMinute(per_minute) if per_minute > 0 else None
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def charge(self, request: Request, principal: Principal, route: str) -> None:
+        if self.item is None or "admin" in principal.scopes:
+            return
+        client = f"key:{principal.name}" if principal.name else f"ip:{request.client.host if request.client else '?'}"
+        if not self.limiter.hit(self.item, route, client):
+            reset = self.limiter.get_window_stats(self.item, route, client).reset_time
+            wait = max(1, math.ceil(reset - time.time()))
+            raise RateLimited(f"Too many {route} requests; at most {self.item.amount} a minute per client.", wait)
 
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
-async def _read_upload(request: Request, upload: UploadFile, max_bytes: int) -> bytes:
-    """Read an upload, refusing oversize bodies without holding them in memory."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
-        raise ImageTooLarge(f"The request is {declared} bytes; the image limit is {max_bytes} bytes.")
+async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    """Read an upload (its body already bounded by EdgeGuard) and check its size."""
     data = await upload.read(max_bytes + 1)
     check_size(len(data), max_bytes)
     return data
+
+
+def read_npy(raw: bytes, content_type: str, crop: int) -> np.ndarray:
+    """A .npy of uint8 pixels, checked from its header before anything is allocated (no pickles)."""
+    if content_type.split(";")[0].strip().lower() not in ("application/x-npy", "application/octet-stream"):
+        raise UnsupportedMediaType("POST /api/embed takes a .npy body (Content-Type: application/x-npy).")
+    stream = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(stream)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = reader(stream, max_header_size=1024)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise InvalidRequest(f"The body must be a .npy array: {exc}") from exc
+    expected = f"uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, {crop}, {crop}, 3)"
+    if dtype != np.uint8 or fortran_order or len(shape) != 4 or tuple(shape[1:]) != (crop, crop, 3):
+        raise InvalidRequest(f"Expected {expected}, got {dtype} {shape}.")
+    if not 0 < shape[0] <= MAX_PIXELS_BATCH:
+        raise InvalidRequest(f"Expected {expected}, got {shape[0]} images.")
+    if len(raw) - stream.tell() != math.prod(shape):
+        raise InvalidRequest(f"The .npy header says {shape} but the body holds {len(raw) - stream.tell()} bytes of pixels.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=stream.tell()).reshape(shape)
 
 
 @bentoml.service(name="image-search", workers=DEPLOYMENT.services.api_workers, traffic={"timeout": 120})
@@ -370,8 +590,13 @@ class ImageSearch:
             self.settings.limits,
             self.settings.store.thumbnail_size,
             FAIL_FAST,  # a request answers 503 at once; only a dropped connection is retried
+            self.settings.store.serve_location,
         )
-        self.fetcher = UrlFetcher(self.settings.limits.max_upload_bytes, self.settings.limits.url_fetch_timeout_s)
+        self.fetcher = UrlFetcher(self.settings.fetch, self.settings.limits.max_upload_bytes)
+        self.client_limits = ClientLimits(self.settings.limits.expensive_per_minute)
+        loopback = listening_on_loopback_only()
+        # Exactly what is open, once at start (the README's Security section explains the rules).
+        logger.warning("%s (listening on %s).", key_table().describe(loopback), "loopback only" if loopback else "a non-loopback address")
 
     @bentoml.on_shutdown
     def close_url_fetcher(self) -> None:
@@ -408,25 +633,26 @@ class ImageSearch:
     @app.post("/api/search", response_model=SearchResponse, responses={413: {"model": ErrorResponse}})
     async def search_upload(
         self,
-        request: Request,
+        _: Searcher,
         file: Annotated[UploadFile, File(description="The query image.")],
         top_k: Annotated[int | None, Form(ge=1)] = None,
         offset: Annotated[int, Form(ge=0)] = 0,
         label: Annotated[str | None, Form(max_length=MAX_LABEL_LENGTH)] = None,
     ) -> SearchResponse:
         """Search with an uploaded image (multipart form)."""
-        data = await _read_upload(request, file, self.settings.limits.max_upload_bytes)
+        data = await _read_upload(file, self.settings.limits.max_upload_bytes)
         options = SearchOptions(top_k=top_k, offset=offset, label=label or None)
         return self._response(await in_thread(self.catalog.search_image, data, options))
 
     @app.post("/api/search/url", response_model=SearchResponse)
-    async def search_url(self, body: SearchByUrl) -> SearchResponse:
-        """Search with an image fetched from an http(s) URL."""
+    async def search_url(self, request: Request, principal: Searcher, body: SearchByUrl) -> SearchResponse:
+        """Search with an image fetched from a public http(s) URL (see README: Security)."""
+        self.client_limits.charge(request, principal, "URL search")
         data = await in_thread(self.fetcher.fetch, body.url)
         return self._response(await in_thread(self.catalog.search_image, data, body))
 
     @app.post("/api/search/id", response_model=SearchResponse)
-    async def search_id(self, body: SearchById) -> SearchResponse:
+    async def search_id(self, _: Searcher, body: SearchById) -> SearchResponse:
         """Search with an image already in the collection (no re-embedding)."""
         return self._response(await in_thread(self.catalog.search_stored, body.id, body))
 
@@ -434,49 +660,57 @@ class ImageSearch:
     async def insert(
         self,
         request: Request,
+        principal: Writer,
         file: Annotated[UploadFile, File(description="The image to add.")],
         label: Annotated[str | None, Form(max_length=MAX_LABEL_LENGTH)] = None,
     ) -> Response:
-        """Add one image. Its id is the sha256 of its bytes: adding the same bytes again changes nothing."""
-        data = await _read_upload(request, file, self.settings.limits.max_upload_bytes)
+        """Add one image (scope `write`). Its id is the sha256 of its bytes: adding the same bytes again changes nothing."""
+        self.client_limits.charge(request, principal, "insert")
+        data = await _read_upload(file, self.settings.limits.max_upload_bytes)
         added = await in_thread(self.catalog.add, data, label, file.filename or "upload")
         message = "Added." if added.created else "Already present; nothing changed."
         body = InsertResponse(id=added.id, created=added.created, message=message, image=added.image)
         return JSONResponse(body.model_dump(), status_code=201 if added.created else 200)
 
     @app.get("/api/images/{image_id}", responses={404: {"model": ErrorResponse}})
-    async def get_image(self, image_id: str) -> Response:
-        """The original image bytes, streamed from the store (503 when the store is down)."""
-        return self._blob_response(*await in_thread(self.catalog.blob, image_id, "original"))
+    async def get_image(self, request: Request, _: Searcher, image_id: str) -> Response:
+        """The original image bytes, without their GPS location (503 when the store is down)."""
+        return await self._blob_response(request, image_id, "original")
 
     @app.get("/api/images/{image_id}/thumbnail", responses={404: {"model": ErrorResponse}})
-    async def get_thumbnail(self, image_id: str) -> Response:
-        return self._blob_response(*await in_thread(self.catalog.blob, image_id, "thumbnail"))
+    async def get_thumbnail(self, request: Request, _: Searcher, image_id: str) -> Response:
+        return await self._blob_response(request, image_id, "thumbnail")
 
-    @staticmethod
-    def _blob_response(data: bytes, media_type: str) -> Response:
-        # Streamed by the service whatever the store (hits carry presigned URLs for direct access):
-        # one URL that always works, and a clear 503 when the store is down.
-        # Content-addressed: the bytes behind an id never change.
-        headers = {"Cache-Control": "public, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
+    async def _blob_response(self, request: Request, image_id: str, kind: Kind) -> Response:
+        # Streamed by the service whatever the store (hits carry presigned URLs for direct access): one URL
+        # that always works, and a clear 503 when the store is down. The bytes behind an id never change,
+        # but an image can be deleted: caches keep it and revalidate on every use (304 while it exists).
+        etag = f'"{image_id}-{kind}"'
+        headers = {"Cache-Control": "private, no-cache", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            await in_thread(self.catalog.metadata, image_id)  # a deleted image is a 404, not a 304
+            return Response(status_code=304, headers=headers)
+        data, media_type = await in_thread(self.catalog.blob, image_id, kind)
         return Response(data, media_type=media_type, headers=headers)
 
     @app.get("/api/images/{image_id}/metadata", response_model=ImageMetadata)
-    async def get_metadata(self, image_id: str) -> ImageMetadata:
+    async def get_metadata(self, _: Searcher, image_id: str) -> ImageMetadata:
         return await in_thread(self.catalog.metadata, image_id)
 
     @app.delete("/api/images/{image_id}", response_model=DeleteResponse)
-    async def delete_image(self, image_id: str) -> DeleteResponse:
-        """Remove an image, its vector and its thumbnail."""
+    async def delete_image(self, _: Writer, image_id: str) -> DeleteResponse:
+        """Remove an image, its vector and its thumbnail (scope `write`)."""
         await in_thread(self.catalog.remove, image_id)
         return DeleteResponse(id=image_id, deleted=True)
 
-    @app.get("/api/status", response_model=StatusResponse)
-    async def status(self) -> StatusResponse:
-        """Count, model, index, backends. Answers even when Milvus is down (ready=false)."""
+    @app.get("/api/status", response_model=StatusResponse, response_model_exclude_none=True)
+    async def status(self, principal: Searcher) -> StatusResponse:
+        """Count, model, index, backends. Answers even when Milvus is down (ready=false). Where the
+        backends are (URIs, paths, error details) is shown to `admin` keys only."""
         description = await in_thread(self.remote_embedder.describe)
         info, problems = await in_thread(self.catalog.problems)
         settings = self.settings
+        admin = "admin" in principal.scopes
         limits = Limits(
             max_upload_bytes=settings.limits.max_upload_bytes,
             max_image_pixels=settings.limits.max_image_pixels,
@@ -485,6 +719,7 @@ class ImageSearch:
             embed_max_batch_size=settings.batching.max_batch_size,
             embed_max_latency_ms=settings.batching.max_latency_ms,
         )
+        store = self.catalog.store.info()
         return StatusResponse(
             ready=not problems,
             count=info.count if info else -1,
@@ -494,34 +729,66 @@ class ImageSearch:
             metric=info.metric if info else "COSINE",
             collection=settings.milvus.collection,
             milvus_backend=settings.milvus.backend,
-            milvus_uri=settings.milvus.uri,
-            store=self.catalog.store.info(),
+            milvus_uri=settings.milvus.uri if admin else None,
+            store=store if admin else store.model_copy(update={"location": None}),
             limits=limits,
-            error="; ".join(problems),
+            error="; ".join(problems) if admin or not problems else "a backend is unavailable (details: admin keys)",
         )
 
-    @app.post("/api/index", response_model=IndexInfo)
-    async def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
-        """(Re)build the vector index with a chosen type and parameters (FLAT, IVF_FLAT, IVF_SQ8, HNSW)."""
+    @app.post("/api/index", response_model=IndexInfo, response_model_exclude_none=True)
+    async def rebuild_index(self, _: Admin, spec: IndexSpec) -> IndexInfo:
+        """(Re)build the vector index (scope `admin`): FLAT, IVF_FLAT, IVF_SQ8, HNSW; one at a time (409)."""
         return await in_thread(self.catalog.rebuild_index, spec)
 
     @app.get("/api/model", response_model=ModelDescription)
-    async def model(self) -> ModelDescription:
+    async def model(self, _: Searcher) -> ModelDescription:
         """The serving model and preprocessing recipe (the ingest job's --service-url reads this)."""
         return await in_thread(self.remote_embedder.describe)
 
     @app.post("/api/embed", response_class=Response)
-    async def embed(self, request: Request) -> Response:
-        """Batch embedding for the ingest job: body and answer are .npy arrays (uint8 pixels in, float32 out)."""
-        raw = await request.body()
-        try:
-            pixels = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InvalidRequest(f"The body must be a .npy array: {exc}") from exc
+    async def embed(self, request: Request, principal: Admin) -> Response:
+        """Batch embedding for the ingest job (scope `admin`): .npy uint8 pixels in, .npy float32 vectors out."""
+        crop = (await in_thread(self.remote_embedder.describe)).preprocessing.crop
+        pixels = read_npy(await request.body(), request.headers.get("content-type", ""), crop)
         vectors, model = await in_thread(self.catalog.embed_pixels, pixels)
         out = io.BytesIO()
         np.save(out, np.asarray(vectors, dtype=np.float32), allow_pickle=False)
         return Response(out.getvalue(), media_type="application/x-npy", headers={"X-Model-Id": model.model_id})
+
+
+def _api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+    """Every API route, including those BentoML includes from the service class (a nested router)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):  # FastAPI's included router
+            yield from _api_routes(route.original_router.routes)
+        elif hasattr(route, "routes"):
+            yield from _api_routes(route.routes)
+
+
+@app.api_route(
+    "/{unknown:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False
+)
+async def _no_such_route(request: Request, unknown: str) -> JSONResponse:
+    """Last route: BentoML answers paths no route of ours takes with a plain-text 404; this keeps every
+    answer in the API's JSON error shape (a known path with another method is a 405)."""
+    known_path = any(
+        route.endpoint is not _no_such_route and route.matches(request.scope)[0] == Match.PARTIAL
+        for route in _api_routes(app.router.routes)
+    )
+    status, code = (405, "method_not_allowed") if known_path else (404, "not_found")
+    detail = f"{request.method} is not allowed here" if known_path else f"No route /{unknown}"
+    return JSONResponse(ErrorResponse(error=code, detail=detail).model_dump(), status_code=status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (unknown path, wrong method) in the API's own error shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        ErrorResponse(error=code, detail=str(exc.detail)).model_dump(), status_code=exc.status_code, headers=exc.headers
+    )
 
 
 @app.exception_handler(RequestValidationError)
@@ -532,7 +799,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 @app.exception_handler(SearchError)
 async def _domain_error(_: Request, exc: SearchError) -> JSONResponse:
-    status = http_status(exc)
-    if status >= 500:
+    response = error_response(exc)
+    if response.status_code >= 500:
         logger.error("%s: %s", exc.code, exc.message)
-    return JSONResponse(ErrorResponse(error=exc.code, detail=exc.message).model_dump(), status_code=status)
+    return response

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from bento.config import LimitsSettings, Settings
 from bento.errors import InvalidRequest, NotFound, SearchError
-from bento.imaging import DecodeLimits
+from bento.imaging import DecodeLimits, without_location
 from bento.retry import FAIL_FAST, RetryPolicy
 from bento.schemas import (
     MAX_LABEL_LENGTH,
@@ -47,6 +47,7 @@ from bento.schemas import (
     VectorRecord,
 )
 from bento.storage import ImageStore, Kind, validate_image_id
+from bento.vectors import MAX_WINDOW
 from models.pipeline import PreparedImage, check_pixels, prepare_image
 
 
@@ -137,14 +138,16 @@ class Catalog:
         limits: LimitsSettings,
         thumbnail_size: int,
         retry: RetryPolicy = FAIL_FAST,
+        serve_location: bool = False,
     ) -> None:
         self.vectors = vectors
         self.store = store
         self.embedding = embedding
         self.limits = limits
-        self.decode_limits = DecodeLimits(limits.max_upload_bytes, limits.max_image_pixels)
+        self.decode_limits = DecodeLimits(limits.max_upload_bytes, limits.max_image_pixels, limits.max_decoded_bytes)
         self.thumbnail_size = thumbnail_size
         self.retry = retry
+        self.serve_location = serve_location
 
     @classmethod
     def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:
@@ -153,7 +156,10 @@ class Catalog:
         from bento.vectors import VectorIndex
 
         vectors = VectorIndex(settings, retry.call(embedding.describe).info)
-        return cls(vectors, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry)
+        return cls(
+            vectors, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry,
+            settings.store.serve_location,
+        )
 
     def close(self) -> None:
         """Release what the catalog opened (the Milvus connection of an in-process vector index)."""
@@ -228,10 +234,14 @@ class Catalog:
         return found[0]
 
     def blob(self, image_id: str, kind: Kind) -> tuple[bytes, str]:
-        """The bytes of an image's original or thumbnail and their media type (only for a present image)."""
+        """The bytes of an image's original or thumbnail and their media type (only for a present image).
+        Originals come without their EXIF GPS location unless the settings keep it (thumbnails have no
+        metadata at all)."""
         meta = self.metadata(image_id)
         data = self.retry.call(self.store.get, image_id, kind)
-        return data, meta.mime if kind == "original" else "image/jpeg"
+        if kind == "thumbnail":
+            return data, "image/jpeg"
+        return (data if self.serve_location else without_location(data)), meta.mime
 
     def direct_url(self, image_id: str, kind: Kind) -> str | None:
         """A URL straight to the store (presigned), or None when the bytes must be served by the caller."""
@@ -247,15 +257,21 @@ class Catalog:
             raise NotFound(f"No image with id {image_id}.")
 
     # --- searching ---------------------------------------------------------------------------------
+    def _checked(self, options: SearchOptions) -> tuple[int, str | None]:
+        """(top_k, label) of a search, checked before any work is done for it."""
+        top_k = options.top_k or self.limits.default_top_k
+        if top_k > self.limits.max_top_k:
+            raise InvalidRequest(f"top_k is at most {self.limits.max_top_k}.")
+        if top_k + options.offset > MAX_WINDOW:
+            raise InvalidRequest(f"top_k + offset is at most {MAX_WINDOW}.")
+        return top_k, clean_label(options.label) if options.label else None
+
     def search_vector(
         self, vector: list[float], options: SearchOptions, query_id: str | None, timings: Timings | None = None
     ) -> SearchResult:
         started = time.perf_counter()
         timings = timings or Timings()
-        top_k = options.top_k or self.limits.default_top_k
-        if top_k > self.limits.max_top_k:
-            raise InvalidRequest(f"top_k is at most {self.limits.max_top_k}.")
-        label = clean_label(options.label) if options.label else None
+        top_k, label = self._checked(options)
         query = VectorQuery(vector=vector, top_k=top_k, offset=options.offset, label=label)
         hits = self.retry.call(self.vectors.search, query)
         timings.search_ms = _ms(started)
@@ -267,6 +283,7 @@ class Catalog:
 
     def search_image(self, data: bytes, options: SearchOptions) -> SearchResult:
         """Search with the bytes of an image (an upload, a fetched URL)."""
+        self._checked(options)
         started = time.perf_counter()
         timings = Timings()
         prepared = self.prepare(data, thumbnail=False)
@@ -279,6 +296,7 @@ class Catalog:
     def search_stored(self, image_id: str, options: SearchOptions) -> SearchResult:
         """Search with an image of the collection (its stored vector: no decoding, no embedding)."""
         validate_image_id(image_id)
+        self._checked(options)
         vector = self.retry.call(self.vectors.get_vector, image_id)
         if vector is None:
             raise NotFound(f"No image with id {image_id}.")

@@ -2,8 +2,8 @@
 
 Settings come in groups, one environment prefix each: ``RIS_MODEL_*`` (which model, on which runtime),
 ``RIS_BATCHING_*``, ``RIS_SERVICES_*`` (how the BentoML services are composed), ``RIS_MILVUS_*``,
-``RIS_STORE_*`` and ``RIS_S3_*`` (the image store), ``RIS_LIMITS_*`` (what one request may ask), plus
-``RIS_DATA_DIR``. An unknown ``RIS_*`` variable is refused at start, so a typo never silently falls
+``RIS_STORE_*`` and ``RIS_S3_*`` (the image store), ``RIS_LIMITS_*`` (what one request may ask),
+``RIS_AUTH_*`` (API keys), ``RIS_FETCH_*`` (search by URL), plus ``RIS_DATA_DIR``. An unknown ``RIS_*`` variable is refused at start, so a typo never silently falls
 back to a default (and a renamed setting says what it is called now).
 
 The README's settings table is generated from this module (``python -m bento.config``); a test keeps
@@ -52,7 +52,8 @@ RENAMED: dict[str, str] = {
     "RIS_PRESIGN_EXPIRY_S": "RIS_S3_PRESIGN_EXPIRY_S",
     "RIS_MAX_UPLOAD_BYTES": "RIS_LIMITS_MAX_UPLOAD_BYTES",
     "RIS_MAX_IMAGE_PIXELS": "RIS_LIMITS_MAX_IMAGE_PIXELS",
-    "RIS_URL_FETCH_TIMEOUT_S": "RIS_LIMITS_URL_FETCH_TIMEOUT_S",
+    "RIS_URL_FETCH_TIMEOUT_S": "RIS_FETCH_TIMEOUT_S",
+    "RIS_LIMITS_URL_FETCH_TIMEOUT_S": "RIS_FETCH_TIMEOUT_S",
     "RIS_DEFAULT_TOP_K": "RIS_LIMITS_DEFAULT_TOP_K",
     "RIS_MAX_TOP_K": "RIS_LIMITS_MAX_TOP_K",
     "RIS_WEIGHTS_DOWNLOAD_TIMEOUT_S": "nothing: a measured constant now (models/backbones.py)",
@@ -147,6 +148,9 @@ class StoreSettings(BaseModel):
     backend: Literal["local", "s3"] = Field("local", description="Image store: a `local` directory or `s3` (MinIO/S3, see `RIS_S3_*`).")
     dir: Path | None = Field(None, description="Local image store; empty: `<data_dir>/images`.")
     thumbnail_size: int = Field(256, ge=32, le=1024, description="Longest side of stored thumbnails (px).")
+    serve_location: bool = Field(
+        False, description="Serve originals with their EXIF GPS location (default: removed when served)."
+    )
 
 
 class S3Settings(BaseModel):
@@ -183,12 +187,42 @@ class S3Settings(BaseModel):
         return f"{url.scheme}://{url.netloc}"
 
 
+class AuthSettings(BaseModel):
+    """API keys (README: Security). Only hashes are configured; keys are shown once when made."""
+
+    keys: str = Field(
+        "",
+        description="API keys as `name:scope:sha256hex` entries (comma-separated; scope `search`, `write` or `admin`); make one with `python -m bento.auth new`.",
+    )
+    keys_file: Path | None = Field(None, description="A file (e.g. a mounted Secret) with more entries, one per line.")
+    anonymous_scopes: str = Field(
+        "search", description="What requests without a key may do (`search`, or empty for nothing); with no keys at all, a loopback-bound service is fully open."
+    )
+    client_key: SecretStr = Field(SecretStr(""), description="The key `python -m ingest --service-url` sends (a secret).")
+
+
+class FetchSettings(BaseModel):
+    """Search by URL: what the service may fetch (README: Security)."""
+
+    timeout_s: float = Field(10.0, gt=0, le=120, description="Deadline of one whole fetch (connect, redirects, body).")
+    allow: str = Field(
+        "",
+        description="Comma-separated `host`, `host:port`, CIDR or `CIDR:port` entries that may be fetched although private (an intranet); empty: public addresses, ports 80/443 only.",
+    )
+    max_concurrent: int = Field(8, ge=1, le=256, description="Fetches in flight at once per API worker; more wait.")
+
+
 class LimitsSettings(BaseModel):
     """What one request may ask of the service."""
 
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted image file.")
     max_image_pixels: int = Field(50_000_000, ge=10_000, description="Largest accepted width x height (bomb guard).")
-    url_fetch_timeout_s: float = Field(10.0, gt=0, description="Timeout for search-by-URL downloads.")
+    expensive_per_minute: int = Field(
+        60, ge=0, description="URL searches and inserts per client (IP, or key) per minute per API worker (`0`: unlimited; admin keys are not limited)."
+    )
+    max_decoded_bytes: int = Field(
+        256 * 1024 * 1024, ge=1 << 20, description="Largest memory one image may take decoded (bytes; 16-bit and alpha count)."
+    )
     default_top_k: int = Field(12, ge=1, description="Hits returned when a request names no `top_k`.")
     max_top_k: int = Field(200, ge=1, le=16384, description="Largest `top_k` a request may ask for.")
 
@@ -212,6 +246,8 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

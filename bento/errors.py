@@ -46,6 +46,12 @@ class UnsupportedImageFormat(InvalidImage):
     code = "unsupported_image_format"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """A request body in a format the route does not take."""
+
+    code = "unsupported_media_type"
+
+
 class ImageTooLarge(SearchError):
     """Too many bytes, or too many pixels (a decompression bomb)."""
 
@@ -54,6 +60,34 @@ class ImageTooLarge(SearchError):
 
 class UrlFetchFailed(SearchError):
     code = "url_fetch_failed"
+
+
+class Unauthenticated(SearchError):
+    """No API key, or one that is not valid, for an action that needs one."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(SearchError):
+    """The key (or the lack of one) does not allow this action."""
+
+    code = "forbidden"
+
+
+class Conflict(SearchError):
+    """The action cannot run now because of another one (e.g. an index rebuild already running)."""
+
+    code = "conflict"
+
+
+class RateLimited(SearchError):
+    """Too many requests from one client for an expensive action."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(SearchError):

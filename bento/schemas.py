@@ -191,7 +191,7 @@ class Limits(BaseModel):
 
 class StoreInfo(BaseModel):
     backend: str
-    location: str
+    location: str | None = Field(None, description="Where the store is (admin keys only).")
 
 
 class StatusResponse(BaseModel):
@@ -203,7 +203,7 @@ class StatusResponse(BaseModel):
     metric: str
     collection: str
     milvus_backend: str
-    milvus_uri: str
+    milvus_uri: str | None = Field(None, description="The Milvus URI (admin keys only).")
     store: StoreInfo
     limits: Limits
     error: str = Field("", description="Why Milvus or the image store is not ready, when one is not.")
