@@ -1,43 +1,210 @@
-"""Fetching an image by URL for search-by-URL: bounded in bytes and time."""
+"""Fetching an image by URL for search-by-URL, safe to offer to the internet (no SSRF).
+
+Every hop (the URL and each redirect) is vetted before anything is sent: http(s) only, no credentials in
+the URL, the host resolved here and *every* address it resolves to must be global (not loopback, private,
+link-local, CGNAT, multicast, reserved, unspecified, nor an IPv4 address hidden in IPv6), ports 80/443
+only, unless an allow-list entry (``RIS_FETCH_ALLOW``) names the host or network (an intranet). The
+connection then goes to the vetted address itself (the Host header and TLS name stay the URL's), so a
+second DNS answer cannot swap in an internal address. One deadline covers resolving, connecting, every
+redirect and the body; the body is read raw (no decompression) and capped; proxies from the environment
+are ignored; only so many fetches run at once. Errors say what was refused, never what a host answered
+beyond its HTTP status.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
 import httpx
 
-from bento.errors import ImageTooLarge, InvalidRequest, UrlFetchFailed
+from bento.config import FetchSettings
+from bento.errors import BackendUnavailable, ImageTooLarge, InvalidRequest, UrlFetchFailed
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+MAX_REDIRECTS = 3
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """An allow-list entry: a host name or a network, optionally one port."""
+
+    host: str | None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    port: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowEntry:
+        text = text.strip()
+        port: int | None = None
+        body = text
+        if text.startswith("["):  # [v6]:port or [v6/len]:port
+            body, _, rest = text[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else None
+        elif text.count(":") == 1:
+            body, port_text = text.split(":")
+            port = int(port_text)
+        try:
+            return cls(None, ipaddress.ip_network(body, strict=False), port)
+        except ValueError:
+            if not body or "/" in body:
+                raise ValueError(f"RIS_FETCH_ALLOW: {text!r} is not a host, host:port, CIDR or CIDR:port") from None
+            return cls(body.lower().rstrip("."), None, port)
+
+    def admits(self, host: str, address: IPAddress, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.network is not None:
+            return address in self.network
+        return host == self.host
+
+
+def public(address: IPAddress) -> bool:
+    """A global unicast address (an IPv4 address inside IPv6 is judged as itself)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return public(embedded)
+    return address.is_global and not (address.is_multicast or address.is_reserved or address.is_link_local)
 
 
 class UrlFetcher:
-    """One pooled HTTP client for every fetch, made on first use and closed with the service."""
+    """One per API worker; thread-safe (``fetch`` runs in worker threads)."""
 
-    def __init__(self, max_bytes: int, timeout_s: float) -> None:
+    def __init__(self, settings: FetchSettings, max_bytes: int) -> None:
+        self.settings = settings
         self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
+        self.allow = [AllowEntry.parse(entry) for entry in settings.allow.split(",") if entry.strip()]
+        self._slots = threading.BoundedSemaphore(settings.max_concurrent)
+        self._resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch-dns")
         self._client: httpx.Client | None = None
+        self._client_lock = threading.Lock()
 
     def _http(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(timeout=self.timeout_s, follow_redirects=True, max_redirects=3)
-        return self._client
+        with self._client_lock:
+            if self._client is None:
+                # trust_env=False: no proxy (nor .netrc) from the environment; redirects are followed here.
+                self._client = httpx.Client(trust_env=False, follow_redirects=False, http2=False)
+            return self._client
 
     def fetch(self, url: str) -> bytes:
-        if not url.lower().startswith(("http://", "https://")):
-            raise InvalidRequest("Only http(s) URLs can be fetched.")
+        deadline = time.monotonic() + self.settings.timeout_s
+        if not self._slots.acquire(timeout=self.settings.timeout_s):
+            raise BackendUnavailable("Too many URL searches are running right now; try again in a few seconds.")
         try:
-            with self._http().stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise UrlFetchFailed(f"Fetching the URL answered HTTP {response.status_code}.")
-                chunks: list[bytes] = []
-                size = 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise ImageTooLarge(f"The image at the URL is over the {self.max_bytes}-byte limit.")
-                    chunks.append(chunk)
+            for _ in range(MAX_REDIRECTS + 1):
+                host, address, port, scheme = self._vet(url, deadline)
+                response = self._send(url, host, address, port, scheme, deadline)
+                try:
+                    if response.status_code in _REDIRECTS and "location" in response.headers:
+                        url = urljoin(url, response.headers["location"])
+                        continue
+                    if response.status_code != 200:
+                        raise UrlFetchFailed(f"Fetching the URL answered HTTP {response.status_code}.")
+                    return self._body(response, deadline)
+                finally:
+                    response.close()
+            raise UrlFetchFailed(f"The URL redirected more than {MAX_REDIRECTS} times.")
+        finally:
+            self._slots.release()
+
+    def _vet(self, url: str, deadline: float) -> tuple[str, IPAddress, int, str]:
+        """(host, the address to connect to, port, scheme), or the reason the URL is refused."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise InvalidRequest(f"The URL is not valid: {exc}.") from exc
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise InvalidRequest("Only http(s) URLs can be fetched.")
+        if parts.username is not None or parts.password is not None:
+            raise InvalidRequest("URLs with credentials are not fetched.")
+        host = (parts.hostname or "").lower().rstrip(".")
+        if not host:
+            raise InvalidRequest("The URL has no host.")
+        port = port or DEFAULT_PORTS[scheme]
+        addresses = self._resolve(host, port, deadline)
+        for address in addresses:
+            allowed = any(entry.admits(host, address, port) for entry in self.allow)
+            if not allowed and not public(address):
+                raise UrlFetchFailed(f"Refused: {host} resolves to a non-public address ({address}).")
+            if not allowed and port not in DEFAULT_PORTS.values():
+                raise UrlFetchFailed(f"Refused: port {port}; only ports 80 and 443 are fetched.")
+        return host, addresses[0], port, scheme
+
+    def _resolve(self, host: str, port: int, deadline: float) -> list[IPAddress]:
+        try:
+            return [ipaddress.ip_address(host)]
+        except ValueError:
+            pass
+        future = self._resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout as exc:
+            raise UrlFetchFailed(f"Resolving {host} took too long.") from exc
+        except OSError as exc:
+            raise UrlFetchFailed(f"The host {host} cannot be resolved.") from exc
+        addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos))
+        if not addresses:
+            raise UrlFetchFailed(f"The host {host} cannot be resolved.")
+        return addresses
+
+    def _send(self, url: str, host: str, address: IPAddress, port: int, scheme: str, deadline: float) -> httpx.Response:
+        parts = urlsplit(url)
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        target = f"{scheme}://{literal}:{port}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
+        default = DEFAULT_PORTS[scheme] == port
+        headers = {"Host": host if default else f"{host}:{port}", "Accept-Encoding": "identity", "Accept": "image/*"}
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.")
+        request = self._http().build_request(
+            "GET", target, headers=headers, timeout=httpx.Timeout(remaining),
+            extensions={"sni_hostname": host} if scheme == "https" else {},
+        )
+        try:
+            return self._http().send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.") from exc
         except httpx.HTTPError as exc:
-            raise UrlFetchFailed(f"Fetching the URL failed: {exc.__class__.__name__}: {exc}") from exc
+            raise UrlFetchFailed(f"Fetching the URL failed: {exc.__class__.__name__}.") from exc
+
+    def _body(self, response: httpx.Response, deadline: float) -> bytes:
+        encoding = response.headers.get("content-encoding", "identity").lower()
+        if encoding not in ("identity", ""):
+            raise UrlFetchFailed(f"Refused: the server sent a {encoding}-compressed body.")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise ImageTooLarge(f"The image at the URL is over the {self.max_bytes}-byte limit.")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_raw():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise ImageTooLarge(f"The image at the URL is over the {self.max_bytes}-byte limit.")
+                if time.monotonic() > deadline:
+                    raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.")
+                chunks.append(chunk)
+        except httpx.TimeoutException as exc:
+            raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.") from exc
+        except httpx.HTTPError as exc:
+            raise UrlFetchFailed(f"Fetching the URL failed: {exc.__class__.__name__}.") from exc
         return b"".join(chunks)
 
     def close(self) -> None:
+        self._resolver.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()
