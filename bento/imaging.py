@@ -1,49 +1,92 @@
-"""Decoding untrusted image bytes safely, content hashing and thumbnails."""
+"""Decoding untrusted image bytes safely, content hashing, thumbnails, and location privacy.
+
+What an upload can cost is bounded before any pixel is decoded: its bytes, its pixel count (from the
+header), and the memory its decoded pixels take (``max_decoded_bytes``, from the header, mode and the
+reduced scale it will be decoded at). At most ``DECODE_SLOTS`` images decode at once per process, so a
+burst of large uploads waits for a slot instead of multiplying memory. Large images shrink right after
+decoding (JPEG: at decode time, by DCT scaling), so rotations, colour conversion and the thumbnail work on
+a small copy.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import math
+import os
+import struct
+import threading
 import warnings
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import ExifTags, Image, UnidentifiedImageError
 
-from bento.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from bento.errors import BackendUnavailable, ImageTooLarge, InvalidImage, UnsupportedImageFormat
 
-# Formats a browser can also display: the web page shows originals as they are stored.
+try:  # HEIC/HEIF (iPhone photos) through the pillow-heif plugin; AVIF is built into Pillow.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - a dependency; without it HEIC is refused as unsupported
+    pass
+
+# The formats accepted (Pillow's name -> the media type originals are served with). Only these decoders
+# ever see the bytes; anything else is a clear 415.
 SUPPORTED_FORMATS: dict[str, str] = {
     "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",  # multi-picture JPEG (many phones): its first picture is the image
     "PNG": "image/png",
     "WEBP": "image/webp",
     "GIF": "image/gif",
     "BMP": "image/bmp",
     "TIFF": "image/tiff",
+    "AVIF": "image/avif",
+    "HEIF": "image/heic",
 }
+# Decoders tried (the JPEG one also opens MPO files, which Pillow registers no opener of their own for).
+_ACCEPTED = [name for name in SUPPORTED_FORMATS if name != "MPO"]
+# EXIF orientation -> the transpose that makes the image upright (as PIL.ImageOps.exif_transpose).
+_UPRIGHT: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# Concurrent decodes per process: one per core (decoding is CPU-bound; more only adds memory).
+DECODE_SLOTS = max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
+# How long a decode waits for a free slot before the request is told to come back (503, Retry-After).
+DECODE_WAIT_S = 30.0
+_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
     max_bytes: int
     max_pixels: int
+    max_decoded_bytes: int = 1 << 62
 
 
 def draft_min_side(resize: int, scale: float) -> int | None:
-    """Shortest side a JPEG may be decoded at for a model that resizes to ``resize``; None = full decode.
+    """Shortest side an image may be reduced to for a model that resizes to ``resize``; None = keep it.
 
-    Decoding at a reduced DCT scale is 3x faster on large photos, and decoding to >= 2x the resize size
-    leaves the antialiased resize that follows enough pixels to give the same embedding (cosine >= 0.99
-    measured and tested; 1x alone was not enough for fine textures).
+    Reducing to >= 2x the resize size leaves the antialiased resize that follows enough pixels to give
+    the same embedding (cosine >= 0.99 measured and tested; 1x alone was not enough for fine textures).
     """
     return round(resize * scale) if scale > 0 else None
 
 
 @dataclass
 class DecodedImage:
-    image: Image.Image  # RGB, EXIF orientation applied
+    image: Image.Image  # RGB, EXIF orientation applied, possibly reduced (never below min_side)
     mime: str
-    width: int
+    width: int  # of the original, as displayed (after EXIF rotation)
     height: int
 
 
@@ -59,57 +102,111 @@ def check_size(size: int, max_bytes: int) -> None:
         raise ImageTooLarge(f"The image is {size} bytes; the limit is {max_bytes} bytes.")
 
 
+def _bytes_per_pixel(mode: str) -> int:
+    """Pillow's in-memory size of one pixel (multi-band images are stored 4 bytes a pixel)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=_ACCEPTED)
+    except UnidentifiedImageError:
+        pass
+    try:  # Which other format is it? Only its header is read, to say so in the error.
+        other = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as exc:
+        raise InvalidImage("The file is not an image Pillow can read.") from exc
+    raise UnsupportedImageFormat(
+        f"Image format {other.format or 'unknown'} is not supported; use one of {', '.join(SUPPORTED_FORMATS)}."
+    )
+
+
 def decode_image(data: bytes, limits: DecodeLimits, min_side: int | None = None) -> DecodedImage:
     """Decode untrusted bytes into an RGB image, refusing what is not a sane image.
 
-    The pixel limit is checked from the header *before* any pixel is decoded, so a small file that
-    claims gigapixel dimensions (a decompression bomb) costs nothing. With ``min_side``, a JPEG is
-    decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still >= min_side; the
-    reported width and height stay those of the original.
+    The pixel and decoded-memory limits are checked from the header *before* any pixel is decoded, so a
+    small file that claims gigapixel dimensions (a decompression bomb) costs nothing. With ``min_side``,
+    the image is decoded (JPEG: DCT scaling 1/2..1/8) or reduced right after decoding to the smallest
+    size whose shorter side is still >= min_side; the reported width and height stay the original's.
     """
     check_size(len(data), limits.max_bytes)
     try:
         with warnings.catch_warnings():
             # Our own pixel limit replaces Pillow's global bomb warning/error.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = _open(data)
             fmt = image.format or ""
-            if fmt not in SUPPORTED_FORMATS:
-                raise UnsupportedImageFormat(
-                    f"Image format {fmt or 'unknown'} is not supported; use one of {', '.join(SUPPORTED_FORMATS)}."
-                )
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise InvalidImage("The image has no pixels.")
             if width * height > limits.max_pixels:
-                raise ImageTooLarge(
-                    f"The image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels."
-                )
-            if min_side is not None and fmt == "JPEG" and min(width, height) > 2 * min_side:
+                raise ImageTooLarge(f"The image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels.")
+            if min_side is not None and fmt in ("JPEG", "MPO") and min(width, height) > 2 * min_side:
                 scale = min_side / min(width, height)
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            image.load()
-            decoded_size = image.size
-            image = ImageOps.exif_transpose(image)
-            if image.size != decoded_size:  # EXIF rotated by 90 degrees: the original's sides swap too
-                width, height = height, width
-            rgb = _to_rgb(image)
+            decoded_bytes = image.size[0] * image.size[1] * _bytes_per_pixel(image.mode)
+            if decoded_bytes > limits.max_decoded_bytes:
+                raise ImageTooLarge(
+                    f"Decoding this {width}x{height} {image.mode} image takes {decoded_bytes} bytes of memory; "
+                    f"the limit is {limits.max_decoded_bytes}."
+                )
+            if not _slots.acquire(timeout=DECODE_WAIT_S):
+                raise BackendUnavailable("Too many images are being decoded right now; try again in a few seconds.")
+            try:
+                image.load()
+                rgb, width, height = _normalise(image, width, height, min_side)
+            finally:
+                _slots.release()
     except UnidentifiedImageError as exc:
         raise InvalidImage("The file is not an image Pillow can read.") from exc
     except Image.DecompressionBombError as exc:
         # Pillow's own guard fires inside open() for absurd headers, before our check can.
         raise ImageTooLarge(f"The image claims too many pixels; the limit is {limits.max_pixels} pixels ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         # Pillow reports truncated and corrupt streams with these.
         raise InvalidImage(f"The image could not be decoded: {exc}") from exc
     return DecodedImage(image=rgb, mime=SUPPORTED_FORMATS[fmt], width=width, height=height)
+
+
+def _normalise(image: Image.Image, width: int, height: int, min_side: int | None) -> tuple[Image.Image, int, int]:
+    """Loaded image -> small upright RGB image; and the original's displayed width and height."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    image = _to_8_bit(image)
+    if image.mode in ("1", "P", "PA"):  # reduce() needs numeric bands
+        transparent = image.mode == "PA" or "transparency" in image.info
+        image = image.convert("RGBA" if transparent else "L" if image.mode == "1" else "RGB")
+    if min_side is not None and min(image.size) >= 2 * min_side:
+        image = image.reduce(min(image.size) // min_side)  # box filter by an integer factor: fast, one copy
+    if orientation in _UPRIGHT:
+        image = image.transpose(_UPRIGHT[orientation])
+        if orientation >= 5:  # rotated by 90 degrees: the displayed sides swap
+            width, height = height, width
+    return _to_rgb(image), width, height
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale scaled into 8 bits (a plain convert would clip them to white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
+        top = 65535 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255
+        return Image.fromarray((pixels.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8))
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float32)
+        low, high = float(np.nanmin(pixels)), float(np.nanmax(pixels))
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+        return Image.fromarray(np.nan_to_num(scaled).clip(0, 255).astype(np.uint8))
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparency composited on white (a plain convert() would turn it black)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -124,3 +221,82 @@ def make_thumbnail(image: Image.Image, size: int) -> bytes:
     out = io.BytesIO()
     thumb.save(out, format="JPEG", quality=85, optimize=True)
     return out.getvalue()
+
+
+# --- location privacy ----------------------------------------------------------------------------
+
+
+def without_location(data: bytes) -> bytes:
+    """The image with its EXIF GPS block removed (what originals are served as by default).
+
+    JPEG, PNG and WebP keep their pixel data byte for byte (only the EXIF segment or chunk is rewritten);
+    a multi-picture JPEG is served as its first picture; TIFF, HEIF and AVIF are re-encoded (TIFF
+    losslessly) only when they carry a location. Bytes that are not an image we accept come back as they
+    are (they were never stored)."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=_ACCEPTED)
+        fmt = image.format
+        exif = image.getexif()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error):
+        return data
+    if fmt == "MPO":  # the first picture alone, without the index of the others (APP2 "MPF")
+        data = _jpeg_segments(_first_picture(image, data), lambda marker, segment: None if segment[4:8] == b"MPF\0" and marker == 0xE2 else segment)
+    if ExifTags.IFD.GPSInfo not in exif:
+        return data
+    del exif[ExifTags.IFD.GPSInfo]
+    clean = exif.tobytes()  # b"Exif\0\0" + TIFF header and IFDs
+    if fmt in ("JPEG", "MPO"):
+        app1 = b"\xff\xe1" + struct.pack(">H", len(clean) + 2) + clean
+        return _jpeg_segments(data, lambda marker, segment: app1 if marker == 0xE1 and segment[4:10] == b"Exif\x00\x00" else segment)
+    if fmt == "PNG":
+        return _png_with_exif(data, clean[6:])
+    if fmt == "WEBP":
+        return _webp_with_exif(data, clean[6:])
+    out = io.BytesIO()
+    params = {"compression": image.info.get("compression", "tiff_lzw")} if fmt == "TIFF" else {"quality": 95}
+    image.save(out, format=fmt, exif=clean, **params)
+    return out.getvalue()
+
+
+def _first_picture(image: Image.Image, data: bytes) -> bytes:
+    entries = (getattr(image, "mpinfo", None) or {}).get(0xB002) or []
+    size = entries[0].get("Size") if entries else None
+    return data[:size] if isinstance(size, int) and 0 < size <= len(data) else data
+
+
+def _jpeg_segments(data: bytes, rewrite: Callable[[int, bytes], bytes | None]) -> bytes:
+    """Rewrite (or drop, with None) the marker segments of a JPEG before its image data, which stays as it is."""
+    out, position = bytearray(data[:2]), 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: the rest is image data
+            break
+        length = struct.unpack(">H", data[position + 2 : position + 4])[0]
+        segment = rewrite(marker, data[position : position + 2 + length])
+        out += segment or b""
+        position += 2 + length
+    return bytes(out + data[position:])
+
+
+def _png_with_exif(data: bytes, exif: bytes) -> bytes:
+    out, position = bytearray(data[:8]), 8
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        chunk = data[position : position + 12 + length]
+        if kind == b"eXIf":
+            chunk = struct.pack(">I4s", len(exif), kind) + exif + struct.pack(">I", zlib.crc32(kind + exif) & 0xFFFFFFFF)
+        out += chunk
+        position += 12 + length
+    return bytes(out)
+
+
+def _webp_with_exif(data: bytes, exif: bytes) -> bytes:
+    out, position = bytearray(), 12
+    while position + 8 <= len(data):
+        kind, length = struct.unpack("<4sI", data[position : position + 8])
+        chunk = data[position : position + 8 + length + (length & 1)]
+        if kind == b"EXIF":
+            chunk = struct.pack("<4sI", kind, len(exif)) + exif + (b"\0" if len(exif) & 1 else b"")
+        out += chunk
+        position += 8 + length + (length & 1)
+    return b"RIFF" + struct.pack("<I", len(out) + 4) + b"WEBP" + bytes(out)

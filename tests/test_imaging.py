@@ -82,3 +82,82 @@ def test_thumbnail_fits_the_box_and_is_jpeg():
     thumb = make_thumbnail(Image.new("RGB", (1000, 500), "blue"), 128)
     image = Image.open(io.BytesIO(thumb))
     assert image.format == "JPEG" and image.size == (128, 64)
+
+
+# --- formats people upload, memory, location privacy ---------------------------------------------
+
+
+def test_multi_picture_jpeg_decodes_its_first_picture():
+    first, second = Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (40, 30), (10, 10, 200))
+    decoded = decode_image(_encode(first, "MPO", save_all=True, append_images=[second]), LIMITS)
+    assert decoded.mime == "image/jpeg" and decoded.image.getpixel((20, 15))[0] > 150
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_greyscale_is_scaled_not_clipped(fmt):
+    import numpy as np
+
+    ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1)))
+    assert ramp.mode == "I;16"
+    decoded = decode_image(_encode(ramp, fmt), LIMITS).image
+    row = [decoded.getpixel((x, 4))[0] for x in (0, 64, 128, 192, 255)]
+    assert row == sorted(row) and row[0] < 5 and 60 < row[1] < 70 and row[-1] > 250, row
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("HEIF", "image/heic"), ("AVIF", "image/avif"), ("WEBP", "image/webp")])
+def test_modern_formats_decode(fmt, mime):
+    decoded = decode_image(_encode(Image.new("RGB", (64, 48), (30, 160, 90)), fmt, quality=90), LIMITS)
+    assert decoded.mime == mime and (decoded.width, decoded.height) == (64, 48)
+    assert abs(decoded.image.getpixel((32, 24))[1] - 160) < 12
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animations_decode_their_first_frame(fmt):
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    decoded = decode_image(_encode(frames[0], fmt, save_all=True, append_images=frames[1:], lossless=True), LIMITS)
+    assert decoded.image.getpixel((16, 16))[0] > 200
+
+
+@pytest.mark.parametrize("fmt", ["TGA", "PCX", "ICO", "QOI", "JPEG2000"])
+def test_formats_not_accepted_are_named_in_a_415(fmt):
+    with pytest.raises(UnsupportedImageFormat, match=f"format {fmt}"):
+        decode_image(_encode(Image.new("RGB", (16, 16)), fmt), LIMITS)
+
+
+def test_decoded_memory_counts_bands_not_only_pixels():
+    limits = DecodeLimits(max_bytes=10**7, max_pixels=50_000_000, max_decoded_bytes=8_000_000)
+    decode_image(_encode(Image.new("L", (2500, 2000), 9), "PNG"), limits)  # 5 MB as greyscale: fine
+    with pytest.raises(ImageTooLarge, match="takes 20000000 bytes"):
+        decode_image(_encode(Image.new("RGBA", (2500, 2000), (1, 2, 3, 4)), "PNG"), limits)
+
+
+def test_large_images_are_reduced_right_after_decoding():
+    decoded = decode_image(_encode(Image.new("RGBA", (4000, 3000), (9, 9, 9, 200)), "PNG"), LIMITS, min_side=464)
+    assert (decoded.width, decoded.height) == (4000, 3000) and 464 <= min(decoded.image.size) < 2 * 464
+
+
+def _gps_exif() -> Image.Exif:
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "PhoneCam"
+    exif[ExifTags.IFD.GPSInfo] = {1: "N", 2: (48.0, 51.0, 30.0)}
+    return exif
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "HEIF", "AVIF"])
+def test_location_is_removed_and_the_rest_kept(fmt):
+    import numpy as np
+    from PIL import ExifTags
+
+    from bento.imaging import without_location
+
+    image = Image.effect_noise((64, 48), 40).convert("RGB")
+    data = _encode(image, fmt, exif=_gps_exif().tobytes())
+    assert ExifTags.IFD.GPSInfo in Image.open(io.BytesIO(data)).getexif()
+    clean = Image.open(io.BytesIO(without_location(data)))
+    assert ExifTags.IFD.GPSInfo not in clean.getexif() and clean.getexif()[ExifTags.Base.Make] == "PhoneCam"
+    if fmt in ("JPEG", "PNG", "WEBP", "TIFF"):  # pixel data untouched
+        assert np.array_equal(np.asarray(clean.convert("RGB")), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    plain = _encode(image, fmt)
+    assert without_location(plain) == plain, "no location: the bytes are served as stored"
