@@ -6,7 +6,6 @@ collection's properties record which model made its vectors; opening it with ano
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,7 +17,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import ConnectError, MilvusException, MilvusUnavailableException
 
 from bento.config import Settings
-from bento.errors import BackendUnavailable, InvalidRequest, MilvusLiteLocked, ModelMismatch
+from bento.errors import BackendUnavailable, Conflict, InvalidRequest, MilvusLiteLocked, ModelMismatch, SearchError
 from bento.schemas import (
     MAX_LABEL_LENGTH,
     ImageMetadata,
@@ -60,6 +59,11 @@ METADATA_FIELDS = ["label", "mime", "width", "height", "size_bytes", "source", "
 _P = "ris."  # collection property prefix
 
 
+# Sane ranges of the build parameters, checked before anything is dropped: Milvus accepts far more
+# (HNSW M up to 2048), which only costs memory and build time without better recall here.
+PARAM_BOUNDS: dict[str, tuple[int, int]] = {"nlist": (1, 65536), "M": (4, 64), "efConstruction": (8, 512)}
+
+
 def index_spec(index_type: str, params: dict[str, int] | None = None) -> IndexSpec:
     if index_type not in DEFAULT_INDEX_PARAMS:
         raise InvalidRequest(f"Index type {index_type} is not supported; use one of {', '.join(DEFAULT_INDEX_PARAMS)}.")
@@ -67,6 +71,10 @@ def index_spec(index_type: str, params: dict[str, int] | None = None) -> IndexSp
     unknown = set(merged) - set(DEFAULT_INDEX_PARAMS[index_type])
     if unknown:
         raise InvalidRequest(f"Unknown parameters for {index_type}: {', '.join(sorted(unknown))}.")
+    for name, value in merged.items():
+        low, high = PARAM_BOUNDS[name]
+        if isinstance(value, bool) or not low <= value <= high:
+            raise InvalidRequest(f"{index_type} parameter {name} must be between {low} and {high}; got {value}.")
     return IndexSpec(index_type=index_type, params=merged)  # type: ignore[arg-type]
 
 
@@ -103,9 +111,16 @@ def _is_connection_problem(exc: MilvusException) -> bool:
     return exc.code in (1, 2, 503) or any(word in text for word in ("unavailable", "connect", "deadline", "timeout"))
 
 
+def _string_literal(text: str) -> str:
+    """A Milvus expression string literal for any text. Only the backslash and the double quote are
+    escaped; everything else stays literal (json.dumps's \\uXXXX escapes, which emoji need, are refused by
+    both Milvus Lite and the 2.3 server's parser; checked on both with emoji, quotes and backslashes).
+    Labels never hold control characters (bento.catalog.clean_label)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _label_filter(label: str) -> str:
-    # json.dumps quotes and escapes exactly as Milvus string literals expect.
-    return f"label == {json.dumps(label)}"
+    return f"label == {_string_literal(label)}"
 
 
 class VectorIndex:
@@ -118,6 +133,7 @@ class VectorIndex:
         self._spec: IndexSpec | None = None
         self._runtimes: list[str] = []
         self._lock = threading.RLock()
+        self._rebuilding = threading.Lock()
 
     # --- connection -------------------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
@@ -290,22 +306,49 @@ class VectorIndex:
         self._run("alter_collection_properties", lambda c, t: c.alter_collection_properties(name, properties={key: value}, timeout=t), client=client)
 
     def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
-        """Replace the vector index (the collection is briefly unloaded; searches wait on the lock)."""
+        """Replace the vector index: one rebuild at a time (Conflict otherwise), parameters checked before
+        anything is dropped, and on failure the previous index is built and loaded again. The collection
+        is unloaded meanwhile; searches wait on the lock."""
         spec = index_spec(spec.index_type, spec.params)
-        name = self.settings.milvus.collection
+        if not self._rebuilding.acquire(blocking=False):
+            raise Conflict("An index rebuild is already running; try again when it has finished.")
+        try:
+            with self._lock:
+                started = time.monotonic()
+                client = self._milvus()
+                previous = self._spec or index_spec(self.settings.milvus.index_type, self.settings.milvus.index_params)
+                try:
+                    self._replace_index(client, spec)
+                except (SearchError, MilvusException, grpc.RpcError) as exc:
+                    logger.error("Rebuilding the index as %s failed (%s); restoring %s", spec.index_type, exc, previous.index_type)
+                    self._restore_index(previous)
+                    raise BackendUnavailable(
+                        f"Building the {spec.index_type} index failed ({getattr(exc, 'message', exc)}); the previous "
+                        f"{previous.index_type} index was restored and searches go on."
+                    ) from exc
+                self._set_property(client, f"{_P}index", spec.model_dump_json())
+                self._spec = spec
+            logger.info("Rebuilt index as %s %s in %.1f s", spec.index_type, spec.params, time.monotonic() - started)
+            return self.info()
+        finally:
+            self._rebuilding.release()
 
-        with self._lock:
-            started = time.monotonic()
-            client = self._milvus()
-            self._run("release_collection", lambda c, t: c.release_collection(name, timeout=t), client=client)
-            for index_name in self._run("list_indexes", lambda c, t: c.list_indexes(name, timeout=t), client=client):
-                self._run("drop_index", lambda c, t, index_name=index_name: c.drop_index(name, index_name, timeout=t), client=client)
-            self._create_index(client, spec)
-            self._set_property(client, f"{_P}index", spec.model_dump_json())
-            self._load(client)
-            self._spec = spec
-        logger.info("Rebuilt index as %s %s in %.1f s", spec.index_type, spec.params, time.monotonic() - started)
-        return self.info()
+    def _replace_index(self, client: MilvusClient, spec: IndexSpec) -> None:
+        name = self.settings.milvus.collection
+        self._run("release_collection", lambda c, t: c.release_collection(name, timeout=t), client=client)
+        for index_name in self._run("list_indexes", lambda c, t: c.list_indexes(name, timeout=t), client=client):
+            self._run("drop_index", lambda c, t, index_name=index_name: c.drop_index(name, index_name, timeout=t), client=client)
+        self._create_index(client, spec)
+        self._load(client)
+
+    def _restore_index(self, previous: IndexSpec) -> None:
+        """Build and load the previous index. If Milvus cannot do it now, the next call reconnects and
+        rebuilds it from the collection's recorded index (the record changes only after a success)."""
+        try:
+            self._replace_index(self._client or self._connect(), previous)
+        except (SearchError, MilvusException, grpc.RpcError):
+            logger.exception("Restoring the previous index failed; the next call will rebuild it")
+            self._reset()
 
     def ensure_ready(self) -> None:
         self._milvus()

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from bento.config import Settings
+from bento.schemas import ModelInfo, VectorRecord
 from scripts.devstack import BentoService, MilvusServer, S3Server, stack_env
 
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
@@ -29,7 +31,7 @@ PYTHON = sys.executable
 
 # Fixtures that start a server (a Milvus, an S3 server, the service): a test that uses one is slow, so
 # `pytest -m "not slow"` (the fast tier) starts no server at all.
-SERVER_FIXTURES = {"milvus_server", "s3_server", "live_service", "own_s3", "milvus_lite_server", "browser"}
+SERVER_FIXTURES = {"milvus_server", "s3_server", "live_service", "own_s3", "milvus_lite_server", "browser", "keyed_service"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -199,11 +201,57 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return make_backend(request.param, tmp_path / "data", request)
 
 
+@dataclass
+class ImageHost:
+    """A plain HTTP server on loopback serving files (and redirects) for search-by-URL tests."""
+
+    root: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def image_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageHost]:
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    root = tmp_path_factory.mktemp("image-host")
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.startswith("/redirect?to="):  # /redirect?to=URL answers 302 to URL
+                self.send_response(302)
+                self.send_header("Location", self.path.split("=", 1)[1])
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield ImageHost(root, server.server_port)
+    server.shutdown()
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
-def live_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, photo_set, efficientnet) -> Iterator[ServiceProcess]:
-    """The real bento (`bentoml serve`) over the ingested photo set, once per backend."""
+def live_service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, photo_set, efficientnet, image_host
+) -> Iterator[ServiceProcess]:
+    """The real bento (`bentoml serve`) over the ingested photo set, once per backend. Bound to loopback
+    with no API keys (everything open, as on a laptop); the test image host may be fetched (an intranet
+    allow-list entry); the per-client limit is out of the way of the tests that do not test it."""
     backend = make_backend(request.param, tmp_path_factory.mktemp("service-data"), request)
-    env = backend.process_env(RIS_MODEL_NAME="efficientnet-lite0", RIS_LIMITS_MAX_UPLOAD_BYTES="3000000")
+    env = backend.process_env(
+        RIS_MODEL_NAME="efficientnet-lite0", RIS_LIMITS_MAX_UPLOAD_BYTES="3000000",
+        RIS_FETCH_ALLOW=f"127.0.0.1:{image_host.port}", RIS_LIMITS_EXPENSIVE_PER_MINUTE="100000",
+        RIS_LIMITS_MAX_DECODED_BYTES=str(64 * 1024 * 1024),
+    )
     ingest = run_cli(["-m", "ingest", str(photo_set["root"]), "--no-progress", "--json"], env)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     service = ServiceProcess(env, backend.data_dir / "service.log")
@@ -244,3 +292,57 @@ def local_catalog(settings: Settings, embedding, deadline_s: float = 0.0):
     from bento.retry import RetryPolicy
 
     return Catalog.in_process(settings, embedding, RetryPolicy(deadline_s))
+
+
+TOY_DIM = 16
+
+
+def toy_model(**overrides) -> ModelInfo:
+    base = dict(backbone="toy", model_id="toy@1", dim=TOY_DIM, preprocessing="v1", weights="test", pretrained=True)
+    return ModelInfo(**{**base, **overrides})
+
+
+def toy_records(n: int, rng: np.random.Generator, label_of=lambda i: f"class{i % 3}") -> list[VectorRecord]:
+    vectors = rng.normal(size=(n, TOY_DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [
+        VectorRecord(
+            id=f"{i:064x}", label=label_of(i), mime="image/jpeg", width=10, height=10, size_bytes=100,
+            source=f"file{i}.jpg", created_at=0, vector=vectors[i].tolist(),
+        )
+        for i in range(n)
+    ]
+
+
+@dataclass
+class Keys:
+    search: str
+    write: str
+    admin: str
+
+
+@pytest.fixture(scope="session")
+def keys() -> Keys:
+    from bento.auth import new_key
+
+    return Keys(new_key(), new_key(), new_key())
+
+
+@pytest.fixture(scope="session")
+def keyed_service(tmp_path_factory, efficientnet, keys) -> Iterator[ServiceProcess]:
+    """A service with API keys (search and write in RIS_AUTH_KEYS, admin in a mounted file) and a small
+    per-client limit of the expensive routes."""
+    from bento.auth import hash_key
+
+    data_dir = tmp_path_factory.mktemp("keyed")
+    entries = f"reader:search:{hash_key(keys.search)}, uploader:write:{hash_key(keys.write)}"
+    keys_file = data_dir / "keys"
+    keys_file.write_text(f"# mounted secret\nops:admin:{hash_key(keys.admin)}\n")
+    env = Backend("lite-local", data_dir).process_env(
+        RIS_MODEL_NAME="efficientnet-lite0", RIS_AUTH_KEYS=entries, RIS_AUTH_KEYS_FILE=str(keys_file),
+        RIS_LIMITS_EXPENSIVE_PER_MINUTE="4",
+    )
+    service = ServiceProcess(env, data_dir / "service.log")
+    service.start()
+    yield service
+    service.stop()

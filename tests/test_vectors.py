@@ -6,27 +6,11 @@ import pytest
 import bento.vectors as vectors_module
 from bento.config import Settings
 from bento.errors import InvalidRequest, ModelMismatch
-from bento.schemas import IndexSpec, ModelInfo, VectorQuery, VectorRecord
+from bento.schemas import IndexSpec, VectorQuery
 from bento.vectors import VectorIndex, index_spec
-
-DIM = 16
-
-
-def _model(**overrides) -> ModelInfo:
-    base = dict(backbone="toy", model_id="toy@1", dim=DIM, preprocessing="v1", weights="test", pretrained=True)
-    return ModelInfo(**{**base, **overrides})
-
-
-def _records(n: int, rng: np.random.Generator, label_of=lambda i: f"class{i % 3}") -> list[VectorRecord]:
-    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return [
-        VectorRecord(
-            id=f"{i:064x}", label=label_of(i), mime="image/jpeg", width=10, height=10, size_bytes=100,
-            source=f"file{i}.jpg", created_at=0, vector=vectors[i].tolist(),
-        )
-        for i in range(n)
-    ]
+from tests.conftest import TOY_DIM as DIM
+from tests.conftest import toy_model as _model
+from tests.conftest import toy_records as _records
 
 
 @pytest.fixture
