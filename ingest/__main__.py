@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: cores, max 4)")
     parser.add_argument("--service-url", help="embed through a running service (e.g. http://127.0.0.1:3000)")
     parser.add_argument(
+        "--api-key", help="the service's API key with the admin scope (default: $RIS_AUTH_CLIENT_KEY)"
+    )
+    parser.add_argument(
         "--retry-seconds", type=float, default=60.0,
         help="keep retrying an unavailable Milvus, store or service this long (default 60)",
     )
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     embedding: Embedding | None = None
     try:
         if args.service_url:
-            embedding = RemoteEmbedding(args.service_url, retry)
+            key = args.api_key or settings.auth.client_key.get_secret_value()
+            embedding = RemoteEmbedding(args.service_url, retry, key)
         else:
             from models.store import load_embedder
 

@@ -21,9 +21,11 @@ class RemoteEmbedding:
     Failures become typed domain errors (a dropped connection, a 5xx or a timeout: BackendUnavailable,
     retried by the caller's policy; a 4xx: the service's own error class and message)."""
 
-    def __init__(self, base_url: str, retry: RetryPolicy, timeout_s: float = 120.0) -> None:
+    def __init__(self, base_url: str, retry: RetryPolicy, api_key: str = "", timeout_s: float = 120.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        # /api/embed needs a key with the admin scope wherever keys are configured (README: Security).
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
         response = retry.call(self._request, "GET", "/api/model")
         self._description = ModelDescription.model_validate_json(response.content)
         logger.info("Embedding through %s with %s", self.base_url, self._description.info.model_id)

@@ -29,7 +29,9 @@ def test_upload_a_photo_and_see_the_result_grid(browser, live_service, photo_set
     query.write_bytes(photo_set["queries"]["astronaut"])
     expected = content_hash(photo_set["originals"]["astronaut"])
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # Playwright's wait_for_function polls with eval, which the page's CSP forbids (as it should): this page
+    # lets the test's own probes through; test_the_page_asks_for_a_key... runs the page under its CSP.
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(live_service.url + "/")
@@ -65,3 +67,30 @@ def test_page_shows_a_clear_error_for_a_bad_file(browser, live_service, tmp_path
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#message.error")
     assert "not an image" in page.inner_text("#message")
+
+
+def test_the_page_asks_for_a_key_only_when_an_action_needs_one(browser, keyed_service, keys, photo_set, tmp_path):
+    """Searching needs no key; adding asks once (naming the scope), then works; no CSP violation."""
+    query = tmp_path / "rocket.jpg"
+    query.write_bytes(photo_set["originals"]["rocket"])
+    page = browser.new_page()
+    prompts: list[str] = []
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+
+    def answer(dialog) -> None:
+        prompts.append(dialog.message)
+        dialog.accept(keys.write)
+
+    page.on("dialog", answer)
+    page.goto(keyed_service.url + "/")
+    page.set_input_files("#file", str(query))
+    page.wait_for_selector("#message:not(:text('Searching'))")
+    assert not prompts, "searching must not ask for a key"
+    page.click("#add")
+    page.wait_for_selector("#message:text('Added as')")
+    assert len(prompts) == 1 and "write" in prompts[0]
+    page.click("#add")  # the key is remembered for the session
+    page.wait_for_selector("#message:text('Already in the collection')")
+    assert len(prompts) == 1
+    assert not [text for text in console if "Content Security Policy" in text], console

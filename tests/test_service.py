@@ -2,9 +2,6 @@
 
 import io
 import json
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -73,18 +70,12 @@ def test_search_by_id_finds_itself_first(client, photo_set):
     assert client.post("/api/search/id", json={"id": "0" * 64}).status_code == 404
 
 
-def test_search_by_url(client, photo_set, tmp_path):
-    (tmp_path / "q.jpg").write_bytes(photo_set["queries"]["rocket"])
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}"
-        body = client.post("/api/search/url", json={"url": f"{base}/q.jpg", "top_k": 2}).json()
-        assert body["hits"][0]["id"] == content_hash(photo_set["originals"]["rocket"])
-        missing = client.post("/api/search/url", json={"url": f"{base}/missing.jpg"})
-        assert missing.status_code == 400 and "404" in missing.json()["detail"]
-    finally:
-        server.shutdown()
+def test_search_by_url(client, photo_set, image_host):
+    (image_host.root / "q.jpg").write_bytes(photo_set["queries"]["rocket"])
+    body = client.post("/api/search/url", json={"url": f"{image_host.url}/q.jpg", "top_k": 2}).json()
+    assert body["hits"][0]["id"] == content_hash(photo_set["originals"]["rocket"])
+    missing = client.post("/api/search/url", json={"url": f"{image_host.url}/missing.jpg"})
+    assert missing.status_code == 400 and "404" in missing.json()["detail"]
     assert client.post("/api/search/url", json={"url": "file:///etc/passwd"}).status_code == 400
 
 
@@ -192,7 +183,7 @@ def test_embed_endpoint_for_remote_ingest(client):
     assert vectors.shape == (2, 1280) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
     wrong = io.BytesIO()
     np.save(wrong, np.zeros((1, 100, 100, 3), dtype=np.uint8))
-    assert client.post("/api/embed", content=wrong.getvalue()).status_code == 400
+    assert client.post("/api/embed", content=wrong.getvalue(), headers={"Content-Type": "application/x-npy"}).status_code == 400
 
 
 def test_restart_keeps_the_data(backend, efficientnet, photo_set):
