@@ -1,7 +1,9 @@
-"""The GPU check (bench/gpu_check.py) runs end to end on the CPU: the same script the GPU machine runs."""
+"""Benchmark scripts run end to end on the CPU: the GPU check (bench/gpu_check.py, the same script the GPU
+machine runs) and the load check (bench/load_check.py --quick). No timings are asserted."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -44,3 +46,22 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
         assert row[6] == "0 (0)"  # errors (503s)
     assert "batching on / off throughput:" in part_b
     assert out.rstrip().endswith("PASS")
+
+
+@pytest.mark.slow
+def test_load_check_quick_runs(tmp_path: Path) -> None:
+    """bench/load_check.py --quick: its own service, the three scenarios, the table, exit 0 (no timings asserted)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RIS_", "BENTOML_HOME"))}
+    result = subprocess.run(
+        [PYTHON, "bench/load_check.py", "--quick", "--workdir", str(tmp_path), "--json-out", str(tmp_path / "out.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-3000:]}"
+    out = result.stdout
+    assert "Machine: " in out and "UNEXPECTED" not in out
+    rows = table_rows(out)  # the only table in the output
+    assert [row[0].split(" ")[0] for row in rows] == ["A", "B", "B:", "B:", "C"]
+    for row in rows:
+        assert int(row[3]) > 0  # requests
+    assert out.rstrip().endswith("PASS")
+    assert json.loads((tmp_path / "out.json").read_text())["pass"] is True
