@@ -1,0 +1,420 @@
+"""`python -m ingest.evaluate FOLDER`: how well does search find the original of an edited copy, on your photos?
+
+From the images of FOLDER it makes deterministic near-duplicate queries (crops of several sizes, thumbnails,
+JPEG re-compression, colour changes, small and large rotations, a flip, greyscale, a caption bar, a
+perspective change), searches each one, and reports recall@1, recall@5 and mAP overall and per transform,
+with the score distributions of true and false matches (what a "same image" threshold can rely on).
+The queries never enter any collection.
+
+- In-process (default): the originals (and, with ``--siblings``, hard negatives: other crops of the same
+  photo stored beside it, which the original must outrank) go into a temporary collection (a Milvus Lite
+  file in a temp dir) embedded with the model the settings choose; your collection is not touched.
+- ``--service-url URL``: queries a running service, whose collection must already hold the originals (the
+  ids are content hashes, so it is checked); add ``--api-key`` where keys are configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from pydantic import BaseModel
+
+from bento.catalog import Catalog, Embedding, NewImage
+from bento.config import Settings, get_settings
+from bento.errors import SearchError
+from bento.imaging import content_hash
+from bento.retry import FAIL_FAST
+from bento.schemas import SearchOptions
+from ingest.job import scan_folder
+
+logger = logging.getLogger(__name__)
+TOP_K = 10
+Transform = Callable[[Image.Image, random.Random], Image.Image]
+
+
+def _crop(fraction: float) -> Transform:
+    def crop(image: Image.Image, rng: random.Random) -> Image.Image:
+        w, h = image.size
+        cw, ch = max(1, round(w * fraction)), max(1, round(h * fraction))
+        left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        return image.crop((left, top, left + cw, top + ch))
+
+    return crop
+
+
+def _thumbnail(side: int) -> Transform:
+    def thumbnail(image: Image.Image, rng: random.Random) -> Image.Image:
+        copy = image.copy()
+        copy.thumbnail((side, side), Image.Resampling.LANCZOS)
+        return copy
+
+    return thumbnail
+
+
+def _colour(image: Image.Image, rng: random.Random) -> Image.Image:
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.75, 1.25))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.75, 1.25))
+    return ImageEnhance.Color(image).enhance(rng.uniform(0.5, 1.5))
+
+
+def _rotate(degrees: float) -> Transform:
+    def rotate(image: Image.Image, rng: random.Random) -> Image.Image:
+        return image.rotate(rng.choice((-1, 1)) * degrees, resample=Image.Resampling.BICUBIC, fillcolor=(0, 0, 0))
+
+    return rotate
+
+
+def _caption(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A screenshot-like copy: a border and a caption bar with text."""
+    w, h = image.size
+    bar = max(16, h // 6)
+    canvas = Image.new("RGB", (w + 2 * (w // 20), h + 2 * bar), (250, 250, 250))
+    canvas.paste(image, (w // 20, bar))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((w // 20, bar // 4), f"photo {rng.randint(100, 999)} - shared with friends", fill=(20, 20, 20))
+    draw.text((w // 20, h + bar + bar // 4), "12 likes  3 comments", fill=(90, 90, 90))
+    return canvas
+
+
+def _perspective(image: Image.Image, rng: random.Random) -> Image.Image:
+    w, h = image.size
+    dx, dy = w * rng.uniform(0.04, 0.1), h * rng.uniform(0.04, 0.1)
+    # Coefficients mapping output to input: a mild keystone, as a photo of a screen or a print.
+    source = [(dx, dy), (w - dx / 2, 0), (w, h), (0, h - dy / 2)]
+    target = [(0, 0), (w, 0), (w, h), (0, h)]
+    matrix = []
+    for (x, y), (u, v) in zip(target, source, strict=True):
+        matrix.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        matrix.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    coefficients = np.linalg.solve(np.array(matrix, dtype=np.float64), np.array(source, dtype=np.float64).reshape(8))
+    return image.transform((w, h), Image.Transform.PERSPECTIVE, tuple(coefficients), Image.Resampling.BICUBIC)
+
+
+@dataclass(frozen=True)
+class Edit:
+    transform: Transform
+    quality: int = 90  # the JPEG quality the query is saved with
+
+
+EDITS: dict[str, Edit] = {
+    "crop-80": Edit(_crop(0.8)),
+    "crop-60": Edit(_crop(0.6)),
+    "crop-60-q40": Edit(_crop(0.6), 40),
+    "crop-40": Edit(_crop(0.4)),
+    "thumb-256": Edit(_thumbnail(256)),
+    "thumb-128": Edit(_thumbnail(128)),
+    "thumb-64": Edit(_thumbnail(64)),
+    "jpeg-q40": Edit(lambda image, rng: image, 40),
+    "jpeg-q15": Edit(lambda image, rng: image, 15),
+    "colour": Edit(_colour),
+    "rotate-5": Edit(_rotate(5)),
+    "rotate-90": Edit(lambda image, rng: image.transpose(rng.choice((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270)))),
+    "flip": Edit(lambda image, rng: ImageOps.mirror(image)),
+    "greyscale": Edit(lambda image, rng: ImageOps.grayscale(image).convert("RGB")),
+    "caption": Edit(_caption),
+    "perspective": Edit(_perspective),
+}
+
+
+def make_query(image: Image.Image, name: str, seed: int, index: int) -> bytes:
+    """The query for one original and one edit: the same bytes for the same (seed, original, edit)."""
+    edit = EDITS[name]
+    rng = random.Random(f"{seed}:{index}:{name}")
+    out = io.BytesIO()
+    edit.transform(image, rng).convert("RGB").save(out, format="JPEG", quality=edit.quality)
+    return out.getvalue()
+
+
+def siblings(image: Image.Image) -> list[bytes]:
+    """Hard negatives: other versions of the same photo a real collection keeps beside it (two quarters)."""
+    w, h = image.size
+    out = []
+    for box in ((0, 0, w // 2, h // 2), (w // 2, h // 2, w, h)):
+        buffer = io.BytesIO()
+        image.crop(box).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+class Distribution(BaseModel):
+    count: int
+    p5: float | None
+    p50: float | None
+    p95: float | None
+
+
+def distribution(values: Sequence[float]) -> Distribution:
+    if not values:
+        return Distribution(count=0, p5=None, p50=None, p95=None)
+    ordered = np.asarray(sorted(values))
+    p5, p50, p95 = (round(float(np.percentile(ordered, q)), 4) for q in (5, 50, 95))
+    return Distribution(count=len(values), p5=p5, p50=p50, p95=p95)
+
+
+class Row(BaseModel):
+    transform: str
+    queries: int
+    recall_at_1: float
+    recall_at_5: float
+    map: float = 0.0  # one relevant image per query: AP = 1/rank within the top 10
+    true_scores: Distribution
+    false_scores: Distribution  # the best-scoring wrong hit of each query
+
+
+class Report(BaseModel):
+    folder: str
+    model: str
+    originals: int
+    siblings: int
+    top_k: int
+    seconds: float
+    overall: Row
+    per_transform: list[Row]
+    missing: list[str] = []  # originals the collection does not hold (service mode)
+
+    def table(self) -> str:
+        lines = [
+            f"Evaluation of {self.folder} with {self.model}: {self.originals} originals"
+            + (f", {self.siblings} hard negatives (siblings)" if self.siblings else "")
+            + f", {self.overall.queries} queries, {self.seconds:.1f} s",
+            "",
+            "| transform | queries | recall@1 | recall@5 | mAP | true match score p5 / p50 | best false score p50 / p95 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in [*self.per_transform, self.overall]:
+            true, false = row.true_scores, row.false_scores
+            lines.append(
+                f"| {'**overall**' if row is self.overall else row.transform} | {row.queries} | {row.recall_at_1:.3f} | "
+                f"{row.recall_at_5:.3f} | {row.map:.3f} | {_fmt(true.p5)} / {_fmt(true.p50)} | {_fmt(false.p50)} / {_fmt(false.p95)} |"
+            )
+        if self.missing:
+            lines.append(f"\n{len(self.missing)} originals are not in the collection and were skipped.")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@dataclass
+class _Outcome:
+    rank: int | None  # 1-based rank of the original within the top k
+    true_score: float | None
+    false_score: float | None
+
+
+@dataclass
+class _Tally:
+    outcomes: dict[str, list[_Outcome]] = field(default_factory=dict)
+
+    def add(self, transform: str, outcome: _Outcome) -> None:
+        self.outcomes.setdefault(transform, []).append(outcome)
+
+    @staticmethod
+    def row(transform: str, outcomes: list[_Outcome]) -> Row:
+        n = max(1, len(outcomes))
+        return Row(
+            transform=transform,
+            queries=len(outcomes),
+            recall_at_1=round(sum(o.rank == 1 for o in outcomes) / n, 4),
+            recall_at_5=round(sum(o.rank is not None and o.rank <= 5 for o in outcomes) / n, 4),
+            map=round(sum(1 / o.rank for o in outcomes if o.rank) / n, 4),
+            true_scores=distribution([o.true_score for o in outcomes if o.true_score is not None]),
+            false_scores=distribution([o.false_score for o in outcomes if o.false_score is not None]),
+        )
+
+
+def judge(hits: Sequence[tuple[str, float]], original: str) -> _Outcome:
+    """Where the original stands among (id, score) hits, best first."""
+    rank = next((i + 1 for i, (image_id, _) in enumerate(hits) if image_id == original), None)
+    true = hits[rank - 1][1] if rank else None
+    false = next((score for image_id, score in hits if image_id != original), None)
+    return _Outcome(rank, true, false)
+
+
+# --- running it ------------------------------------------------------------------------------------
+
+Searcher = Callable[[bytes], list[tuple[str, float]]]
+
+
+def load_originals(folder: Path, limit: int) -> list[tuple[str, bytes, Image.Image]]:
+    """(relative path, bytes, RGB image) of up to ``limit`` decodable images, spread over the folder."""
+    paths = [path for path, _ in scan_folder(folder)]
+    step = max(1, len(paths) // limit) if limit else 1
+    chosen = []
+    for path in paths[::step]:
+        if limit and len(chosen) >= limit:
+            break
+        data = path.read_bytes()
+        try:
+            image = Image.open(io.BytesIO(data))
+            image = ImageOps.exif_transpose(image).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            logger.info("skipping %s: not an image Pillow reads (%s)", path, exc)
+            continue
+        chosen.append((str(path.relative_to(folder)), data, image))
+    return chosen
+
+
+def run(
+    originals: list[tuple[str, bytes, Image.Image]],
+    search: Searcher,
+    transforms: Sequence[str],
+    seed: int,
+) -> tuple[list[Row], Row]:
+    tally = _Tally()
+    for index, (_, data, image) in enumerate(originals):
+        original = content_hash(data)
+        for name in transforms:
+            tally.add(name, judge(search(make_query(image, name, seed, index)), original))
+    per_transform = [tally.row(name, tally.outcomes.get(name, [])) for name in transforms]
+    overall = tally.row("overall", [o for name in transforms for o in tally.outcomes.get(name, [])])
+    return per_transform, overall
+
+
+def in_process(
+    settings: Settings, embedding: Embedding, originals: list[tuple[str, bytes, Image.Image]], with_siblings: bool
+) -> tuple[Catalog, int]:
+    """A temporary collection with the originals (and their siblings); returns it and the sibling count."""
+    catalog = Catalog.in_process(settings, embedding, FAIL_FAST)
+    images: list[NewImage] = []
+    seen: set[str] = set()
+    sibling_count = 0
+    for source, data, image in originals:
+        blobs = [(source, data)] + ([(f"{source}#sibling{i}", b) for i, b in enumerate(siblings(image))] if with_siblings else [])
+        for name, blob in blobs:
+            if content_hash(blob) in seen:
+                continue
+            seen.add(content_hash(blob))
+            images.append(NewImage(catalog.prepare(blob, thumbnail=False), "", name))
+            sibling_count += "#sibling" in name
+    for start in range(0, len(images), 32):
+        catalog.add_many(images[start : start + 32])
+    catalog.vectors.flush()
+    return catalog, sibling_count
+
+
+def catalog_searcher(catalog: Catalog) -> Searcher:
+    def search(query: bytes) -> list[tuple[str, float]]:
+        result = catalog.search_image(query, SearchOptions(top_k=TOP_K))
+        return [(hit.image.id, hit.score) for hit in result.hits]
+
+    return search
+
+
+def service_searcher(client: httpx.Client) -> Searcher:
+    def search(query: bytes) -> list[tuple[str, float]]:
+        response = client.post("/api/search", files={"file": ("query.jpg", query, "image/jpeg")}, data={"top_k": str(TOP_K)})
+        response.raise_for_status()
+        return [(hit["id"], hit["score"]) for hit in response.json()["hits"]]
+
+    return search
+
+
+def evaluate_folder(
+    folder: Path,
+    *,
+    limit: int = 200,
+    transforms: Sequence[str] = tuple(EDITS),
+    seed: int = 0,
+    with_siblings: bool = False,
+    settings: Settings | None = None,
+    embedding: Embedding | None = None,
+) -> Report:
+    """In-process evaluation (the settings' model unless ``embedding`` is given) in a temporary collection."""
+    started = time.perf_counter()
+    originals = load_originals(folder, limit)
+    if not originals:
+        raise SearchError(f"No images Pillow can read in {folder}.")
+    base = settings or get_settings()
+    if embedding is None:
+        from models.store import load_embedder
+
+        embedding = load_embedder(base)
+    with tempfile.TemporaryDirectory(prefix="ris-evaluate-") as work:
+        temporary = base.model_copy(update={"data_dir": Path(work)}).but(
+            milvus={"uri": str(Path(work) / "evaluate.db"), "collection": "evaluate"}, store={"dir": Path(work) / "images"}
+        )
+        catalog, sibling_count = in_process(temporary, embedding, originals, with_siblings)
+        try:
+            per_transform, overall = run(originals, catalog_searcher(catalog), transforms, seed)
+        finally:
+            catalog.close()
+    return Report(
+        folder=str(folder), model=embedding.describe().info.model_id, originals=len(originals), siblings=sibling_count,
+        top_k=TOP_K, seconds=round(time.perf_counter() - started, 2), overall=overall, per_transform=per_transform,
+    )
+
+
+def evaluate_service(
+    folder: Path, url: str, api_key: str = "", *, limit: int = 200, transforms: Sequence[str] = tuple(EDITS), seed: int = 0
+) -> Report:
+    """Evaluation against a running service whose collection holds the originals."""
+    started = time.perf_counter()
+    originals = load_originals(folder, limit)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url.rstrip("/"), timeout=120, headers=headers) as client:
+        model = client.get("/api/model")
+        model.raise_for_status()
+        present, missing = [], []
+        for item in originals:
+            answer = client.get(f"/api/images/{content_hash(item[1])}/metadata")
+            (present if answer.status_code == 200 else missing).append(item)
+        per_transform, overall = run(present, service_searcher(client), transforms, seed)
+    return Report(
+        folder=str(folder), model=model.json()["info"]["model_id"], originals=len(present), siblings=0, top_k=TOP_K,
+        seconds=round(time.perf_counter() - started, 2), overall=overall, per_transform=per_transform,
+        missing=[source for source, _, _ in missing],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ingest.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--limit", type=int, default=200, help="originals to use, spread over the folder (default 200)")
+    parser.add_argument("--transforms", default=",".join(EDITS), help=f"comma-separated subset of: {', '.join(EDITS)}")
+    parser.add_argument("--siblings", action="store_true", help="store two other crops of each photo beside it (in-process only)")
+    parser.add_argument("--seed", type=int, default=0, help="the queries are the same for the same seed")
+    parser.add_argument("--service-url", help="evaluate a running service whose collection holds the originals")
+    parser.add_argument("--api-key", default="", help="the service's API key (search scope), if it needs one")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    transforms = [name.strip() for name in args.transforms.split(",") if name.strip()]
+    unknown = sorted(set(transforms) - set(EDITS))
+    if unknown or not args.folder.is_dir():
+        print(f"evaluate: {'unknown transforms ' + ', '.join(unknown) if unknown else f'{args.folder} is not a folder'}", file=sys.stderr)  # noqa: T201
+        return 2
+    try:
+        if args.service_url:
+            if args.siblings:
+                print("evaluate: --siblings needs the in-process mode (it stores extra images)", file=sys.stderr)  # noqa: T201
+                return 2
+            report = evaluate_service(args.folder, args.service_url, args.api_key, limit=args.limit, transforms=transforms, seed=args.seed)
+        else:
+            report = evaluate_folder(args.folder, limit=args.limit, transforms=transforms, seed=args.seed, with_siblings=args.siblings)
+    except (SearchError, httpx.HTTPError) as exc:
+        print(f"evaluate failed: {getattr(exc, 'message', exc)}", file=sys.stderr)  # noqa: T201
+        return 1
+    print(report.model_dump_json(indent=2) if args.json else report.table())  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
