@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
@@ -500,6 +501,22 @@ def listening_on_loopback_only() -> bool:
     return bool(listening) and all(is_loopback(address.ip) for address in listening)
 
 
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def refuse_other_sites(request: Request, scope: Scope) -> None:
+    """The keyless loopback mode is open to this machine's own users only: not to a web page that a DNS
+    rebinding points at 127.0.0.1 (its Host is another name), and not to another site's form posting
+    across origins (no CORS preflight protects a multipart POST)."""
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+    if host not in LOCAL_NAMES:
+        raise Forbidden(f"With no API keys this service answers only to localhost, not to the host name {host!r}.")
+    origin = urlsplit(request.headers.get("origin", "")).hostname
+    cross_site = request.headers.get("sec-fetch-site") == "cross-site" or (origin is not None and origin not in LOCAL_NAMES)
+    if scope != "search" and cross_site:
+        raise Forbidden("With no API keys, writes from another site's pages are refused.")
+
+
 def allowed(scope: Scope) -> Callable[..., Awaitable[Principal]]:
     """A route dependency: the caller's principal, when it may act in ``scope`` (401/403 otherwise)."""
 
@@ -510,6 +527,8 @@ def allowed(scope: Scope) -> Callable[..., Awaitable[Principal]]:
     ) -> Principal:
         loopback = listening_on_loopback_only()
         table = key_table()
+        if loopback and not table.configured:
+            refuse_other_sites(request, scope)
         principal = table.identify(presented_key(authorization, x_api_key), loopback)
         table.require(principal, scope, loopback)
         return principal
@@ -598,10 +617,6 @@ class ImageSearch:
         # Exactly what is open, once at start (the README's Security section explains the rules).
         logger.warning("%s (listening on %s).", key_table().describe(loopback), "loopback only" if loopback else "a non-loopback address")
 
-    @bentoml.on_shutdown
-    def close_url_fetcher(self) -> None:
-        self.fetcher.close()
-
     async def __is_ready__(self) -> bool:
         """Model known and the image store reachable (BentoML adds the dependencies' readiness)."""
         try:
@@ -648,7 +663,7 @@ class ImageSearch:
     async def search_url(self, request: Request, principal: Searcher, body: SearchByUrl) -> SearchResponse:
         """Search with an image fetched from a public http(s) URL (see README: Security)."""
         self.client_limits.charge(request, principal, "URL search")
-        data = await in_thread(self.fetcher.fetch, body.url)
+        data = await self.fetcher.fetch(body.url)
         return self._response(await in_thread(self.catalog.search_image, data, body))
 
     @app.post("/api/search/id", response_model=SearchResponse)

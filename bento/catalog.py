@@ -244,7 +244,11 @@ class Catalog:
         return (data if self.serve_location else without_location(data)), meta.mime
 
     def direct_url(self, image_id: str, kind: Kind) -> str | None:
-        """A URL straight to the store (presigned), or None when the bytes must be served by the caller."""
+        """A URL straight to the store (presigned), or None when the bytes must be served by the caller:
+        always for originals unless locations may be served (the store holds them as uploaded, GPS and all;
+        ``blob`` removes it)."""
+        if kind == "original" and not self.serve_location:
+            return None
         return self.store.presigned_url(image_id, kind)
 
     def remove(self, image_id: str) -> None:

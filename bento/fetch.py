@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+import anyio
 import httpx
 
 from bento.config import FetchSettings
@@ -47,8 +44,11 @@ class AllowEntry:
         text = text.strip()
         port: int | None = None
         body = text
-        if text.startswith("["):  # [v6]:port or [v6/len]:port
+        if text.startswith("["):  # [v6]:port, [v6/len]:port or [v6]/len
             body, _, rest = text[1:].partition("]")
+            if rest.startswith("/"):
+                prefix, _, rest = rest[1:].partition(":")
+                body, rest = f"{body}/{prefix}", f":{rest}" if rest else ""
             port = int(rest[1:]) if rest.startswith(":") else None
         elif text.count(":") == 1:
             body, port_text = text.split(":")
@@ -76,51 +76,57 @@ def public(address: IPAddress) -> bool:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None:
             return public(embedded)
-    return address.is_global and not (address.is_multicast or address.is_reserved or address.is_link_local)
+    site_local = isinstance(address, ipaddress.IPv6Address) and address.is_site_local
+    return address.is_global and not (address.is_multicast or address.is_reserved or address.is_link_local or site_local)
 
 
 class UrlFetcher:
-    """One per API worker; thread-safe (``fetch`` runs in worker threads)."""
+    """One per API worker, used from its event loop: ``await fetcher.fetch(url)``."""
 
     def __init__(self, settings: FetchSettings, max_bytes: int) -> None:
         self.settings = settings
         self.max_bytes = max_bytes
         self.allow = [AllowEntry.parse(entry) for entry in settings.allow.split(",") if entry.strip()]
-        self._slots = threading.BoundedSemaphore(settings.max_concurrent)
-        self._resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch-dns")
-        self._client: httpx.Client | None = None
-        self._client_lock = threading.Lock()
+        self._in_flight = 0
 
-    def _http(self) -> httpx.Client:
-        with self._client_lock:
-            if self._client is None:
-                # trust_env=False: no proxy (nor .netrc) from the environment; redirects are followed here.
-                self._client = httpx.Client(trust_env=False, follow_redirects=False, http2=False)
-            return self._client
-
-    def fetch(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.settings.timeout_s
-        if not self._slots.acquire(timeout=self.settings.timeout_s):
+    async def fetch(self, url: str) -> bytes:
+        # A slot or an answer now: a request never queues behind slow fetches (503, Retry-After).
+        if self._in_flight >= self.settings.max_concurrent:
             raise BackendUnavailable("Too many URL searches are running right now; try again in a few seconds.")
+        self._in_flight += 1
         try:
+            # One deadline for everything (resolving, connecting, headers, redirects, body): cancellation,
+            # not per-read timeouts, so a server that drips its headers cannot hold a fetch open.
+            with anyio.fail_after(self.settings.timeout_s):
+                return await self._follow(url)
+        except TimeoutError as exc:
+            raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.") from exc
+        finally:
+            self._in_flight -= 1
+
+    async def _follow(self, url: str) -> bytes:
+        # trust_env=False: no proxy (nor .netrc) from the environment; redirects are followed (and vetted) here.
+        async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=None) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                host, address, port, scheme = self._vet(url, deadline)
-                response = self._send(url, host, address, port, scheme, deadline)
+                host, address, port, scheme = await self._vet(url)
+                request = self._request(client, url, host, address, port, scheme)
+                try:
+                    response = await client.send(request, stream=True)
+                except httpx.HTTPError as exc:
+                    raise UrlFetchFailed(f"Fetching the URL failed: {exc.__class__.__name__}.") from exc
                 try:
                     if response.status_code in _REDIRECTS and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue
                     if response.status_code != 200:
                         raise UrlFetchFailed(f"Fetching the URL answered HTTP {response.status_code}.")
-                    return self._body(response, deadline)
+                    return await self._body(response)
                 finally:
-                    response.close()
-            raise UrlFetchFailed(f"The URL redirected more than {MAX_REDIRECTS} times.")
-        finally:
-            self._slots.release()
+                    await response.aclose()
+        raise UrlFetchFailed(f"The URL redirected more than {MAX_REDIRECTS} times.")
 
-    def _vet(self, url: str, deadline: float) -> tuple[str, IPAddress, int, str]:
-        """(host, the address to connect to, port, scheme), or the reason the URL is refused."""
+    async def _vet(self, url: str) -> tuple[str, IPAddress, int, str]:
+        """(host as ASCII, the address to connect to, port, scheme), or the reason the URL is refused."""
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -134,54 +140,51 @@ class UrlFetcher:
         host = (parts.hostname or "").lower().rstrip(".")
         if not host:
             raise InvalidRequest("The URL has no host.")
+        try:
+            host = host.encode("idna").decode("ascii")  # an internationalised name, as DNS and Host know it
+        except UnicodeError as exc:
+            raise InvalidRequest("The URL's host is not a valid host name.") from exc
         port = port or DEFAULT_PORTS[scheme]
-        addresses = self._resolve(host, port, deadline)
+        addresses = await self._resolve(host, port)
         for address in addresses:
             allowed = any(entry.admits(host, address, port) for entry in self.allow)
             if not allowed and not public(address):
-                raise UrlFetchFailed(f"Refused: {host} resolves to a non-public address ({address}).")
+                # The address itself is not told: it would map internal names for anyone who asks.
+                raise UrlFetchFailed(f"Refused: {host} resolves to a non-public address.")
             if not allowed and port not in DEFAULT_PORTS.values():
                 raise UrlFetchFailed(f"Refused: port {port}; only ports 80 and 443 are fetched.")
         return host, addresses[0], port, scheme
 
-    def _resolve(self, host: str, port: int, deadline: float) -> list[IPAddress]:
+    @staticmethod
+    async def _resolve(host: str, port: int) -> list[IPAddress]:
         try:
             return [ipaddress.ip_address(host)]
         except ValueError:
             pass
-        future = self._resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
         try:
-            infos = future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout as exc:
-            raise UrlFetchFailed(f"Resolving {host} took too long.") from exc
-        except OSError as exc:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, ValueError) as exc:
             raise UrlFetchFailed(f"The host {host} cannot be resolved.") from exc
-        addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos))
+        addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos))
         if not addresses:
             raise UrlFetchFailed(f"The host {host} cannot be resolved.")
         return addresses
 
-    def _send(self, url: str, host: str, address: IPAddress, port: int, scheme: str, deadline: float) -> httpx.Response:
+    @staticmethod
+    def _request(client: httpx.AsyncClient, url: str, host: str, address: IPAddress, port: int, scheme: str) -> httpx.Request:
         parts = urlsplit(url)
         literal = f"[{address}]" if address.version == 6 else str(address)
         target = f"{scheme}://{literal}:{port}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
         default = DEFAULT_PORTS[scheme] == port
         headers = {"Host": host if default else f"{host}:{port}", "Accept-Encoding": "identity", "Accept": "image/*"}
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.")
-        request = self._http().build_request(
-            "GET", target, headers=headers, timeout=httpx.Timeout(remaining),
-            extensions={"sni_hostname": host} if scheme == "https" else {},
-        )
         try:
-            return self._http().send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.") from exc
-        except httpx.HTTPError as exc:
-            raise UrlFetchFailed(f"Fetching the URL failed: {exc.__class__.__name__}.") from exc
+            return client.build_request(
+                "GET", target, headers=headers, extensions={"sni_hostname": host} if scheme == "https" else {}
+            )
+        except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
+            raise InvalidRequest(f"The URL is not valid: {exc.__class__.__name__}.") from exc
 
-    def _body(self, response: httpx.Response, deadline: float) -> bytes:
+    async def _body(self, response: httpx.Response) -> bytes:
         encoding = response.headers.get("content-encoding", "identity").lower()
         if encoding not in ("identity", ""):
             raise UrlFetchFailed(f"Refused: the server sent a {encoding}-compressed body.")
@@ -191,20 +194,11 @@ class UrlFetcher:
         chunks: list[bytes] = []
         size = 0
         try:
-            for chunk in response.iter_raw():
+            async for chunk in response.aiter_raw():
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise ImageTooLarge(f"The image at the URL is over the {self.max_bytes}-byte limit.")
-                if time.monotonic() > deadline:
-                    raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.")
                 chunks.append(chunk)
-        except httpx.TimeoutException as exc:
-            raise UrlFetchFailed(f"Fetching the URL took longer than {self.settings.timeout_s} s.") from exc
         except httpx.HTTPError as exc:
             raise UrlFetchFailed(f"Fetching the URL failed: {exc.__class__.__name__}.") from exc
         return b"".join(chunks)
-
-    def close(self) -> None:
-        self._resolver.shutdown(wait=False, cancel_futures=True)
-        if self._client is not None:
-            self._client.close()

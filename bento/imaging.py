@@ -103,11 +103,17 @@ def check_size(size: int, max_bytes: int) -> None:
 
 
 def _bytes_per_pixel(mode: str) -> int:
-    """Pillow's in-memory size of one pixel (multi-band images are stored 4 bytes a pixel)."""
-    if mode in ("1", "L", "P"):
-        return 1
-    if mode.startswith("I;16"):
+    """The peak memory a pixel of this mode takes while it is decoded and made 8-bit RGB at full size:
+    Pillow stores multi-band images 4 bytes a pixel; palette images become RGBA before they can be
+    reduced; 16/32-bit greyscale is scaled through a copy."""
+    if mode in ("1", "L"):
         return 2
+    if mode in ("P", "PA"):
+        return 5
+    if mode.startswith("I;16"):
+        return 4
+    if mode in ("I", "F"):
+        return 9
     return 4
 
 
@@ -166,8 +172,8 @@ def decode_image(data: bytes, limits: DecodeLimits, min_side: int | None = None)
     except Image.DecompressionBombError as exc:
         # Pillow's own guard fires inside open() for absurd headers, before our check can.
         raise ImageTooLarge(f"The image claims too many pixels; the limit is {limits.max_pixels} pixels ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
-        # Pillow reports truncated and corrupt streams with these.
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError, struct.error, zlib.error) as exc:
+        # Pillow and its plugins (AVIF, HEIF) report truncated and corrupt streams with these.
         raise InvalidImage(f"The image could not be decoded: {exc}") from exc
     return DecodedImage(image=rgb, mime=SUPPORTED_FORMATS[fmt], width=width, height=height)
 
@@ -189,16 +195,20 @@ def _normalise(image: Image.Image, width: int, height: int, min_side: int | None
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit greyscale scaled into 8 bits (a plain convert would clip them to white)."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        pixels = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
-        top = 65535 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255
-        return Image.fromarray((pixels.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8))
+    """16-bit and 32-bit greyscale scaled into 8 bits (a plain convert would clip them to white), through
+    integer shifts: one extra copy, no float ones."""
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    if image.mode == "I":
+        pixels = np.asarray(image, dtype=np.int32)
+        shift = 8 if pixels.max(initial=0) > 255 else 0  # 16-bit values stored as 32-bit, or already 8-bit
+        return Image.fromarray((np.clip(pixels, 0, 65535) >> shift).astype(np.uint8))
     if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float32)
-        low, high = float(np.nanmin(pixels)), float(np.nanmax(pixels))
-        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
-        return Image.fromarray(np.nan_to_num(scaled).clip(0, 255).astype(np.uint8))
+        pixels = np.nan_to_num(np.array(image, dtype=np.float32), copy=False)  # a writable copy
+        low, high = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
+        pixels -= low
+        pixels *= 255.0 / (high - low) if high > low else 0.0
+        return Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8))
     return image
 
 
@@ -226,35 +236,66 @@ def make_thumbnail(image: Image.Image, size: int) -> bytes:
 # --- location privacy ----------------------------------------------------------------------------
 
 
-def without_location(data: bytes) -> bytes:
-    """The image with its EXIF GPS block removed (what originals are served as by default).
+# XMP can carry the location too (exif:GPSLatitude...); a packet that names it is dropped whole.
+_XMP_LOCATION = (b"GPSLatitude", b"GPSLongitude", b"GPSAltitude", b"exif:GPS")
+_XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
 
-    JPEG, PNG and WebP keep their pixel data byte for byte (only the EXIF segment or chunk is rewritten);
-    a multi-picture JPEG is served as its first picture; TIFF, HEIF and AVIF are re-encoded (TIFF
-    losslessly) only when they carry a location. Bytes that are not an image we accept come back as they
-    are (they were never stored)."""
+
+def _names_location(packet: bytes) -> bool:
+    return any(marker in packet for marker in _XMP_LOCATION)
+
+
+def without_location(data: bytes) -> bytes:
+    """The image without its location: the EXIF GPS block and XMP packets that name a location (what
+    originals are served as by default).
+
+    JPEG, PNG and WebP keep their pixel data byte for byte (only metadata segments or chunks are rewritten
+    or dropped, and a PNG is never decoded for it); a multi-picture JPEG is served as its first picture;
+    TIFF, HEIF and AVIF are re-encoded (TIFF losslessly) only when they carry a location. Bytes that are not
+    an image we accept come back as they are (they were never stored)."""
     try:
         image = Image.open(io.BytesIO(data), formats=_ACCEPTED)
         fmt = image.format
+        if fmt == "PNG":  # before getexif(), which would decode a PNG whose eXIf follows its pixels
+            return _png_without_location(data)
         exif = image.getexif()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError, struct.error, zlib.error):
         return data
     if fmt == "MPO":  # the first picture alone, without the index of the others (APP2 "MPF")
-        data = _jpeg_segments(_first_picture(image, data), lambda marker, segment: None if segment[4:8] == b"MPF\0" and marker == 0xE2 else segment)
-    if ExifTags.IFD.GPSInfo not in exif:
+        data = _jpeg_segments(_first_picture(image, data), lambda marker, segment: None if marker == 0xE2 and segment[4:8] == b"MPF\0" else segment)
+    in_exif = ExifTags.IFD.GPSInfo in exif
+    if not in_exif and not _names_location(data):
         return data
-    del exif[ExifTags.IFD.GPSInfo]
+    if in_exif:
+        del exif[ExifTags.IFD.GPSInfo]
     clean = exif.tobytes()  # b"Exif\0\0" + TIFF header and IFDs
     if fmt in ("JPEG", "MPO"):
         app1 = b"\xff\xe1" + struct.pack(">H", len(clean) + 2) + clean
-        return _jpeg_segments(data, lambda marker, segment: app1 if marker == 0xE1 and segment[4:10] == b"Exif\x00\x00" else segment)
-    if fmt == "PNG":
-        return _png_with_exif(data, clean[6:])
+
+        def rewrite(marker: int, segment: bytes) -> bytes | None:
+            if marker == 0xE1 and segment[4:10] == b"Exif\x00\x00":
+                return app1 if in_exif else segment
+            if marker == 0xE1 and segment[4:33] == _XMP_JPEG and _names_location(segment):
+                return None
+            return segment
+
+        return _jpeg_segments(data, rewrite)
     if fmt == "WEBP":
-        return _webp_with_exif(data, clean[6:])
+        return _webp_without_location(data, clean[6:] if in_exif else None)
+    image.info.pop("xmp", None)
     out = io.BytesIO()
-    params = {"compression": image.info.get("compression", "tiff_lzw")} if fmt == "TIFF" else {"quality": 95}
-    image.save(out, format=fmt, exif=clean, **params)
+    try:
+        if fmt == "TIFF":
+            try:
+                image.save(out, format=fmt, exif=clean, compression=image.info.get("compression", "tiff_lzw"))
+            except RuntimeError:  # libtiff refuses some EXIF sub-IFDs with compression: store it raw
+                out = io.BytesIO()
+                image.save(out, format=fmt, exif=clean, compression="raw")
+        else:
+            image.save(out, format=fmt, exif=clean, quality=95)
+    except (OSError, ValueError, RuntimeError):
+        # Cannot be re-encoded without the location: better not served than served with it.
+        raise InvalidImage("This original carries a location that cannot be removed; it is not served.") from None
     return out.getvalue()
 
 
@@ -278,25 +319,54 @@ def _jpeg_segments(data: bytes, rewrite: Callable[[int, bytes], bytes | None]) -
     return bytes(out + data[position:])
 
 
-def _png_with_exif(data: bytes, exif: bytes) -> bytes:
-    out, position = bytearray(data[:8]), 8
+def _png_without_location(data: bytes) -> bytes:
+    """Rewrite a PNG's eXIf without GPS, drop XMP that names a location and the legacy "Raw profile" EXIF
+    text (Pillow reads EXIF from it too); every other chunk, the pixels included, stays byte for byte."""
+    out, position, changed = bytearray(data[:8]), 8, False
     while position + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[position : position + 8])
         chunk = data[position : position + 12 + length]
+        payload = chunk[8:-4]
         if kind == b"eXIf":
-            chunk = struct.pack(">I4s", len(exif), kind) + exif + struct.pack(">I", zlib.crc32(kind + exif) & 0xFFFFFFFF)
+            exif = Image.Exif()
+            exif.load(payload)
+            if ExifTags.IFD.GPSInfo in exif:
+                del exif[ExifTags.IFD.GPSInfo]
+                clean = exif.tobytes()[6:]
+                chunk = struct.pack(">I4s", len(clean), kind) + clean + struct.pack(">I", zlib.crc32(kind + clean) & 0xFFFFFFFF)
+                changed = True
+        elif kind in (b"tEXt", b"zTXt", b"iTXt"):
+            keyword = payload.split(b"\0", 1)[0]
+            if keyword.startswith(b"Raw profile type") or (keyword == b"XML:com.adobe.xmp" and _names_location(_png_text(kind, payload))):
+                chunk, changed = b"", True
         out += chunk
         position += 12 + length
-    return bytes(out)
+    return bytes(out) if changed else data
 
 
-def _webp_with_exif(data: bytes, exif: bytes) -> bytes:
+def _png_text(kind: bytes, payload: bytes) -> bytes:
+    """The text of a PNG text chunk (decompressed where it is)."""
+    body = payload.split(b"\0", 1)[1] if b"\0" in payload else b""
+    try:
+        if kind == b"zTXt":
+            return zlib.decompress(body[1:])
+        if kind == b"iTXt" and body[:1] == b"\x01":  # compressed flag, method, language, translated keyword
+            return zlib.decompress(body[2:].split(b"\0", 2)[-1])
+    except zlib.error:
+        return body
+    return body
+
+
+def _webp_without_location(data: bytes, exif: bytes | None) -> bytes:
+    """Rewrite the EXIF chunk (when ``exif`` is given) and drop an XMP chunk that names a location."""
     out, position = bytearray(), 12
     while position + 8 <= len(data):
         kind, length = struct.unpack("<4sI", data[position : position + 8])
         chunk = data[position : position + 8 + length + (length & 1)]
-        if kind == b"EXIF":
+        if kind == b"EXIF" and exif is not None:
             chunk = struct.pack("<4sI", kind, len(exif)) + exif + (b"\0" if len(exif) & 1 else b"")
+        elif kind == b"XMP " and _names_location(chunk):
+            chunk = b""
         out += chunk
         position += 8 + length + (length & 1)
     return b"RIFF" + struct.pack("<I", len(out) + 4) + b"WEBP" + bytes(out)

@@ -6,6 +6,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import anyio
 import pytest
 
 from bento.config import FetchSettings
@@ -13,8 +14,18 @@ from bento.errors import ImageTooLarge, InvalidRequest, UrlFetchFailed
 from bento.fetch import AllowEntry, UrlFetcher, public
 
 
-def _fetcher(allow: str = "", timeout_s: float = 5.0, max_bytes: int = 1_000_000) -> UrlFetcher:
-    return UrlFetcher(FetchSettings(allow=allow, timeout_s=timeout_s), max_bytes)
+class _Fetcher:
+    """The async fetcher, called as the tests' synchronous code would (one event loop per fetch)."""
+
+    def __init__(self, fetcher: UrlFetcher) -> None:
+        self.fetcher = fetcher
+
+    def fetch(self, url: str) -> bytes:
+        return anyio.run(self.fetcher.fetch, url)
+
+
+def _fetcher(allow: str = "", timeout_s: float = 5.0, max_bytes: int = 1_000_000) -> _Fetcher:
+    return _Fetcher(UrlFetcher(FetchSettings(allow=allow, timeout_s=timeout_s), max_bytes))
 
 
 @pytest.mark.parametrize(
@@ -27,7 +38,7 @@ def _fetcher(allow: str = "", timeout_s: float = 5.0, max_bytes: int = 1_000_000
     ],
 )
 def test_non_public_addresses_are_refused_before_connecting(url):
-    with pytest.raises(UrlFetchFailed, match="Refused: .* non-public address"):
+    with pytest.raises(UrlFetchFailed, match="Refused: .* non-public address\\.$"):
         _fetcher().fetch(url)
 
 
@@ -41,6 +52,9 @@ def test_non_public_addresses_are_refused_before_connecting(url):
         ("http:///a.jpg", InvalidRequest, "no host"),
         ("http://example.com:99999/", InvalidRequest, "not valid"),
         ("http://1.1.1.1:8080/a.jpg", UrlFetchFailed, "port 8080"),
+        ("http://a..b/x.jpg", InvalidRequest, "not a valid host name"),
+        ("http://" + "x" * 64 + ".example/x.jpg", InvalidRequest, "not a valid host name"),
+        ("http://[fec0::1]/", UrlFetchFailed, "non-public"),
     ],
 )
 def test_other_refusals_say_why(url, error, message):
@@ -64,6 +78,8 @@ def test_allow_list_entries_parse_and_match():
     assert AllowEntry.parse("10.0.0.0/8").admits("x", ipaddress.ip_address("10.1.2.3"), 9000)
     assert AllowEntry.parse("images.intra").admits("images.intra", local, 443)
     assert AllowEntry.parse("[::1]:81").admits("x", ipaddress.ip_address("::1"), 81)
+    assert AllowEntry.parse("[fd00::]/8").admits("x", ipaddress.ip_address("fd12::5"), 443)
+    assert AllowEntry.parse("[fd00::/8]:8443").admits("x", ipaddress.ip_address("fd12::5"), 8443)
     with pytest.raises(ValueError):
         AllowEntry.parse("bad/entry/x")
 
@@ -93,6 +109,13 @@ def test_every_redirect_is_vetted_again(image_host):
 
 class _Hostile(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/drip-headers":  # one header byte at a time: per-read timeouts never fire
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(200):
+                self.wfile.write(b"X")
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
         if self.path == "/trickle":
             self.send_response(200)
             self.send_header("Content-Length", "1000")
@@ -137,6 +160,10 @@ def test_bodies_are_bounded_in_bytes_time_and_encoding(hostile_host):
     with pytest.raises(UrlFetchFailed, match="longer than 1.5 s"):
         fetcher.fetch(f"{base}/trickle")
     assert time.monotonic() - started < 4, "one deadline for the whole fetch, not per read"
+    started = time.monotonic()
+    with pytest.raises(UrlFetchFailed, match="longer than 1.5 s"):
+        fetcher.fetch(f"{base}/drip-headers")
+    assert time.monotonic() - started < 3, "the deadline covers the response headers too"
     with pytest.raises(UrlFetchFailed, match="gzip-compressed"):
         fetcher.fetch(f"{base}/gzip")
     with pytest.raises(ImageTooLarge):
@@ -150,3 +177,12 @@ def test_proxies_from_the_environment_are_ignored(image_host, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
     assert _fetcher(allow=f"127.0.0.1:{image_host.port}").fetch(f"{image_host.url}/c.bin") == b"direct"
+
+
+def test_a_full_house_answers_at_once_instead_of_queueing(image_host):
+    from bento.errors import BackendUnavailable
+
+    fetcher = UrlFetcher(FetchSettings(allow=f"127.0.0.1:{image_host.port}", max_concurrent=1), 1000)
+    fetcher._in_flight = 1  # one fetch already running
+    with pytest.raises(BackendUnavailable, match="Too many URL searches"):
+        anyio.run(fetcher.fetch, f"{image_host.url}/x")

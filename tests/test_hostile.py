@@ -299,6 +299,20 @@ def test_api_abuse_probes_get_exact_answers(client, live_service, image_host, pr
     assert response.json()["error"] == error and response.json()["detail"]
 
 
+def test_the_keyless_loopback_mode_refuses_other_sites(client, photo_set):
+    """DNS rebinding (a page whose host name resolves to 127.0.0.1) and cross-site form posts."""
+    data = photo_set["originals"]["clock"]
+    rebound = client.get("/api/status", headers={"Host": "evil.example:80"})
+    assert rebound.status_code == 403 and "only to localhost" in rebound.json()["detail"]
+    assert client.post("/api/images", files={"file": ("c.jpg", data)}, headers={"Host": "attacker.test"}).status_code == 403
+    posted = client.post("/api/images", files={"file": ("c.jpg", data)}, headers={"Origin": "https://evil.example"})
+    assert posted.status_code == 403 and "another site" in posted.json()["detail"]
+    fetch_meta = client.post("/api/images", files={"file": ("c.jpg", data)}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert fetch_meta.status_code == 403
+    assert client.post("/api/search", files={"file": ("q.jpg", data)}, headers={"Origin": "https://evil.example"}).status_code == 200
+    assert client.get("/api/status", headers={"Host": "localhost"}).status_code == 200
+
+
 def test_index_rebuild_parameters_are_checked_before_anything_changes(client):
     before = client.get("/api/status").json()["index"]
     assert client.post("/api/index", json={"index_type": "HNSW", "params": {"efConstruction": 10**9}}).status_code == 400

@@ -125,8 +125,8 @@ def test_formats_not_accepted_are_named_in_a_415(fmt):
 
 
 def test_decoded_memory_counts_bands_not_only_pixels():
-    limits = DecodeLimits(max_bytes=10**7, max_pixels=50_000_000, max_decoded_bytes=8_000_000)
-    decode_image(_encode(Image.new("L", (2500, 2000), 9), "PNG"), limits)  # 5 MB as greyscale: fine
+    limits = DecodeLimits(max_bytes=10**7, max_pixels=50_000_000, max_decoded_bytes=12_000_000)
+    decode_image(_encode(Image.new("L", (2500, 2000), 9), "PNG"), limits)  # 10 MB at its peak as greyscale: fine
     with pytest.raises(ImageTooLarge, match="takes 20000000 bytes"):
         decode_image(_encode(Image.new("RGBA", (2500, 2000), (1, 2, 3, 4)), "PNG"), limits)
 
@@ -161,3 +161,36 @@ def test_location_is_removed_and_the_rest_kept(fmt):
         assert np.array_equal(np.asarray(clean.convert("RGB")), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     plain = _encode(image, fmt)
     assert without_location(plain) == plain, "no location: the bytes are served as stored"
+
+
+def test_location_in_xmp_and_legacy_png_text_is_removed_too():
+    from PIL import ExifTags, PngImagePlugin
+
+    from bento.imaging import without_location
+
+    image = Image.effect_noise((64, 48), 40).convert("RGB")
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description exif:GPSLatitude="48,51.5N"/></x:xmpmeta>'
+    jpeg = _encode(image, "JPEG", xmp=xmp)
+    assert b"GPSLatitude" in jpeg and b"GPSLatitude" not in without_location(jpeg)
+    webp = _encode(image, "WEBP", xmp=xmp)
+    assert b"GPSLatitude" in webp and b"GPSLatitude" not in without_location(webp)
+    # ImageMagick's way: EXIF as hex text in a "Raw profile type exif" chunk (Pillow reads GPS from it).
+    exif_hex = _gps_exif().tobytes()[6:].hex()
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Raw profile type exif", f"\nexif\n{len(exif_hex) // 2}\n{exif_hex}\n")
+    text.add_itxt("XML:com.adobe.xmp", xmp.decode(), zip=True)
+    png = _encode(image, "PNG", pnginfo=text)
+    assert ExifTags.IFD.GPSInfo in Image.open(io.BytesIO(png)).getexif(), "the legacy chunk does carry a location"
+    clean = without_location(png)
+    assert ExifTags.IFD.GPSInfo not in Image.open(io.BytesIO(clean)).getexif()
+    assert b"Raw profile" not in clean and b"XML:com.adobe.xmp" not in clean
+    import numpy as np
+
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(clean))), np.asarray(image))
+
+
+def test_float_greyscale_is_stretched_into_8_bits():
+    ramp = Image.new("F", (64, 8))
+    ramp.putdata([float(x % 64) * 0.5 for x in range(64 * 8)])
+    decoded = decode_image(_encode(ramp, "TIFF"), LIMITS).image
+    assert decoded.getpixel((0, 0))[0] == 0 and decoded.getpixel((63, 0))[0] == 255

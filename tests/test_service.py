@@ -40,7 +40,7 @@ def test_status_reports_model_index_and_count(client, photo_set, live_service):
         assert "token" not in json.dumps(status).lower() and "secret" not in json.dumps(status).lower()
 
 
-def test_near_duplicate_queries_find_their_originals(client, photo_set):
+def test_near_duplicate_queries_find_their_originals(client, photo_set, live_service):
     misses = []
     for name, query in photo_set["queries"].items():
         response = _search(client, query, top_k=3)
@@ -56,7 +56,10 @@ def test_near_duplicate_queries_find_their_originals(client, photo_set):
     assert top["score"] > 0.7 and top["source"] == "person/astronaut.jpg"
     assert [h["score"] for h in body["hits"]] == sorted((h["score"] for h in body["hits"]), reverse=True)
     assert body["timings"]["total_ms"] > 0 and body["model"].startswith("efficientnet-lite0@")
-    # Local store: the service's own URLs. S3: presigned URLs straight to the private bucket.
+    # Originals: always the service's own URL (it removes their GPS location). Thumbnails: local store, the
+    # service's URL; S3, a presigned URL straight to the private bucket.
+    assert top["image_url"] == f"/api/images/{top['id']}"
+    assert top["thumbnail_url"].startswith("http") == (live_service.backend.name == "server-s3")
     assert httpx.get(top["image_url"] if top["image_url"].startswith("http") else client.base_url.join(top["image_url"])).content == photo_set["originals"]["astronaut"]
     thumbnail = httpx.get(top["thumbnail_url"] if top["thumbnail_url"].startswith("http") else client.base_url.join(top["thumbnail_url"]))
     assert Image.open(io.BytesIO(thumbnail.content)).format == "JPEG"
