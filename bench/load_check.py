@@ -57,8 +57,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from run import machine  # noqa: E402
-from serving import base_env, pct, query_photos, settings_of  # noqa: E402
+from serving import base_env, pct, query_photos  # noqa: E402
 
+from bento.config import settings_from  # noqa: E402
 from ingest.demo import encode, near_duplicate, photos  # noqa: E402
 from scripts.devstack import BentoService  # noqa: E402
 
@@ -354,7 +355,7 @@ def main() -> int:
     os.environ.setdefault("RIS_LIMITS_EXPENSIVE_PER_MINUTE", "0")
     log = work / "service.log"
     env = base_env(work / "data")
-    limits = settings_of(env).limits  # the caller's limits (and a clear stop on an unknown RIS_* variable)
+    limits = settings_from(env).limits  # the caller's limits (and a clear stop on an unknown RIS_* variable)
 
     print(f"# Load check: {clients} clients x {seconds:g} s (search, then search + insert mix), "
           + ("no big uploads" if args.skip_big else f"then {big_uploads} parallel {big_size[0]}x{big_size[1]} PNG uploads") + "\n")

@@ -24,7 +24,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import httpx
 import numpy as np
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from index_bench import FeatureModel, wait_indexed  # noqa: E402
 
-from bento.config import BatchingSettings, Settings, check_environment  # noqa: E402
+from bento.config import BatchingSettings, Settings, settings_from  # noqa: E402
 from bento.schemas import VectorRecord  # noqa: E402
 from bento.vectors import VectorIndex  # noqa: E402
 from ingest.demo import encode, near_duplicate, photos  # noqa: E402
@@ -61,13 +60,6 @@ def batching(on: bool) -> dict[str, str]:
     if os.environ.get("RIS_BATCHING_MAX_BATCH_SIZE", "").strip() == "1":
         return {"RIS_BATCHING_MAX_BATCH_SIZE": str(BatchingSettings().max_batch_size)}
     return {}
-
-
-def settings_of(env: dict[str, str]) -> Settings:
-    """The settings a service started with ``env`` reads (the product's own parsing of RIS_* variables)."""
-    with mock.patch.dict(os.environ, env, clear=True):
-        check_environment()
-        return Settings()
 
 
 @contextmanager
@@ -235,7 +227,7 @@ def search_scenarios(args: argparse.Namespace, work: Path, log: Path, uploads: l
                 # Learn the served model identity, stop, fill (a Lite file has one owner), serve again.
                 with serve(env, log) as (url, _):
                     info = model_info(url)
-                settings = settings_of(env)
+                settings = settings_from(env)
                 # In a child process: a Milvus Lite file stays locked by the process that opened it.
                 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     seconds = pool.submit(fill, settings, info, size).result()

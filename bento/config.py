@@ -13,14 +13,15 @@ the two equal.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 ENV_PREFIX = "RIS_"
 RuntimeName = Literal["auto", "torch", "openvino"]
@@ -318,6 +319,32 @@ def settings_table() -> str:
     for env_name, field in setting_fields():
         rows.append(f"| `{env_name}` | {_default_text(field)} | {field.description} |")
     return "\n".join(rows)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The environment source, reading a given mapping instead of this process's environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+class _GivenValues(Settings):
+    """Settings from given values only (no environment, no .env file)."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any, **_: Any) -> tuple[Any, ...]:
+        return (init_settings,)
+
+
+def settings_from(environ: Mapping[str, str]) -> Settings:
+    """The settings a process started with ``environ`` reads, refusals included (tests, benchmarks, tools
+    that start the service with an environment of their own), without touching this process's environment."""
+    check_environment(dict(environ))
+    return _GivenValues(**_MappingEnvSource(Settings, environ)())
 
 
 @lru_cache(maxsize=1)

@@ -15,12 +15,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 
-from bento.config import Settings
+from bento.config import Settings, settings_from
 from bento.schemas import ModelInfo, VectorRecord
 from scripts.devstack import BentoService, MilvusServer, S3Server, stack_env
 
@@ -151,9 +150,7 @@ class Backend:
 
     def settings(self, **extra: str) -> Settings:
         """The settings a process started with process_env(**extra) reads (from the same variables)."""
-        env = {key: value for key, value in self.process_env(**extra).items() if key.startswith("RIS_")}
-        with mock.patch.dict(os.environ, env):
-            return Settings(_env_file=None)
+        return settings_from(self.process_env(**extra))
 
     def process_env(self, **extra: str) -> dict[str, str]:
         return service_env(self.data_dir, **self.env, **extra)

@@ -117,3 +117,14 @@ def test_bento_requirements_match_the_project_dependencies():
     lines = (ROOT / "requirements-bento.txt").read_text().splitlines()
     bento = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert bento == declared
+
+
+def test_settings_from_a_given_environment_ignore_this_process(monkeypatch):
+    """What a process started with that environment would read: this process's RIS_* never leak in."""
+    from bento.config import settings_from
+
+    monkeypatch.setenv("RIS_MILVUS_URI", "http://from-this-process:19530")
+    settings = settings_from({"RIS_DATA_DIR": "/srv/ris", "RIS_MODEL_NAME": "resnet50", "PATH": "/bin"})
+    assert settings.model.name == "resnet50" and settings.milvus.uri == "/srv/ris/milvus.db"
+    with pytest.raises(ValueError, match="RIS_COLLECTION \\(now RIS_MILVUS_COLLECTION\\)"):
+        settings_from({"RIS_COLLECTION": "photos"})

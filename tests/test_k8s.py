@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bento.config import Settings, check_environment, setting_fields
+from bento.config import setting_fields, settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -377,7 +377,7 @@ def test_every_ris_variable_is_a_settings_field(rendered: dict[str, list[dict[st
 
 @pytest.mark.parametrize("overlay", WORKLOADS)
 def test_api_has_the_settings_a_deployment_needs(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
     docs = rendered[overlay]
     api = next(c for w, c in _bento_containers(docs) if w == "ris-api")
@@ -407,15 +407,9 @@ def test_api_has_the_settings_a_deployment_needs(
     assert embedder_service["spec"]["selector"]["app.kubernetes.io/component"] == "embedder"
     assert int(embedder_port) in {p["port"] for p in embedder_service["spec"]["ports"]}
 
-    # The resolved environment builds a valid Settings object (secrets replaced by placeholders).
-    for key in list(os.environ):
-        if key.startswith("RIS_"):
-            monkeypatch.delenv(key)
-    for key, how in env.items():
-        if key.startswith("RIS_") and not how.get("optional"):
-            monkeypatch.setenv(key, how.get("value", "placeholder"))
-    check_environment()  # what the product refuses at start
-    settings = Settings(_env_file=None)
+    # The resolved environment builds a valid Settings object (secrets replaced by placeholders), with the
+    # refusals the product makes at start.
+    settings = settings_from({key: how.get("value", "placeholder") for key, how in env.items() if not how.get("optional")})
     assert settings.store.backend == "s3" and not settings.milvus.is_lite and settings.services.embedder_url
 
 
