@@ -81,9 +81,9 @@ def device_line() -> str:
             f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}, {total:.0f} GiB), CUDA {torch.version.cuda}, "
             f"torch {torch.__version__}"
         )
-    from models.runtime import cpu_threads
+    from bento.imaging import usable_cpus
 
-    return f"CPU (no CUDA device): {platform.machine()}, {cpu_threads()} threads, torch {torch.__version__}"
+    return f"CPU (no CUDA device): {platform.machine()}, {usable_cpus()} threads, torch {torch.__version__}"
 
 
 def part_a(plan: Plan, settings, photo_bytes: list[bytes]) -> list[str]:

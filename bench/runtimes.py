@@ -29,11 +29,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bento.config import Settings
-from bento.imaging import DecodeLimits
+from bento.imaging import DecodeLimits, usable_cpus
 from ingest.demo import grainy_jpeg, near_duplicate, photos
 from models.embedding import ImageEmbedder
 from models.pipeline import prepare_image
-from models.runtime import RuntimeUnavailable, cpu_threads
+from models.runtime import RuntimeUnavailable
 from models.store import load_embedder
 
 LIMITS = DecodeLimits(10**9, 10**9)
@@ -143,7 +143,7 @@ def main() -> int:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     labels = args.runtimes.split(",")
-    threads = cpu_threads()
+    threads = usable_cpus()
     workdir = Path(tempfile.mkdtemp(prefix="ris-bench-"))
     os.environ.setdefault("BENTOML_HOME", str(workdir / "bentoml"))
     photo_set = make_photos(workdir)

@@ -59,8 +59,18 @@ _UPRIGHT: dict[int, Image.Transpose] = {
     8: Image.Transpose.ROTATE_90,
 }
 
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (cgroup/affinity aware): decode slots, inference threads."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 # Concurrent decodes per process: one per core (decoding is CPU-bound; more only adds memory).
-DECODE_SLOTS = max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
+DECODE_SLOTS = max(2, usable_cpus())
 # How long a decode waits for a free slot before the request is told to come back (503, Retry-After).
 DECODE_WAIT_S = 30.0
 _slots = threading.BoundedSemaphore(DECODE_SLOTS)

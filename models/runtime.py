@@ -36,6 +36,7 @@ from torch import nn
 
 from bento.config import PrecisionChoice, RuntimeName
 from bento.errors import ModelUnavailable, SearchError
+from bento.imaging import usable_cpus
 from models.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -71,14 +72,6 @@ class InferenceRuntime(Protocol):
 
     def describe(self) -> str:
         """A human-readable line: runtime, precision, device, threads."""
-
-
-def cpu_threads() -> int:
-    """Threads one inference may use: the CPUs this process may run on (cgroup/affinity aware)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _openvino_cpu_capabilities() -> set[str]:
@@ -203,7 +196,7 @@ class OpenVINORuntime:
 
         self.choice = choice
         self.model = model  # kept so it can be written to the runtime cache
-        self.threads = cpu_threads()
+        self.threads = usable_cpus()
         config = {
             # LATENCY: one stream using every core, so one batch (of any size) runs as fast as possible;
             # BentoML's adaptive batching supplies the parallelism.
