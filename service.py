@@ -325,6 +325,9 @@ class RemoteVectors:
     def flush(self) -> None:
         """Milvus seals segments by itself; the service has no bulk writes to seal."""
 
+    def close(self) -> None:
+        """The connection belongs to BentoML's dependency client, which closes it."""
+
 
 # --- the HTTP edge ----------------------------------------------------------------------------------
 

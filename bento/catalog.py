@@ -89,6 +89,9 @@ class VectorStore(Protocol):
 
     def flush(self) -> None: ...
 
+    def close(self) -> None:
+        """Release the connection this store holds, if it holds one."""
+
 
 def clean_label(label: str | None) -> str:
     """The one label rule: at most MAX_LABEL_LENGTH printable characters, surrounding blanks dropped."""
@@ -163,9 +166,7 @@ class Catalog:
 
     def close(self) -> None:
         """Release what the catalog opened (the Milvus connection of an in-process vector index)."""
-        close = getattr(self.vectors, "close", None)
-        if close is not None:
-            close()
+        self.vectors.close()
 
     # --- the model ----------------------------------------------------------------------------------
     def model(self) -> ModelInfo:

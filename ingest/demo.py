@@ -89,7 +89,7 @@ def grainy_jpeg(image: Image.Image, size: tuple[int, int], seed: int, grain: flo
     return out.getvalue()
 
 
-def encode(image: Image.Image, fmt: str = "JPEG", **params: int) -> bytes:
+def encode(image: Image.Image, fmt: str = "JPEG", **params: object) -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt, **({"quality": 90} | params if fmt == "JPEG" else params))
     return out.getvalue()

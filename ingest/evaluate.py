@@ -32,9 +32,9 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from pydantic import BaseModel
 
 from bento.catalog import Catalog, Embedding, NewImage
-from bento.config import Settings, get_settings
+from bento.config import LimitsSettings, Settings, get_settings
 from bento.errors import SearchError
-from bento.imaging import content_hash
+from bento.imaging import DecodeLimits, content_hash, decode_image
 from bento.retry import FAIL_FAST
 from bento.schemas import SearchOptions
 from ingest.job import scan_folder
@@ -253,7 +253,9 @@ Searcher = Callable[[bytes], list[tuple[str, float]]]
 
 
 def load_originals(folder: Path, limit: int) -> list[tuple[str, bytes, Image.Image]]:
-    """(relative path, bytes, RGB image) of up to ``limit`` decodable images, spread over the folder."""
+    """(relative path, bytes, RGB image) of up to ``limit`` images the service would take, spread over the folder."""
+    defaults = LimitsSettings()
+    limits = DecodeLimits(defaults.max_upload_bytes, defaults.max_image_pixels, defaults.max_decoded_bytes)
     paths = [path for path, _ in scan_folder(folder)]
     step = max(1, len(paths) // limit) if limit else 1
     chosen = []
@@ -261,11 +263,10 @@ def load_originals(folder: Path, limit: int) -> list[tuple[str, bytes, Image.Ima
         if limit and len(chosen) >= limit:
             break
         data = path.read_bytes()
-        try:
-            image = Image.open(io.BytesIO(data))
-            image = ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, SyntaxError, ValueError) as exc:
-            logger.info("skipping %s: not an image Pillow reads (%s)", path, exc)
+        try:  # the product's own decoder: the same formats, limits and orientation as an upload
+            image = decode_image(data, limits).image
+        except SearchError as exc:
+            logger.info("skipping %s: %s", path, exc.message)
             continue
         chosen.append((str(path.relative_to(folder)), data, image))
     return chosen

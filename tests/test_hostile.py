@@ -24,6 +24,7 @@ import pytest
 from PIL import ExifTags, Image, ImageCms
 
 from bento.imaging import content_hash
+from ingest.demo import encode
 from tests.conftest import Backend, ServiceProcess, png_header_claiming
 
 pytestmark = pytest.mark.slow
@@ -35,12 +36,6 @@ class Case:
     data: bytes
     status: int
     error: str = ""
-
-
-def _save(image: Image.Image, fmt: str, **params) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt, **params)
-    return out.getvalue()
 
 
 def _photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
@@ -78,58 +73,58 @@ def valid_cases() -> list[Case]:
     rotated[ExifTags.Base.Orientation] = 6
     frames = [photo(40 + i) for i in range(3)]
     cases = [
-        Case("baseline.jpg", _save(photo(1), "JPEG", quality=90), 201),
-        Case("progressive.jpg", _save(photo(2), "JPEG", progressive=True), 201),
-        Case("cmyk.jpg", _save(photo(3).convert("CMYK"), "JPEG"), 201),
-        Case("grey.jpg", _save(photo(4).convert("L"), "JPEG"), 201),
-        Case("exif-rotated.jpg", _save(photo(5), "JPEG", exif=rotated), 201),
-        Case("icc-profile.jpg", _save(photo(6), "JPEG", icc_profile=srgb), 201),
-        Case("q100-444.jpg", _save(photo(7), "JPEG", quality=100, subsampling=0), 201),
-        Case("phone.mpo", _save(photo(8), "MPO", save_all=True, append_images=[photo(9)]), 201),
-        Case("gps.jpg", _save(photo(10), "JPEG", exif=_with_gps()), 201),
-        Case("large-4000x3000.jpg", _save(photo(11, (4000, 3000)), "JPEG", quality=70), 201),
-        Case("rgb.png", _save(photo(12), "PNG"), 201),
-        Case("transparent.png", _save(photo(13).convert("RGBA"), "PNG"), 201),
-        Case("palette-transparency.png", _save(photo(14).convert("P"), "PNG", transparency=0), 201),
-        Case("grey-16bit.png", _save(gray16, "PNG"), 201),
-        Case("grey-alpha.png", _save(photo(15).convert("LA"), "PNG"), 201),
-        Case("one-bit.png", _save(photo(16).convert("1"), "PNG"), 201),
-        Case("gps.png", _save(photo(17), "PNG", exif=_with_gps()), 201),
-        Case("one-pixel.png", _save(Image.new("RGB", (1, 1), (9, 99, 199)), "PNG"), 201),
-        Case("strip-4000x3.png", _save(photo(18, (4000, 3)), "PNG"), 201),
-        Case("tall-3x4000.png", _save(photo(19, (3, 4000)), "PNG"), 201),
-        Case("grey-20mp.png", _save(Image.new("L", (5000, 4000), 77), "PNG"), 201),  # 20 MB decoded: fine
-        Case("static.gif", _save(photo(20).convert("P"), "GIF"), 201),
-        Case("animated.gif", _save(frames[0].convert("P"), "GIF", save_all=True, append_images=[f.convert("P") for f in frames[1:]]), 201),
-        Case("lossy.webp", _save(photo(21), "WEBP", quality=60), 201),
-        Case("lossless-alpha.webp", _save(photo(22).convert("RGBA"), "WEBP", lossless=True), 201),
-        Case("animated.webp", _save(frames[1], "WEBP", save_all=True, append_images=[frames[2], frames[0]]), 201),
-        Case("rgb24.bmp", _save(photo(23), "BMP"), 201),
-        Case("palette.bmp", _save(photo(24).convert("P"), "BMP"), 201),
-        Case("lzw.tiff", _save(photo(25), "TIFF", compression="tiff_lzw"), 201),
-        Case("grey-16bit.tiff", _save(gray16.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "TIFF"), 201),
-        Case("cmyk.tiff", _save(photo(26).convert("CMYK"), "TIFF"), 201),
-        Case("float.tiff", _save(photo(27).convert("F"), "TIFF"), 201),
-        Case("iphone.heic", _save(photo(28), "HEIF", quality=80), 201),
-        Case("modern.avif", _save(photo(29), "AVIF", quality=70), 201),
+        Case("baseline.jpg", encode(photo(1), "JPEG", quality=90), 201),
+        Case("progressive.jpg", encode(photo(2), "JPEG", progressive=True), 201),
+        Case("cmyk.jpg", encode(photo(3).convert("CMYK"), "JPEG"), 201),
+        Case("grey.jpg", encode(photo(4).convert("L"), "JPEG"), 201),
+        Case("exif-rotated.jpg", encode(photo(5), "JPEG", exif=rotated), 201),
+        Case("icc-profile.jpg", encode(photo(6), "JPEG", icc_profile=srgb), 201),
+        Case("q100-444.jpg", encode(photo(7), "JPEG", quality=100, subsampling=0), 201),
+        Case("phone.mpo", encode(photo(8), "MPO", save_all=True, append_images=[photo(9)]), 201),
+        Case("gps.jpg", encode(photo(10), "JPEG", exif=_with_gps()), 201),
+        Case("large-4000x3000.jpg", encode(photo(11, (4000, 3000)), "JPEG", quality=70), 201),
+        Case("rgb.png", encode(photo(12), "PNG"), 201),
+        Case("transparent.png", encode(photo(13).convert("RGBA"), "PNG"), 201),
+        Case("palette-transparency.png", encode(photo(14).convert("P"), "PNG", transparency=0), 201),
+        Case("grey-16bit.png", encode(gray16, "PNG"), 201),
+        Case("grey-alpha.png", encode(photo(15).convert("LA"), "PNG"), 201),
+        Case("one-bit.png", encode(photo(16).convert("1"), "PNG"), 201),
+        Case("gps.png", encode(photo(17), "PNG", exif=_with_gps()), 201),
+        Case("one-pixel.png", encode(Image.new("RGB", (1, 1), (9, 99, 199)), "PNG"), 201),
+        Case("strip-4000x3.png", encode(photo(18, (4000, 3)), "PNG"), 201),
+        Case("tall-3x4000.png", encode(photo(19, (3, 4000)), "PNG"), 201),
+        Case("grey-20mp.png", encode(Image.new("L", (5000, 4000), 77), "PNG"), 201),  # 20 MB decoded: fine
+        Case("static.gif", encode(photo(20).convert("P"), "GIF"), 201),
+        Case("animated.gif", encode(frames[0].convert("P"), "GIF", save_all=True, append_images=[f.convert("P") for f in frames[1:]]), 201),
+        Case("lossy.webp", encode(photo(21), "WEBP", quality=60), 201),
+        Case("lossless-alpha.webp", encode(photo(22).convert("RGBA"), "WEBP", lossless=True), 201),
+        Case("animated.webp", encode(frames[1], "WEBP", save_all=True, append_images=[frames[2], frames[0]]), 201),
+        Case("rgb24.bmp", encode(photo(23), "BMP"), 201),
+        Case("palette.bmp", encode(photo(24).convert("P"), "BMP"), 201),
+        Case("lzw.tiff", encode(photo(25), "TIFF", compression="tiff_lzw"), 201),
+        Case("grey-16bit.tiff", encode(gray16.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "TIFF"), 201),
+        Case("cmyk.tiff", encode(photo(26).convert("CMYK"), "TIFF"), 201),
+        Case("float.tiff", encode(photo(27).convert("F"), "TIFF"), 201),
+        Case("iphone.heic", encode(photo(28), "HEIF", quality=80), 201),
+        Case("modern.avif", encode(photo(29), "AVIF", quality=70), 201),
     ]
     return cases
 
 
 def invalid_cases(max_upload: int) -> list[Case]:
-    good = _save(_photo(90), "JPEG")
-    png = _save(_photo(91), "PNG")
+    good = encode(_photo(90), "JPEG")
+    png = encode(_photo(91), "PNG")
     little = _photo(92, (64, 48))
     cases = [
         # Formats Pillow knows but the service does not take: 415 with the format's name.
-        Case("targa.tga", _save(little, "TGA"), 415, "unsupported_image_format"),
-        Case("paintbrush.pcx", _save(little, "PCX"), 415, "unsupported_image_format"),
-        Case("favicon.ico", _save(little, "ICO"), 415, "unsupported_image_format"),
-        Case("netpbm.ppm", _save(little, "PPM"), 415, "unsupported_image_format"),
-        Case("silicon.sgi", _save(little, "SGI"), 415, "unsupported_image_format"),
-        Case("jpeg2000.jp2", _save(little, "JPEG2000"), 415, "unsupported_image_format"),
-        Case("quite-ok.qoi", _save(little, "QOI"), 415, "unsupported_image_format"),
-        Case("postscript.eps", _save(little, "EPS"), 415, "unsupported_image_format"),
+        Case("targa.tga", encode(little, "TGA"), 415, "unsupported_image_format"),
+        Case("paintbrush.pcx", encode(little, "PCX"), 415, "unsupported_image_format"),
+        Case("favicon.ico", encode(little, "ICO"), 415, "unsupported_image_format"),
+        Case("netpbm.ppm", encode(little, "PPM"), 415, "unsupported_image_format"),
+        Case("silicon.sgi", encode(little, "SGI"), 415, "unsupported_image_format"),
+        Case("jpeg2000.jp2", encode(little, "JPEG2000"), 415, "unsupported_image_format"),
+        Case("quite-ok.qoi", encode(little, "QOI"), 415, "unsupported_image_format"),
+        Case("postscript.eps", encode(little, "EPS"), 415, "unsupported_image_format"),
         # Not images at all, or broken ones: 422.
         Case("notes.txt", b"definitely not an image\n" * 10, 422, "invalid_image"),
         Case("drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>', 422, "invalid_image"),
@@ -150,7 +145,7 @@ def invalid_cases(max_upload: int) -> list[Case]:
         Case("png-60000x60000.png", png_header_claiming(60_000, 60_000), 413, "image_too_large"),
         Case("jpeg-65500x65500.jpg", _jpeg_header_claiming(65_500, 65_500), 413, "image_too_large"),
         Case("gif-65535x65535.gif", _gif_header_claiming(65_535, 65_535), 413, "image_too_large"),
-        Case("rgba-20mp.png", _save(Image.new("RGBA", (5000, 4000), (5, 6, 7, 8)), "PNG"), 413, "image_too_large"),
+        Case("rgba-20mp.png", encode(Image.new("RGBA", (5000, 4000), (5, 6, 7, 8)), "PNG"), 413, "image_too_large"),
         Case("too-many-bytes.jpg", b"\xff\xd8" + bytes(max_upload + 100_000), 413, "image_too_large"),
         Case("gzip-bomb.png", gzip.compress(bytes(50_000_000)), 422, "invalid_image"),
     ]
@@ -287,8 +282,8 @@ def test_oversized_bodies_are_refused_while_they_stream(client, live_service):
         (lambda c, s, h: c.post("/api/search/id", json={"id": "f" * 64, "top_k": 100_000}), 400, "invalid_request"),
         (lambda c, s, h: c.post("/api/search/id", json={"id": "f" * 64, "offset": -1}), 422, "validation_error"),
         (lambda c, s, h: c.post("/api/search/url", content=b"{not json", headers={"Content-Type": "application/json"}), 422, "validation_error"),
-        (lambda c, s, h: c.post("/api/images", files={"file": ("a.png", _save(_photo(77), "PNG"))}, data={"label": "bell\x07"}), 400, "invalid_request"),
-        (lambda c, s, h: c.post("/api/images", files={"file": ("a.png", _save(_photo(77), "PNG"))}, data={"label": "x" * 257}), 422, "validation_error"),
+        (lambda c, s, h: c.post("/api/images", files={"file": ("a.png", encode(_photo(77), "PNG"))}, data={"label": "bell\x07"}), 400, "invalid_request"),
+        (lambda c, s, h: c.post("/api/images", files={"file": ("a.png", encode(_photo(77), "PNG"))}, data={"label": "x" * 257}), 422, "validation_error"),
         (lambda c, s, h: c.put("/api/images"), 405, "method_not_allowed"),
         (lambda c, s, h: c.get("/api/nothing-here"), 404, "not_found"),
     ],
@@ -323,7 +318,7 @@ def test_index_rebuild_parameters_are_checked_before_anything_changes(client):
     "label", ["cat 🐱", 'say "hi"', "back\\slash", "it's", "naïve café", "中文", "\\\"'mixed'\\", "x" * 255, "🙂" * 64],
 )
 def test_any_unicode_label_is_stored_returned_and_filtered(client, label):
-    data = _save(_photo(abs(hash(label)) % 10_000 + 500), "PNG")
+    data = encode(_photo(abs(hash(label)) % 10_000 + 500), "PNG")
     added = client.post("/api/images", files={"file": ("l.png", data)}, data={"label": label})
     assert added.status_code == 201, added.text
     try:
@@ -348,7 +343,7 @@ def test_page_and_answers_carry_the_security_headers(client):
 
 
 def test_image_caching_honours_a_delete(client):
-    data = _save(_photo(4321), "JPEG")
+    data = encode(_photo(4321), "JPEG")
     image_id = client.post("/api/images", files={"file": ("c.jpg", data)}).json()["id"]
     first = client.get(f"/api/images/{image_id}")
     assert first.headers["cache-control"] == "private, no-cache" and first.headers["etag"]
