@@ -31,7 +31,7 @@ import bentoml
 import numpy as np
 import psutil
 from bentoml.exceptions import BentoMLException
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -45,6 +45,7 @@ from starlette.routing import Match
 from bento.auth import KeyTable, Principal, Scope, is_loopback, presented_key
 from bento.catalog import Catalog, SearchResult
 from bento.config import Settings, get_settings
+from bento.duplicates import DuplicatePage, DuplicateQuery
 from bento.errors import (
     BackendUnavailable,
     Conflict,
@@ -226,6 +227,10 @@ class VectorSearch:
         return self._reply(lambda index: index.rebuild_index(spec))
 
     @bentoml.api
+    def duplicates(self, query: DuplicateQuery) -> Reply:
+        return self._reply(lambda index: index.duplicates(query))
+
+    @bentoml.api
     def health(self) -> Health:
         """Never raises: what /api/status and readiness show when the vector store is down."""
         try:
@@ -321,6 +326,9 @@ class RemoteVectors:
 
     def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
         return self._call(IndexInfo, lambda client: client.rebuild_index(spec=spec))
+
+    def duplicates(self, query: DuplicateQuery) -> DuplicatePage:
+        return self._call(DuplicatePage, lambda client: client.duplicates(query=query))
 
     def flush(self) -> None:
         """Milvus seals segments by itself; the service has no bulk writes to seal."""
@@ -638,6 +646,7 @@ class ImageSearch:
             image_url=self.catalog.direct_url(meta.id, "original") or f"/api/images/{meta.id}",
             thumbnail_url=self.catalog.direct_url(meta.id, "thumbnail") or f"/api/images/{meta.id}/thumbnail",
             width=meta.width, height=meta.height, mime=meta.mime, size_bytes=meta.size_bytes, source=meta.source,
+            verdict=hit.verdict,
         )
 
     def _response(self, result: SearchResult) -> SearchResponse:
@@ -656,10 +665,11 @@ class ImageSearch:
         top_k: Annotated[int | None, Form(ge=1)] = None,
         offset: Annotated[int, Form(ge=0)] = 0,
         label: Annotated[str | None, Form(max_length=MAX_LABEL_LENGTH)] = None,
+        min_score: Annotated[float | None, Form(ge=-1, le=1)] = None,
     ) -> SearchResponse:
         """Search with an uploaded image (multipart form)."""
         data = await _read_upload(file, self.settings.limits.max_upload_bytes)
-        options = SearchOptions(top_k=top_k, offset=offset, label=label or None)
+        options = SearchOptions(top_k=top_k, offset=offset, label=label or None, min_score=min_score)
         return self._response(await in_thread(self.catalog.search_image, data, options))
 
     @app.post("/api/search/url", response_model=SearchResponse)
@@ -715,6 +725,20 @@ class ImageSearch:
     async def get_metadata(self, _: Searcher, image_id: str) -> ImageMetadata:
         return await in_thread(self.catalog.metadata, image_id)
 
+    @app.get("/api/duplicates", response_model=DuplicatePage, responses={202: {"model": DuplicatePage}})
+    async def duplicates(
+        self,
+        _: Writer,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=500)] = 20,
+        refresh: bool = False,
+    ) -> Response:
+        """Groups of duplicate images (scope `write`: it is for cleaning up): exact (same pixels), then near
+        (score >= the near-duplicate threshold), larger groups first, paged. The report is computed in the
+        background: 202 with state "running" until it is ready; `refresh=true` scans again."""
+        page = await in_thread(self.catalog.duplicates, offset, limit, refresh)
+        return JSONResponse(page.model_dump(), status_code=200 if page.state == "ready" else 202)
+
     @app.delete("/api/images/{image_id}", response_model=DeleteResponse)
     async def delete_image(self, _: Writer, image_id: str) -> DeleteResponse:
         """Remove an image, its vector and its thumbnail (scope `write`)."""
@@ -750,6 +774,7 @@ class ImageSearch:
             milvus_uri=settings.milvus.uri if admin else None,
             store=store if admin else store.model_copy(update={"location": None}),
             limits=limits,
+            thresholds=await in_thread(self.catalog.thresholds),
             error="; ".join(problems) if admin or not problems else "a backend is unavailable (details: admin keys)",
         )
 

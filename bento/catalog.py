@@ -29,7 +29,8 @@ from typing import Protocol
 import numpy as np
 from pydantic import BaseModel
 
-from bento.config import LimitsSettings, Settings
+from bento.config import LimitsSettings, Settings, VerdictSettings
+from bento.duplicates import DuplicatePage, DuplicateQuery
 from bento.errors import InvalidRequest, NotFound, SearchError
 from bento.imaging import DecodeLimits, without_location
 from bento.retry import FAIL_FAST, RetryPolicy
@@ -41,6 +42,7 @@ from bento.schemas import (
     ModelDescription,
     ModelInfo,
     SearchOptions,
+    Thresholds,
     Timings,
     VectorHit,
     VectorQuery,
@@ -89,6 +91,9 @@ class VectorStore(Protocol):
 
     def flush(self) -> None: ...
 
+    def duplicates(self, query: DuplicateQuery) -> DuplicatePage:
+        """A page of the duplicate report (computed in the background; state "running" meanwhile)."""
+
     def close(self) -> None:
         """Release the connection this store holds, if it holds one."""
 
@@ -108,6 +113,7 @@ class NewImage:
     prepared: PreparedImage
     label: str
     source: str
+    created_at: int | None = None  # kept from an earlier row (a re-embed); None: now
 
 
 class Added(BaseModel):
@@ -124,6 +130,7 @@ class SearchResult(BaseModel):
     top_k: int
     offset: int
     label: str | None
+    min_score: float | None = None
     model: str
     timings: Timings
 
@@ -142,6 +149,7 @@ class Catalog:
         thumbnail_size: int,
         retry: RetryPolicy = FAIL_FAST,
         serve_location: bool = False,
+        verdict: VerdictSettings | None = None,
     ) -> None:
         self.vectors = vectors
         self.store = store
@@ -151,6 +159,7 @@ class Catalog:
         self.thumbnail_size = thumbnail_size
         self.retry = retry
         self.serve_location = serve_location
+        self.verdict_settings = verdict or VerdictSettings()
 
     @classmethod
     def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:
@@ -161,7 +170,7 @@ class Catalog:
         vectors = VectorIndex(settings, retry.call(embedding.describe).info)
         return cls(
             vectors, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry,
-            settings.store.serve_location,
+            settings.store.serve_location, settings.verdict,
         )
 
     def close(self) -> None:
@@ -172,13 +181,26 @@ class Catalog:
     def model(self) -> ModelInfo:
         return self.retry.call(self.embedding.describe).info
 
-    def prepare(self, data: bytes, *, thumbnail: bool) -> PreparedImage:
-        """Check, decode and preprocess untrusted bytes (InvalidImage / ImageTooLarge / ... on bad input)."""
+    def prepare(self, data: bytes, *, to_store: bool) -> PreparedImage:
+        """Check, decode and preprocess untrusted bytes (InvalidImage / ImageTooLarge / ... on bad input).
+        ``to_store``: with the thumbnail and every view of the recipe (an image to add), else the query view."""
         preprocessing = self.retry.call(self.embedding.describe).preprocessing
-        return prepare_image(data, self.decode_limits, preprocessing, self.thumbnail_size if thumbnail else None)
+        return prepare_image(
+            data, self.decode_limits, preprocessing, self.thumbnail_size if to_store else None, all_views=to_store
+        )
 
     def _embed(self, pixels: np.ndarray) -> np.ndarray:
         return self.retry.call(self.embedding.embed, pixels)
+
+    def thresholds(self) -> Thresholds:
+        """The verdict thresholds: the settings' where given, else those measured for the model."""
+        info = self.model()
+        return Thresholds(
+            same_image=self.verdict_settings.same_image if self.verdict_settings.same_image is not None else info.same_image_score,
+            near_duplicate=self.verdict_settings.near_duplicate
+            if self.verdict_settings.near_duplicate is not None
+            else info.near_duplicate_score,
+        )
 
     def embed_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ModelInfo]:
         """Embed pixels prepared elsewhere (``ingest --service-url``), checked against the model's recipe."""
@@ -196,11 +218,12 @@ class Catalog:
 
     def add(self, data: bytes, label: str | None, source: str) -> Added:
         """Add one image from its bytes (the HTTP API)."""
-        image = NewImage(self.prepare(data, thumbnail=True), clean_label(label), source)
+        image = NewImage(self.prepare(data, to_store=True), clean_label(label), source)
         return self.add_many([image])[0]
 
-    def add_many(self, images: Sequence[NewImage]) -> list[Added]:
-        """Add prepared images (distinct ids) in the write order; one embedding call for the new ones."""
+    def add_many(self, images: Sequence[NewImage], *, write_blobs: bool = True) -> list[Added]:
+        """Add prepared images (distinct ids) in the write order; one embedding call for the new ones.
+        ``write_blobs=False`` where the store already holds them (a re-embed from the stored originals)."""
         if not images:
             return []
         ids = [image.prepared.id for image in images]
@@ -210,12 +233,15 @@ class Catalog:
         fresh = [image for image in images if image.prepared.id not in existing]
         records: dict[str, VectorRecord] = {}
         if fresh:
-            vectors = self._embed(np.stack([image.prepared.pixels for image in fresh]))
-            now = int(time.time())
-            for image, vector in zip(fresh, vectors, strict=True):
-                records[image.prepared.id] = image.prepared.record(vector, image.label, image.source, now)
+            views = [self._views_of(image.prepared) for image in fresh]
+            vectors = self._embed(np.concatenate(views))
+            now, start = int(time.time()), 0
+            for image, image_views in zip(fresh, views, strict=True):
+                own = vectors[start : start + len(image_views)]
+                start += len(image_views)
+                records[image.prepared.id] = image.prepared.record(own, image.label, image.source, image.created_at or now)
         # Blobs first (a repair for the existing rows), then the rows that mark the new images added.
-        for image in images:
+        for image in images if write_blobs else ():
             self.retry.call(image.prepared.store_blobs, self.store)
         if records:
             self.retry.call(self.vectors.upsert, list(records.values()))
@@ -225,6 +251,11 @@ class Catalog:
             else Added(id=image_id, created=True, image=ImageMetadata(**records[image_id].model_dump(exclude={"vector"})))
             for image_id in ids
         ]
+
+    def _views_of(self, prepared: PreparedImage) -> np.ndarray:
+        if prepared.views is None:
+            raise InvalidRequest("An image to add must be prepared with to_store=True (all its views).")
+        return prepared.views
 
     # --- reading and removing -----------------------------------------------------------------------
     def metadata(self, image_id: str) -> ImageMetadata:
@@ -267,22 +298,36 @@ class Catalog:
         top_k = options.top_k or self.limits.default_top_k
         if top_k > self.limits.max_top_k:
             raise InvalidRequest(f"top_k is at most {self.limits.max_top_k}.")
-        if top_k + options.offset > MAX_WINDOW:
-            raise InvalidRequest(f"top_k + offset is at most {MAX_WINDOW}.")
+        # Milvus returns at most MAX_WINDOW rows, and an image may take one row per stored view.
+        deepest = MAX_WINDOW // self.model().vectors_per_image
+        if top_k + options.offset > deepest:
+            raise InvalidRequest(f"top_k + offset is at most {deepest}.")
         return top_k, clean_label(options.label) if options.label else None
 
     def search_vector(
-        self, vector: list[float], options: SearchOptions, query_id: str | None, timings: Timings | None = None
+        self,
+        vector: list[float],
+        options: SearchOptions,
+        query_id: str | None,
+        timings: Timings | None = None,
+        views: list[int] | None = None,
     ) -> SearchResult:
+        """``views``: the stored views to compare with (default: those every query is compared with)."""
         started = time.perf_counter()
         timings = timings or Timings()
         top_k, label = self._checked(options)
-        query = VectorQuery(vector=vector, top_k=top_k, offset=options.offset, label=label)
-        hits = self.retry.call(self.vectors.search, query)
+        if views is None:
+            views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(1 << 30, 1 << 30)
+        query = VectorQuery(
+            vector=vector, top_k=top_k, offset=options.offset, label=label, min_score=options.min_score, views=views,
+            margins=self.retry.call(self.embedding.describe).preprocessing.view_margins(),
+        )
+        thresholds = self.thresholds()
+        hits = [hit.model_copy(update={"verdict": thresholds.verdict(hit.score)}) for hit in self.retry.call(self.vectors.search, query)]
         timings.search_ms = _ms(started)
         timings.total_ms = round(timings.decode_ms + timings.embed_ms + timings.search_ms, 2)
         return SearchResult(
-            query_id=query_id, hits=hits, top_k=top_k, offset=options.offset, label=label,
+            query_id=query_id, hits=hits, top_k=top_k, offset=options.offset, label=label, min_score=options.min_score,
             model=self.model().model_id, timings=timings,
         )
 
@@ -291,12 +336,13 @@ class Catalog:
         self._checked(options)
         started = time.perf_counter()
         timings = Timings()
-        prepared = self.prepare(data, thumbnail=False)
+        prepared = self.prepare(data, to_store=False)
         timings.decode_ms = _ms(started)
         embed_started = time.perf_counter()
         vector = self._embed(prepared.pixels[None])[0]
         timings.embed_ms = _ms(embed_started)
-        return self.search_vector(vector.tolist(), options, prepared.id, timings)
+        views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height)
+        return self.search_vector(vector.tolist(), options, prepared.id, timings, views)
 
     def search_stored(self, image_id: str, options: SearchOptions) -> SearchResult:
         """Search with an image of the collection (its stored vector: no decoding, no embedding)."""
@@ -326,3 +372,14 @@ class Catalog:
 
     def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
         return self.vectors.rebuild_index(spec)
+
+    def duplicates(self, offset: int, limit: int, refresh: bool = False) -> DuplicatePage:
+        """A page of the collection's duplicate groups (exact, then near by the near-duplicate threshold)."""
+        threshold = self.thresholds().near_duplicate
+        if threshold is None:
+            raise InvalidRequest(
+                "No near-duplicate threshold is known for this model: set RIS_VERDICT_NEAR_DUPLICATE (python -m "
+                "ingest.evaluate on your photos shows the score distributions to choose it from)."
+            )
+        query = DuplicateQuery(near_threshold=threshold, offset=offset, limit=limit, refresh=refresh)
+        return self.retry.call(self.vectors.duplicates, query)

@@ -89,6 +89,12 @@ class ModelSettings(BaseModel):
         None, description="Converted OpenVINO models reused across restarts; empty: `$BENTOML_HOME/ris-runtime-cache`."
     )
 
+    views: str = Field(
+        "low-res-64",
+        description="Extra vectors stored per image, comma-separated: `low-res-64` (finds thumbnails), `crops-60` "
+        "(finds crops; 5 vectors), or empty. Changing it needs `python -m ingest.reembed`.",
+    )
+
     @field_validator("name")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
@@ -97,6 +103,21 @@ class ModelSettings(BaseModel):
         if name not in model_choices():
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_choices())}")
         return name
+
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, views: str) -> str:
+        from models.preprocess import VIEW_SETS
+
+        names = [name.strip() for name in views.split(",") if name.strip()]
+        unknown = [name for name in names if name not in VIEW_SETS]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(f"views {views!r}: each of {', '.join(VIEW_SETS)} at most once, comma-separated")
+        return ",".join(name for name in VIEW_SETS if name in names)  # one spelling per recipe
+
+    @property
+    def view_sets(self) -> tuple[str, ...]:
+        return tuple(name for name in self.views.split(",") if name)
 
 
 class BatchingSettings(BaseModel):
@@ -228,6 +249,17 @@ class LimitsSettings(BaseModel):
     max_top_k: int = Field(200, ge=1, le=16384, description="Largest `top_k` a request may ask for.")
 
 
+class VerdictSettings(BaseModel):
+    """When a hit is called the same image or a near duplicate (unset: the thresholds measured for the backbone)."""
+
+    same_image: float | None = Field(
+        None, ge=-1, le=1, description="Score from which a hit is the same image (default: the backbone's measured threshold)."
+    )
+    near_duplicate: float | None = Field(
+        None, ge=-1, le=1, description="Score from which a hit is a near duplicate (an edited copy; default: measured)."
+    )
+
+
 class Settings(BaseSettings):
     """Every knob of the service, the ingest job and the model import (see the module docstring)."""
 
@@ -249,6 +281,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
+    verdict: VerdictSettings = Field(default_factory=VerdictSettings)
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

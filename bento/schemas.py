@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -22,6 +22,9 @@ class ModelInfo(BaseModel):
     model_id: str = Field(description="backbone@weights-digest: embeddings with different ids never mix.")
     dim: int
     preprocessing: str = Field(description="Version string of the decode/resize/crop/normalise recipe.")
+    vectors_per_image: int = Field(1, ge=1, description="Vectors stored per image: the main view and the extra views.")
+    same_image_score: float | None = Field(None, description="Measured score from which a hit is the same image.")
+    near_duplicate_score: float | None = Field(None, description="Measured score from which a hit is a near duplicate.")
     weights: str = Field(description="Where the weights came from.")
     pretrained: bool
     reason: str = Field("", description="Why this backbone was chosen (for `auto`).")
@@ -90,7 +93,9 @@ class ImageMetadata(BaseModel):
 
 
 class VectorRecord(ImageMetadata):
-    vector: list[float]
+    pixel_hash: str = Field("", max_length=32, description="Digest of the decoded pixels: the exact-duplicate key.")
+    vector: list[float] = Field(description="The main view's vector (what queries are compared with).")
+    views: list[list[float]] = Field(default_factory=list, description="One vector per extra view of the recipe.")
 
 
 class VectorQuery(BaseModel):
@@ -98,11 +103,35 @@ class VectorQuery(BaseModel):
     top_k: int = Field(ge=1)
     offset: int = Field(0, ge=0)
     label: str | None = None
+    min_score: float | None = None
+    views: list[int] | None = Field(None, description="The stored views to compare with (0 = main); None: all.")
+    margins: dict[int, float] = Field(
+        default_factory=dict, description="Subtracted from the score of a match through these views (view -> margin)."
+    )
+
+
+Verdict = Literal["same-image", "near-duplicate", "similar"]
+
+
+class Thresholds(BaseModel):
+    """Scores from which a hit is called the same image / a near duplicate (python -m ingest.evaluate measures
+    the score distributions they come from)."""
+
+    same_image: float | None
+    near_duplicate: float | None
+
+    def verdict(self, score: float) -> Verdict | None:
+        if self.same_image is None or self.near_duplicate is None:
+            return None
+        if score >= self.same_image:
+            return "same-image"
+        return "near-duplicate" if score >= self.near_duplicate else "similar"
 
 
 class VectorHit(BaseModel):
     score: float
     image: ImageMetadata
+    verdict: Verdict | None = None  # None where no threshold is known for the model
 
 
 class IndexInfo(BaseModel):
@@ -126,6 +155,7 @@ class SearchOptions(BaseModel):
     top_k: int | None = Field(None, ge=1, description="Number of hits (default from settings).")
     offset: int = Field(0, ge=0, description="Skip this many hits (paging).")
     label: str | None = Field(None, max_length=MAX_LABEL_LENGTH, description="Only images with this label.")
+    min_score: float | None = Field(None, ge=-1, le=1, description="Only hits scoring at least this (cosine similarity).")
 
 
 class SearchByUrl(SearchOptions):
@@ -147,6 +177,10 @@ class SearchHit(BaseModel):
     mime: str
     size_bytes: int
     source: str
+    verdict: Verdict | None = Field(
+        None,
+        description="same-image / near-duplicate / similar by the thresholds in /api/status (null: none known for this model).",
+    )
 
 
 class Timings(BaseModel):
@@ -162,6 +196,7 @@ class SearchResponse(BaseModel):
     top_k: int
     offset: int
     label: str | None
+    min_score: float | None = None
     model: str
     timings: Timings
 
@@ -206,6 +241,7 @@ class StatusResponse(BaseModel):
     milvus_uri: str | None = Field(None, description="The Milvus URI (admin keys only).")
     store: StoreInfo
     limits: Limits
+    thresholds: Thresholds = Field(description="The scores from which hits are called same-image / near-duplicate.")
     error: str = Field("", description="Why Milvus or the image store is not ready, when one is not.")
 
 

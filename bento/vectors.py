@@ -13,10 +13,19 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import ConnectError, MilvusException, MilvusUnavailableException
 
 from bento.config import Settings
+from bento.duplicates import (
+    DuplicatePage,
+    DuplicateQuery,
+    DuplicateReport,
+    DuplicateScans,
+    ImageVector,
+    find_duplicates,
+)
 from bento.errors import BackendUnavailable, Conflict, InvalidRequest, MilvusLiteLocked, ModelMismatch, SearchError
 from bento.schemas import (
     MAX_LABEL_LENGTH,
@@ -40,7 +49,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 METRIC = "COSINE"  # vectors are unit length: cosine == inner product, scores read as similarity
-SCHEMA_VERSION = "1"
+# 2: one row per stored view of an image (key = id for the main view, id:k for extra view k), grouped by id.
+SCHEMA_VERSION = "2"
 MAX_SOURCE_BYTES = 1024
 # Milvus refuses an insert over 64 MB; stay well under it.
 MAX_UPSERT_BYTES = 16 * 1024 * 1024
@@ -56,6 +66,8 @@ DEFAULT_INDEX_PARAMS: dict[str, dict[str, int]] = {
     "HNSW": {"M": 16, "efConstruction": 200},
 }
 METADATA_FIELDS = ["label", "mime", "width", "height", "size_bytes", "source", "created_at"]
+HIT_FIELDS = ["id", *METADATA_FIELDS]
+MAIN_VIEW = "view == 0"
 _P = "ris."  # collection property prefix
 
 
@@ -134,6 +146,7 @@ class VectorIndex:
         self._runtimes: list[str] = []
         self._lock = threading.RLock()
         self._rebuilding = threading.Lock()
+        self._duplicates = DuplicateScans(self.find_duplicates)
 
     # --- connection -------------------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
@@ -204,12 +217,13 @@ class VectorIndex:
             raise
 
     # --- collection lifecycle -------------------------------------------------------------------------
-    def _model_properties(self) -> dict[str, str]:
+    def model_properties(self) -> dict[str, str]:
         return {
             f"{_P}model_id": self.model.model_id,
             f"{_P}backbone": self.model.backbone,
             f"{_P}dim": str(self.model.dim),
             f"{_P}preprocessing": self.model.preprocessing,
+            f"{_P}vectors_per_image": str(self.model.vectors_per_image),
             f"{_P}schema_version": SCHEMA_VERSION,
         }
 
@@ -229,7 +243,7 @@ class VectorIndex:
         return spec
 
     def _guard(self, props: dict[str, str]) -> None:
-        expected = self._model_properties()
+        expected = self.model_properties()
         if f"{_P}model_id" not in props:
             raise ModelMismatch(
                 f"Collection '{self.settings.milvus.collection}' was not created by this product (no model record); "
@@ -242,9 +256,10 @@ class VectorIndex:
         ]
         if differences:
             raise ModelMismatch(
-                f"Collection '{self.settings.milvus.collection}' holds embeddings of another model; refusing to mix them "
-                f"({'; '.join(differences)}). Serve the model it was built with, or use another RIS_MILVUS_COLLECTION "
-                "and re-ingest."
+                f"Collection '{self.settings.milvus.collection}' holds embeddings of another model or recipe; refusing to "
+                f"mix them ({'; '.join(differences)}). Re-embed it from its stored originals with `python -m "
+                "ingest.reembed` (resumable; the collection keeps its name), serve the model it was built with, or use "
+                "another RIS_MILVUS_COLLECTION."
             )
 
     def _runtime_label(self) -> str:
@@ -265,7 +280,9 @@ class VectorIndex:
 
     def _create_collection(self, client: MilvusClient, spec: IndexSpec) -> None:
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=80)
+        schema.add_field("id", DataType.VARCHAR, max_length=64)
+        schema.add_field("view", DataType.INT8)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.model.dim)
         schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL_LENGTH * 4)
         schema.add_field("mime", DataType.VARCHAR, max_length=32)
@@ -274,8 +291,9 @@ class VectorIndex:
         schema.add_field("size_bytes", DataType.INT64)
         schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_BYTES)
         schema.add_field("created_at", DataType.INT64)
+        schema.add_field("pixel_hash", DataType.VARCHAR, max_length=32)
         self._runtimes = [self._runtime_label()]
-        properties = {**self._model_properties(), f"{_P}index": spec.model_dump_json(), f"{_P}runtimes": self._runtimes[0]}
+        properties = {**self.model_properties(), f"{_P}index": spec.model_dump_json(), f"{_P}runtimes": self._runtimes[0]}
         # The index is created in a second call: passing it to create_collection makes pymilvus ask
         # Milvus Lite for a timestamp it does not implement, which logs a scary (harmless) traceback.
         name = self.settings.milvus.collection
@@ -367,22 +385,33 @@ class VectorIndex:
         for start in range(0, len(rows), per_chunk):
             yield rows[start : start + per_chunk]
 
+    def _keys(self, ids: list[str]) -> list[str]:
+        """Every row key of these images: the main view's key is the image id, extra view k's is id:k."""
+        return [*ids, *(f"{image_id}:{view}" for image_id in ids for view in range(1, self.model.vectors_per_image))]
+
     def upsert(self, records: list[VectorRecord]) -> int:
-        rows = []
+        """Write images (all their views); returns the number of images written. The extra views are written
+        before the main views, whose rows mark images present: a crash in between leaves no image that is
+        present without all its views (the next add rewrites them)."""
+        rows, main_rows = [], []
         for record in records:
-            if len(record.vector) != self.model.dim:
-                raise InvalidRequest(f"vector of {len(record.vector)} dims; the collection holds {self.model.dim}")
-            row = record.model_dump()
+            vectors = [record.vector, *record.views]
+            if len(vectors) != self.model.vectors_per_image or any(len(v) != self.model.dim for v in vectors):
+                raise InvalidRequest(
+                    f"an image needs {self.model.vectors_per_image} vectors of {self.model.dim} dims; got "
+                    f"{[len(v) for v in vectors]}"
+                )
+            row = record.model_dump(exclude={"vector", "views"})
             row["source"] = _truncate_utf8(record.source, MAX_SOURCE_BYTES)
-            rows.append(row)
+            main_rows.append({**row, "key": record.id, "view": 0, "vector": record.vector})
+            rows.extend({**row, "key": f"{record.id}:{view}", "view": view, "vector": vector} for view, vector in enumerate(record.views, 1))
+        rows.extend(main_rows)
         if not rows:
             return 0
         row_bytes = self.model.dim * 4 + 2 * MAX_SOURCE_BYTES
-        written = 0
         for chunk in self._chunks(rows, row_bytes):
-            result = self._run("upsert", lambda c, t, chunk=chunk: c.upsert(self.settings.milvus.collection, chunk, timeout=t))
-            written += int(result.get("upsert_count", len(chunk)))
-        return written
+            self._run("upsert", lambda c, t, chunk=chunk: c.upsert(self.settings.milvus.collection, chunk, timeout=t))
+        return len(records)
 
     def search(self, query: VectorQuery) -> list[VectorHit]:
         if len(query.vector) != self.model.dim:
@@ -390,29 +419,44 @@ class VectorIndex:
         if query.top_k + query.offset > MAX_WINDOW:
             raise InvalidRequest(f"top_k + offset must be at most {MAX_WINDOW}")
         spec = self._spec or index_spec(self.settings.milvus.index_type)
+        # Each image has one row per searched view: fetching that many times the window and keeping each
+        # image's best row gives exactly the images of the window, each once with its best score.
+        views = sorted({0, *(v for v in query.views if 0 < v < self.model.vectors_per_image)}) if query.views is not None else None
+        if views is not None and len(views) == self.model.vectors_per_image:
+            views = None
+        window = min(MAX_WINDOW, (query.top_k + query.offset) * (len(views) if views else self.model.vectors_per_image))
         kwargs: dict[str, Any] = {
-            "limit": query.top_k,
-            "output_fields": METADATA_FIELDS,
-            "search_params": {"metric_type": METRIC, "params": _search_params(spec, query.top_k + query.offset)},
+            "limit": window,
+            "output_fields": [*HIT_FIELDS, "view"],
+            "search_params": {"metric_type": METRIC, "params": _search_params(spec, window)},
             # Not Strong: on a Milvus server a Strong search waits for the next time tick (~200 ms, measured
             # in bench/index_bench.py). Session still shows every write made through this client.
             "consistency_level": self.settings.milvus.search_consistency,
         }
-        if query.offset:
-            kwargs["offset"] = query.offset
-        if query.label is not None:
-            kwargs["filter"] = _label_filter(query.label)
+        filters = [_label_filter(query.label)] if query.label is not None else []
+        if views is not None:
+            filters.append(MAIN_VIEW if views == [0] else f"view in {views}")
+        if filters:
+            kwargs["filter"] = " and ".join(filters)
         results = self._run("search", lambda c, t: c.search(self.settings.milvus.collection, [query.vector], timeout=t, **kwargs))
-        return [
-            VectorHit(score=float(hit["distance"]), image=ImageMetadata(id=hit["id"], **hit["entity"]))
-            for hit in results[0]
-        ]
+        # An extra view's match may count for less than a main-view match (its margin): each image keeps its
+        # best score after the margins, and the images are ranked by it. (With margins, an image whose only
+        # rows in the window are extra views may rank a margin's width too low at the window's tail.)
+        best: dict[str, VectorHit] = {}
+        for hit in results[0]:
+            entity = dict(hit["entity"])
+            score = float(hit["distance"]) - query.margins.get(int(entity.pop("view")), 0.0)
+            if entity["id"] not in best or score > best[entity["id"]].score:
+                best[entity["id"]] = VectorHit(score=score, image=ImageMetadata(**entity))
+        ranked = sorted(best.values(), key=lambda hit: hit.score, reverse=True)
+        hits = ranked[query.offset : query.offset + query.top_k]
+        return [hit for hit in hits if query.min_score is None or hit.score >= query.min_score]
 
     def get(self, ids: list[str]) -> list[ImageMetadata]:
         if not ids:
             return []
-        rows = self._get(ids, METADATA_FIELDS)
-        return [ImageMetadata(id=row["id"], **{k: row[k] for k in METADATA_FIELDS}) for row in rows]
+        rows = self._get(ids, HIT_FIELDS)
+        return [ImageMetadata(**{k: row[k] for k in HIT_FIELDS}) for row in rows]
 
     def get_vector(self, image_id: str) -> list[float] | None:
         rows = self._get([image_id], ["vector"])
@@ -424,7 +468,7 @@ class VectorIndex:
         return {row["id"] for row in self._get(ids, ["id"])}
 
     def _get(self, ids: list[str], fields: list[str]) -> list[dict[str, Any]]:
-        """Rows by id, read-your-writes (Strong): used to decide what is present."""
+        """Main-view rows by image id (their keys), read-your-writes (Strong): used to decide what is present."""
         name = self.settings.milvus.collection
         return self._run("get", lambda c, t: c.get(name, ids=ids, output_fields=fields, consistency_level="Strong", timeout=t))
 
@@ -433,12 +477,78 @@ class VectorIndex:
             return 0
         present = self.existing_ids(ids)
         if present:
-            self._run("delete", lambda c, t: c.delete(self.settings.milvus.collection, ids=sorted(present), timeout=t))
+            keys = self._keys(sorted(present))
+            self._run("delete", lambda c, t: c.delete(self.settings.milvus.collection, ids=keys, timeout=t))
         return len(present)
+
+    def main_vectors(self, batch_size: int = 1000) -> Iterator[ImageVector]:
+        """Every image's main-view vector and pixel digest (the duplicate finder, the re-embed job)."""
+        name = self.settings.milvus.collection
+        iterator = self._run(
+            "query_iterator",
+            lambda c, t: c.query_iterator(
+                name, batch_size=batch_size, filter=MAIN_VIEW, output_fields=["id", "pixel_hash", "vector"], timeout=t
+            ),
+        )
+        try:
+            while batch := self._run("query_iterator.next", lambda c, t: iterator.next()):
+                for row in batch:
+                    yield ImageVector(row["id"], row["pixel_hash"], np.asarray(row["vector"], dtype=np.float32))
+        finally:
+            iterator.close()
+
+    def find_duplicates(self, near_threshold: float) -> DuplicateReport:
+        return find_duplicates(self.main_vectors(), near_threshold)
+
+    def duplicates(self, query: DuplicateQuery) -> DuplicatePage:
+        """A page of the duplicate report, computed in the background (state "running" meanwhile)."""
+        return self._duplicates.page(query)
+
+    # --- re-embedding (python -m ingest.reembed): other collections of the same Milvus, by name -----------
+    def properties_of(self, name: str) -> dict[str, str] | None:
+        """A collection's recorded properties, or None when it does not exist."""
+        client = self._connect()
+        if not self._run("has_collection", lambda c, t: c.has_collection(name, timeout=t), client=client):
+            return None
+        described = self._run("describe_collection", lambda c, t: c.describe_collection(name, timeout=t), client=client)
+        return dict(described.get("properties", {}) or {})
+
+    def images_of(self, name: str, batch_size: int = 500) -> Iterator[ImageMetadata]:
+        """Every image of another collection made by this product, whatever its schema version (one row per
+        image in version 1, main-view rows since 2)."""
+        client = self._connect()
+        props = self.properties_of(name) or {}
+        self._load_named(client, name)
+        main_rows = MAIN_VIEW if props.get(f"{_P}schema_version", "1") != "1" else ""
+        iterator = self._run(
+            "query_iterator",
+            lambda c, t: c.query_iterator(name, batch_size=batch_size, filter=main_rows, output_fields=HIT_FIELDS, timeout=t),
+            client=client,
+        )
+        try:
+            while batch := self._run("query_iterator.next", lambda c, t: iterator.next(), client=client):
+                for row in batch:
+                    yield ImageMetadata(**{k: row[k] for k in HIT_FIELDS})
+        finally:
+            iterator.close()
+
+    def _load_named(self, client: MilvusClient, name: str) -> None:
+        self._run("load_collection", lambda c, t: c.load_collection(name, timeout=t), client=client, timeout=LOAD_TIMEOUT_S)
+
+    def take_name_of(self, old: str) -> None:
+        """Drop collection ``old`` and give this collection its name (the last step of a re-embed). Safe to
+        repeat after a crash in between: a missing ``old`` is not dropped twice."""
+        with self._lock:
+            client = self._connect()
+            new = self.settings.milvus.collection
+            if self._run("has_collection", lambda c, t: c.has_collection(old, timeout=t), client=client):
+                self._run("drop_collection", lambda c, t: c.drop_collection(old, timeout=t), client=client)
+            self._run("rename_collection", lambda c, t: c.rename_collection(new, old, timeout=t), client=client)
+            self._reset()
 
     def count(self) -> int:
         name = self.settings.milvus.collection
-        rows = self._run("count", lambda c, t: c.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong", timeout=t))
+        rows = self._run("count", lambda c, t: c.query(name, filter=MAIN_VIEW, output_fields=["count(*)"], consistency_level="Strong", timeout=t))
         return int(rows[0]["count(*)"])
 
     def info(self) -> IndexInfo:

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from bento.catalog import Catalog, Embedding, NewImage
 from bento.config import LimitsSettings, Settings, get_settings
@@ -41,6 +41,10 @@ from ingest.job import scan_folder
 
 logger = logging.getLogger(__name__)
 TOP_K = 10
+# The precision the suggested thresholds must reach: "same image" is shown as a fact, "near duplicate" as a
+# strong hint.
+SAME_IMAGE_PRECISION = 0.99
+NEAR_DUPLICATE_PRECISION = 0.95
 Transform = Callable[[Image.Image, random.Random], Image.Image]
 
 
@@ -176,6 +180,19 @@ class Row(BaseModel):
     false_scores: Distribution  # the best-scoring wrong hit of each query
 
 
+class Threshold(BaseModel):
+    """A score threshold derived from the hits' scores, with what it gives on this evaluation."""
+
+    score: float
+    precision: float = Field(description="Of all hits scoring at least this, the share that is the query's original.")
+    recall: float = Field(description="Of all queries, the share whose original scores at least this.")
+
+
+class SuggestedThresholds(BaseModel):
+    same_image: Threshold | None = Field(None, description=f"The lowest score with precision >= {SAME_IMAGE_PRECISION}.")
+    near_duplicate: Threshold | None = Field(None, description=f"The lowest score with precision >= {NEAR_DUPLICATE_PRECISION}.")
+
+
 class Report(BaseModel):
     folder: str
     model: str
@@ -185,6 +202,7 @@ class Report(BaseModel):
     seconds: float
     overall: Row
     per_transform: list[Row]
+    thresholds: SuggestedThresholds = Field(default_factory=SuggestedThresholds)
     missing: list[str] = []  # originals the collection does not hold (service mode)
 
     def table(self) -> str:
@@ -202,6 +220,12 @@ class Report(BaseModel):
                 f"| {'**overall**' if row is self.overall else row.transform} | {row.queries} | {row.recall_at_1:.3f} | "
                 f"{row.recall_at_5:.3f} | {row.map:.3f} | {_fmt(true.p5)} / {_fmt(true.p50)} | {_fmt(false.p50)} / {_fmt(false.p95)} |"
             )
+        for name, found in (("same image", self.thresholds.same_image), ("near duplicate", self.thresholds.near_duplicate)):
+            if found is not None:
+                lines.append(
+                    f"\nSuggested {name} threshold: score >= {found.score:.3f} (precision {found.precision:.3f}, "
+                    f"recall {found.recall:.3f} over every hit of every query)"
+                )
         if self.missing:
             lines.append(f"\n{len(self.missing)} originals are not in the collection and were skipped.")
         return "\n".join(lines)
@@ -216,6 +240,7 @@ class _Outcome:
     rank: int | None  # 1-based rank of the original within the top k
     true_score: float | None
     false_score: float | None
+    false_scores: list[float] = field(default_factory=list)  # every wrong hit's score (threshold precision)
 
 
 @dataclass
@@ -243,8 +268,23 @@ def judge(hits: Sequence[tuple[str, float]], original: str) -> _Outcome:
     """Where the original stands among (id, score) hits, best first."""
     rank = next((i + 1 for i, (image_id, _) in enumerate(hits) if image_id == original), None)
     true = hits[rank - 1][1] if rank else None
-    false = next((score for image_id, score in hits if image_id != original), None)
-    return _Outcome(rank, true, false)
+    false_scores = [score for image_id, score in hits if image_id != original]
+    return _Outcome(rank, true, false_scores[0] if false_scores else None, false_scores)
+
+
+
+def suggest_threshold(outcomes: Sequence[_Outcome], precision: float) -> Threshold | None:
+    """The lowest score from which at least ``precision`` of all hits (top k of every query) are originals."""
+    true = np.asarray(sorted((o.true_score for o in outcomes if o.true_score is not None), reverse=True))
+    false = np.asarray(sorted((s for o in outcomes for s in o.false_scores), reverse=True))
+    best: Threshold | None = None
+    for score in true:
+        kept_true = int(np.searchsorted(-true, -score, side="right"))
+        kept_false = int(np.searchsorted(-false, -score, side="right"))
+        share = kept_true / (kept_true + kept_false)
+        if share >= precision:
+            best = Threshold(score=round(float(score), 4), precision=round(share, 4), recall=round(kept_true / len(outcomes), 4))
+    return best
 
 
 # --- running it ------------------------------------------------------------------------------------
@@ -284,8 +324,13 @@ def run(
         for name in transforms:
             tally.add(name, judge(search(make_query(image, name, seed, index)), original))
     per_transform = [tally.row(name, tally.outcomes.get(name, [])) for name in transforms]
-    overall = tally.row("overall", [o for name in transforms for o in tally.outcomes.get(name, [])])
-    return per_transform, overall
+    everything = [o for name in transforms for o in tally.outcomes.get(name, [])]
+    overall = tally.row("overall", everything)
+    thresholds = SuggestedThresholds(
+        same_image=suggest_threshold(everything, SAME_IMAGE_PRECISION),
+        near_duplicate=suggest_threshold(everything, NEAR_DUPLICATE_PRECISION),
+    )
+    return per_transform, overall, thresholds
 
 
 def in_process(
@@ -302,7 +347,7 @@ def in_process(
             if content_hash(blob) in seen:
                 continue
             seen.add(content_hash(blob))
-            images.append(NewImage(catalog.prepare(blob, thumbnail=False), "", name))
+            images.append(NewImage(catalog.prepare(blob, to_store=True), "", name))
             sibling_count += "#sibling" in name
     for start in range(0, len(images), 32):
         catalog.add_many(images[start : start + 32])
@@ -353,12 +398,13 @@ def evaluate_folder(
         )
         catalog, sibling_count = in_process(temporary, embedding, originals, with_siblings)
         try:
-            per_transform, overall = run(originals, catalog_searcher(catalog), transforms, seed)
+            per_transform, overall, thresholds = run(originals, catalog_searcher(catalog), transforms, seed)
         finally:
             catalog.close()
     return Report(
         folder=str(folder), model=embedding.describe().info.model_id, originals=len(originals), siblings=sibling_count,
         top_k=TOP_K, seconds=round(time.perf_counter() - started, 2), overall=overall, per_transform=per_transform,
+        thresholds=thresholds,
     )
 
 
@@ -376,11 +422,11 @@ def evaluate_service(
         for item in originals:
             answer = client.get(f"/api/images/{content_hash(item[1])}/metadata")
             (present if answer.status_code == 200 else missing).append(item)
-        per_transform, overall = run(present, service_searcher(client), transforms, seed)
+        per_transform, overall, thresholds = run(present, service_searcher(client), transforms, seed)
     return Report(
         folder=str(folder), model=model.json()["info"]["model_id"], originals=len(present), siblings=0, top_k=TOP_K,
         seconds=round(time.perf_counter() - started, 2), overall=overall, per_transform=per_transform,
-        missing=[source for source, _, _ in missing],
+        thresholds=thresholds, missing=[source for source, _, _ in missing],
     )
 
 

@@ -151,7 +151,7 @@ class IngestJob:
                 item.existing = True
                 continue
             try:
-                item.prepared = self.catalog.prepare(data, thumbnail=True)
+                item.prepared = self.catalog.prepare(data, to_store=True)
             except (InvalidImage, ImageTooLarge, InvalidRequest) as exc:
                 item.error = exc.message
         return chunk

@@ -63,6 +63,10 @@ class Backbone(Protocol):
     dim: int
     cpu_auto_precision: str
 
+    # (same-image, near-duplicate) score thresholds per RIS_MODEL_VIEWS value, measured by
+    # bench/robust_search.py (precision 0.99 / 0.95 on its photos); a missing entry has no verdicts.
+    thresholds: dict[str, tuple[float, float]]
+
     def weights_request(self, settings: ModelSettings) -> str:
         """Which weights the settings ask this backbone for (recorded with the stored model)."""
 
@@ -85,6 +89,9 @@ class ResNet50:
     # The lowest precision RIS_MODEL_PRECISION=auto uses on CPU: bf16 keeps cosine >= 0.99 to fp32 on every
     # photo measured (bench/runtimes.py).
     cpu_auto_precision = "bf16"
+    # Not measurable here (no pretrained ResNet-50 weights can be had offline): set RIS_VERDICT_* from
+    # `python -m ingest.evaluate` on your photos.
+    thresholds: dict[str, tuple[float, float]] = {}
 
     def weights_request(self, settings: ModelSettings) -> str:
         return settings.resnet50_weights
@@ -150,6 +157,13 @@ class EfficientNetLite0:
     # cosine to fp32 fell to 0.982 on grainy 1080p photos (bench/runtimes.py), so auto stays fp32 (still
     # 5x PyTorch eager through OpenVINO); int8 is refused by the fidelity guard (0.96-0.98).
     cpu_auto_precision = "fp32"
+    # bench/robust_search.py, 47 real photos and tiles, 16 edits: precision 0.99 / 0.95 at these scores.
+    thresholds: dict[str, tuple[float, float]] = {
+        "": (0.885, 0.852),
+        "low-res-64": (0.885, 0.850),
+        "crops-60": (0.909, 0.880),
+        "low-res-64,crops-60": (0.908, 0.879),
+    }
     preprocessing = Preprocessing(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
     def weights_request(self, settings: ModelSettings) -> str:

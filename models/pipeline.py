@@ -3,9 +3,11 @@ thumbnailed and preprocessed image, ready for the embedder."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from bento.errors import InvalidRequest
 from bento.imaging import DecodeLimits, content_hash, decode_image, draft_min_side, make_thumbnail
@@ -21,14 +23,18 @@ class PreparedImage:
     mime: str
     width: int
     height: int
-    pixels: np.ndarray  # (crop, crop, 3) uint8, the embedder's input
+    pixels: np.ndarray  # (crop, crop, 3) uint8, the main view: what a query is embedded from
     thumbnail: bytes | None
+    pixel_hash: str  # equal for the same picture in other bytes (other metadata, a lossless re-save)
+    # (vectors_per_image, crop, crop, 3): every view of the recipe, main first (images to store only)
+    views: np.ndarray | None = None
 
-    def record(self, vector: np.ndarray, label: str, source: str, created_at: int) -> VectorRecord:
-        """The row Milvus keeps for this image: its vector and everything shown with a hit."""
+    def record(self, vectors: np.ndarray, label: str, source: str, created_at: int) -> VectorRecord:
+        """The rows Milvus keeps for this image: its vectors (main view first) and everything shown with a hit."""
         return VectorRecord(
             id=self.id, label=label, mime=self.mime, width=self.width, height=self.height,
-            size_bytes=len(self.data), source=source, created_at=created_at, vector=vector.tolist(),
+            size_bytes=len(self.data), source=source, created_at=created_at, pixel_hash=self.pixel_hash,
+            vector=vectors[0].tolist(), views=[vector.tolist() for vector in vectors[1:]],
         )
 
     def store_blobs(self, store: ImageStore) -> None:
@@ -63,11 +69,16 @@ def prepare_image(
     preprocessing: Preprocessing,
     thumbnail_size: int | None,
     draft_scale: float = DRAFT_SCALE,
+    *,
+    all_views: bool = False,
 ) -> PreparedImage:
-    """Raise an InvalidImage/ImageTooLarge/UnsupportedImageFormat error for bad input."""
+    """Raise an InvalidImage/ImageTooLarge/UnsupportedImageFormat error for bad input. ``all_views`` for an
+    image to store (every view of the recipe); a query needs only the main view."""
     decoded = decode_image(data, limits, draft_min_side(preprocessing.resize, draft_scale))
-    pixels = preprocessing.to_pixels(decoded.image)
-    thumbnail = make_thumbnail(decoded.image, thumbnail_size) if thumbnail_size else None
+    image = decoded.image
+    views = preprocessing.view_pixels(image) if all_views else None
+    pixels = views[0] if views is not None else preprocessing.to_pixels(image)
+    thumbnail = make_thumbnail(image, thumbnail_size) if thumbnail_size else None
     return PreparedImage(
         id=content_hash(data),
         data=data,
@@ -76,4 +87,14 @@ def prepare_image(
         height=decoded.height,
         pixels=pixels,
         thumbnail=thumbnail,
+        pixel_hash=pixel_hash(image),
+        views=views,
     )
+
+
+def pixel_hash(image: Image.Image) -> str:
+    """A short digest of the decoded pixels (and size): the exact-duplicate key. Deterministic for the same
+    compressed picture, so a copy that differs only in its metadata hashes the same."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=12)
+    digest.update(f"{image.width}x{image.height}".encode())
+    return digest.hexdigest()

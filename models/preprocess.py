@@ -6,17 +6,18 @@ normalisation runs on the embedder's device, so only 224x224x3 bytes per image c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     import torch
 
-# Bump when the recipe below changes in a way that changes embeddings.
-RECIPE_VERSION = 1
+# Bump when the recipe below changes in a way that changes embeddings. 2: extra stored views per image.
+RECIPE_VERSION = 2
 
 
 # Resizing the short side of a 4000x3 strip to 256 would make a 341,333-pixel-long image (260 MB): the long
@@ -24,6 +25,9 @@ RECIPE_VERSION = 1
 # only the middle square, so nothing it uses is lost; shapes up to this ratio are pixel-identical to
 # torchvision (tested).
 MAX_ASPECT = 8
+
+
+NORMALISATION = ("resize", "crop", "mean", "std")
 
 
 def _clip_aspect(image: Image.Image) -> Image.Image:
@@ -38,29 +42,116 @@ def _clip_aspect(image: Image.Image) -> Image.Image:
     return image.crop((0, top, width, top + MAX_ASPECT * short))
 
 
+class View(BaseModel):
+    """An extra vector stored for every image, so that an edited copy meets its original in its own domain:
+    a part of the image (``box``) and/or a copy as small as a thumbnail (``shrink_to``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    box: tuple[float, float, float, float] | None = Field(None, description="(left, top, right, bottom) as fractions.")
+    shrink_to: int | None = Field(None, description="Shrink the image to fit a box of this side (a thumbnail).")
+    max_query_side: int | None = Field(
+        None, description="Searched only for queries whose longer side is at most this (None: every query)."
+    )
+    margin: float = Field(0.0, ge=0, description="Subtracted from a match's score through this view.")
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        if self.box is not None:
+            left, top, right, bottom = self.box
+            w, h = image.size
+            image = image.crop((round(left * w), round(top * h), max(round(right * w), 1), max(round(bottom * h), 1)))
+        if self.shrink_to is not None and max(image.size) > self.shrink_to:
+            image = image.copy()
+            # LANCZOS as the thumbnails people make (browsers, galleries, Pillow's own thumbnail()).
+            image.thumbnail((self.shrink_to, self.shrink_to), Image.Resampling.LANCZOS)
+        return image
+
+
+def _crops(fraction: float) -> tuple[View, ...]:
+    """Crops of ``fraction`` of each side at the four corners and the centre."""
+    far, mid = 1 - fraction, (1 - fraction) / 2
+    corners = {"tl": (0, 0), "tr": (far, 0), "bl": (0, far), "br": (far, far), "c": (mid, mid)}
+    percent = round(fraction * 100)
+    return tuple(
+        View(name=f"crop{percent}-{where}", box=(left, top, left + fraction, top + fraction))
+        for where, (left, top) in corners.items()
+    )
+
+
+# The sets of extra views RIS_MODEL_VIEWS chooses from (bench/robust_search.py measured each on photos with
+# their hard negatives; the README's "Finding the original" section has the table):
+# - low-res-64: a 64-pixel copy. A tiny thumbnail query found its original first 43 % of the time (the
+#   full-size original is too sharp to look like it); with this view 74 %. One more vector per image.
+# - crops-60: crops of 60 % of each side at the corners and the centre. A 60 % crop found its original (and
+#   not a stored quarter of the same photo) 45 % of the time; with these views 79 %. Five more vectors.
+VIEW_SETS: dict[str, tuple[View, ...]] = {
+    # Searched for small queries only: a large query never looks like a 64-pixel copy, and skipping the view
+    # keeps its search as cheap as with one vector per image (Milvus Lite scans every row it searches).
+    # The margin keeps small crops from meeting other photos' blurry copies first (40 % crops: 0.57 without
+    # it, 0.64 with it, as without the view); a true thumbnail matches its copy far above the margin.
+    "low-res-64": (View(name="low-res-64", shrink_to=64, max_query_side=192, margin=0.05),),
+    "crops-60": _crops(0.6),
+}
+LOW_RES = VIEW_SETS["low-res-64"][0]
+DEFAULT_VIEW_SETS = ("low-res-64",)
+
+
 class Preprocessing(BaseModel):
-    """The recipe; a typed value that crosses processes (model-store metadata, the embedder's description)."""
+    """The recipe; a typed value that crosses processes (model-store metadata, the embedder's description).
+
+    ``resize``/``crop``/``mean``/``std`` come from the backbone's weights; ``views`` are the product's: one
+    more vector per extra view for every stored image (RIS_MODEL_VIEWS). Queries are embedded once, from
+    the main view, and meet each image's best view."""
 
     model_config = ConfigDict(frozen=True)
 
     resize: int  # short side, before the centre crop
-    crop: int
+    crop: int  # the model's input side
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    views: tuple[View, ...] = (LOW_RES,)
+
+    @classmethod
+    def of_backbone(cls, normalisation: dict[str, object], view_sets: Sequence[str] = DEFAULT_VIEW_SETS) -> Preprocessing:
+        """The product's recipe around a backbone's normalisation (what the model store records)."""
+        views = tuple(view for name in view_sets for view in VIEW_SETS[name])
+        return cls.model_validate({**{key: normalisation[key] for key in NORMALISATION}, "views": views})
+
+    def normalisation(self) -> dict[str, object]:
+        return self.model_dump(include=set(NORMALISATION))
+
+    @property
+    def vectors_per_image(self) -> int:
+        return 1 + len(self.views)
 
     @property
     def version(self) -> str:
         """Recorded in the collection: embeddings made with another recipe must not mix."""
         mean = ",".join(f"{v:.4f}" for v in self.mean)
         std = ",".join(f"{v:.4f}" for v in self.std)
-        return f"v{RECIPE_VERSION}:bilinear-resize{self.resize}-crop{self.crop}-mean{mean}-std{std}"
+        views = "".join(f"+{view.name}" for view in self.views)
+        return f"v{RECIPE_VERSION}:bilinear-resize{self.resize}-crop{self.crop}-mean{mean}-std{std}{views}"
+
+    def views_for_query(self, width: int, height: int) -> list[int]:
+        """Which stored views (0 = main) a query of this size is compared with."""
+        side = max(width, height)
+        return [0] + [i + 1 for i, view in enumerate(self.views) if view.max_query_side is None or side <= view.max_query_side]
+
+    def view_margins(self) -> dict[int, float]:
+        return {i + 1: view.margin for i, view in enumerate(self.views) if view.margin}
+
+    def view_pixels(self, image: Image.Image) -> np.ndarray:
+        """(vectors_per_image, crop, crop, 3) uint8: the main view, then each extra view (stored images)."""
+        return np.stack([self.to_pixels(image), *(self.to_pixels(view.apply(image)) for view in self.views)])
 
     def to_pixels(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> (crop, crop, 3) uint8, exactly as torchvision's classification transforms.
 
         Plain Pillow, because that is what torchvision runs for PIL input (resize of the short side with
         PIL's bilinear filter, then a centre crop); a test pins the equality. Keeping torch out of this
-        module keeps it out of the API and vector-search processes, which start much faster."""
+        module keeps it out of the API and vector-search processes, which start much faster. (Embedding the
+        whole image instead of the centre crop was measured and did not pay: bench/robust_search.py.)"""
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
         image = _clip_aspect(image)

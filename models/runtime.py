@@ -240,7 +240,9 @@ class RuntimeCache:
     @staticmethod
     def key(model_id: str, preprocessing: Preprocessing, precision: str, calibration: np.ndarray | None) -> str:
         h = hashlib.sha256()
-        for part in (model_id, preprocessing.version, precision, json.dumps(library_versions(), sort_keys=True)):
+        # The normalisation is inside the converted model; the stored views are not (they change no runtime).
+        normalisation = json.dumps(preprocessing.normalisation(), sort_keys=True)
+        for part in (model_id, normalisation, precision, json.dumps(library_versions(), sort_keys=True)):
             h.update(part.encode() + b"\0")
         h.update(Path(__file__).read_bytes())
         if calibration is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from bento.schemas import ModelInfo
 from models.backbones import BACKBONES, WEIGHTS_PROBE_TIMEOUT_S, Backbone, Weights, WeightsUnavailable, get_backbone
 from models.embedding import ImageEmbedder
 from models.pipeline import prepare_image
-from models.preprocess import Preprocessing
+from models.preprocess import DEFAULT_VIEW_SETS, Preprocessing
 from models.runtime import (
     InferenceRuntime,
     OpenVINORuntime,
@@ -63,12 +64,31 @@ def _stored_versions(backbone: str) -> list[bentoml.Model]:
     return sorted(models, key=lambda m: m.info.creation_time, reverse=True)
 
 
-def _describe(model: bentoml.Model, reason: str | None = None) -> StoredModel:
+def _describe(model: bentoml.Model, reason: str | None = None, view_sets: Sequence[str] = DEFAULT_VIEW_SETS) -> StoredModel:
     meta = model.info.metadata
-    info = ModelInfo.model_validate({**meta["info"], "store_tag": str(model.tag)})
+    # The store records the weights' normalisation; the rest of the recipe (fit, views) is this code's, so a
+    # model stored by an older version is served with today's recipe and says so in its version string.
+    preprocessing = Preprocessing.of_backbone(meta["preprocessing"], view_sets)
+    info = ModelInfo.model_validate(
+        {
+            **meta["info"],
+            "store_tag": str(model.tag),
+            "preprocessing": preprocessing.version,
+            "vectors_per_image": preprocessing.vectors_per_image,
+            **_measured_thresholds(meta["info"]["backbone"], ",".join(view_sets)),
+        }
+    )
     if reason is not None:
         info.reason = reason
-    return StoredModel(info=info, preprocessing=Preprocessing.model_validate(meta["preprocessing"]), tag=str(model.tag))
+    return StoredModel(info=info, preprocessing=preprocessing, tag=str(model.tag))
+
+
+def _measured_thresholds(backbone_name: str, views: str) -> dict[str, float | None]:
+    """The verdict thresholds measured for this backbone and views (none where they were not measured)."""
+    measured = get_backbone(backbone_name).thresholds.get(views)
+    if measured is None:
+        return {"same_image_score": None, "near_duplicate_score": None}
+    return {"same_image_score": measured[0], "near_duplicate_score": measured[1]}
 
 
 def _stored_match(backbone: Backbone, request: str, pretrained_only: bool) -> bentoml.Model | None:
@@ -141,14 +161,16 @@ def import_model(settings: Settings) -> StoredModel:
         model_id=model_id,
         dim=backbone.dim,
         preprocessing=weights.preprocessing.version,
+        vectors_per_image=weights.preprocessing.vectors_per_image,
         weights=weights.description,
         pretrained=weights.pretrained,
         reason=reason,
     )
     metadata = {
-        "info": info.model_dump(exclude={"store_tag"}),
+        # What the code decides at load time (recipe views, thresholds) is not frozen into the store.
+        "info": info.model_dump(exclude={"store_tag", "vectors_per_image", "same_image_score", "near_duplicate_score"}),
         "weights_request": backbone.weights_request(settings.model),
-        "preprocessing": weights.preprocessing.model_dump(),
+        "preprocessing": weights.preprocessing.normalisation(),
     }
     with bentoml.models.create(_store_name(backbone_name), metadata=metadata, labels={"backbone": backbone_name}) as ref:
         torch.save(weights.state_dict, ref.path_of(WEIGHTS_FILE))
@@ -158,6 +180,13 @@ def import_model(settings: Settings) -> StoredModel:
 
 
 def resolve_model(settings: Settings, import_if_missing: bool = True) -> StoredModel:
+    """The model to serve, with the recipe the settings ask for (RIS_MODEL_VIEWS)."""
+    stored = _resolve_stored(settings, import_if_missing)
+    model = bentoml.models.get(stored.tag)
+    return _describe(model, stored.info.reason, settings.model.view_sets)
+
+
+def _resolve_stored(settings: Settings, import_if_missing: bool) -> StoredModel:
     stored = _find_stored(settings.model)
     if stored is not None:
         return stored

@@ -163,7 +163,7 @@ class Backend:
         client = MilvusClient(uri=settings.milvus.uri)
         try:
             client.load_collection(settings.milvus.collection)
-            rows = client.query(settings.milvus.collection, filter='id != ""', output_fields=["id"], limit=16384, consistency_level="Strong")
+            rows = client.query(settings.milvus.collection, filter="view == 0", output_fields=["id"], limit=16384, consistency_level="Strong")
             return {row["id"] for row in rows}
         finally:
             client.close()

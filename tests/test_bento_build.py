@@ -151,7 +151,11 @@ def test_cpu_bentofile_is_the_default_one_plus_the_cpu_index():
 
 
 # Settings whose strings have a checked format.
-FORMATTED_SAMPLES = {"RIS_S3_PUBLIC_ENDPOINT": "https://images.example.com", "RIS_MODEL_NAME": "efficientnet-lite0"}
+FORMATTED_SAMPLES = {
+    "RIS_S3_PUBLIC_ENDPOINT": "https://images.example.com",
+    "RIS_MODEL_NAME": "efficientnet-lite0",
+    "RIS_MODEL_VIEWS": "low-res-64,crops-60",
+}
 
 
 def _sample(name: str, annotation: object, default: object, tmp_path: Path) -> tuple[str, object]:
@@ -166,7 +170,9 @@ def _sample(name: str, annotation: object, default: object, tmp_path: Path) -> t
         return str(not default).lower(), not default
     if annotation is int:
         return str(default + 1), default + 1  # type: ignore[operator]
-    if annotation is float:
+    if annotation is float or (float in args and type(None) in args):
+        if default is None:
+            return "0.5", 0.5
         return str(default * 2), default * 2  # type: ignore[operator]
     if annotation is str:
         return f"env_{name}", f"env_{name}"

@@ -53,7 +53,7 @@ def test_a_lost_original_is_repaired_without_embedding_again(catalog, photo_set)
     catalog.store.delete(added.id)
     assert catalog.complete_ids([added.id]) == set(), "a row without its original is not complete"
     embedded = catalog.embedding.embedded
-    repaired = catalog.add_many([NewImage(catalog.prepare(data, thumbnail=True), "rocket", "rocket.jpg")])[0]
+    repaired = catalog.add_many([NewImage(catalog.prepare(data, to_store=True), "rocket", "rocket.jpg")])[0]
     assert not repaired.created and catalog.embedding.embedded == embedded
     assert catalog.blob(added.id, "original") == (data, "image/jpeg")
     assert catalog.complete_ids([added.id]) == {added.id}

@@ -128,3 +128,11 @@ def test_settings_from_a_given_environment_ignore_this_process(monkeypatch):
     assert settings.model.name == "resnet50" and settings.milvus.uri == "/srv/ris/milvus.db"
     with pytest.raises(ValueError, match="RIS_COLLECTION \\(now RIS_MILVUS_COLLECTION\\)"):
         settings_from({"RIS_COLLECTION": "photos"})
+
+
+def test_views_are_checked_and_spelled_one_way():
+    assert Settings(model={"views": " crops-60 , low-res-64"}).model.views == "low-res-64,crops-60"
+    assert Settings(model={"views": ""}).model.view_sets == ()
+    for bad in ("thumbnails", "low-res-64,low-res-64"):
+        with pytest.raises(ValueError, match="at most once"):
+            Settings(model={"views": bad})

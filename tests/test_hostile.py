@@ -285,6 +285,10 @@ def test_oversized_bodies_are_refused_while_they_stream(client, live_service):
         (lambda c, s, h: c.post("/api/images", files={"file": ("a.png", encode(_photo(77), "PNG"))}, data={"label": "bell\x07"}), 400, "invalid_request"),
         (lambda c, s, h: c.post("/api/images", files={"file": ("a.png", encode(_photo(77), "PNG"))}, data={"label": "x" * 257}), 422, "validation_error"),
         (lambda c, s, h: c.put("/api/images"), 405, "method_not_allowed"),
+        (lambda c, s, h: c.post("/api/search/id", json={"id": "f" * 64, "min_score": 2}), 422, "validation_error"),
+        (lambda c, s, h: c.get("/api/duplicates", params={"limit": 0}), 422, "validation_error"),
+        (lambda c, s, h: c.get("/api/duplicates", params={"limit": 100_000}), 422, "validation_error"),
+        (lambda c, s, h: c.get("/api/duplicates", params={"offset": -5}), 422, "validation_error"),
         (lambda c, s, h: c.get("/api/nothing-here"), 404, "not_found"),
     ],
 )
@@ -381,6 +385,9 @@ def test_keys_and_scopes(keyed_service, keys, photo_set):
         assert http.get(f"/api/images/{image_id}").status_code == 200
         assert http.delete(f"/api/images/{image_id}", headers=_auth(keys.search)).status_code == 403
         assert http.post("/api/index", json={"index_type": "FLAT"}, headers=_auth(keys.write)).status_code == 403
+        assert http.get("/api/duplicates").status_code == 401
+        assert http.get("/api/duplicates", headers=_auth(keys.search)).status_code == 403
+        assert http.get("/api/duplicates", headers=_auth(keys.write)).status_code in (200, 202)
         assert http.post("/api/index", json={"index_type": "HNSW"}, headers=_auth(keys.admin)).status_code == 200
         pixels = io.BytesIO()
         np.save(pixels, np.zeros((1, 224, 224, 3), dtype=np.uint8))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import time
 
 import httpx
 import pytest
@@ -244,3 +245,39 @@ def test_concurrent_searches_all_succeed_and_are_batched(live_service, photo_set
     images, batches = after[0] - before[0], after[1] - before[1]
     assert images >= 160 and batches > 0
     assert images / batches > 1.5, f"adaptive batching formed no batches: {images} images in {batches} calls"
+
+
+def test_min_score_verdicts_and_a_thumbnail_query(client, photo_set):
+    status = client.get("/api/status").json()
+    thresholds = status["thresholds"]
+    assert thresholds["same_image"] is not None and thresholds["near_duplicate"] < thresholds["same_image"]
+    assert status["model"]["vectors_per_image"] == 2 and "low-res-64" in status["model"]["preprocessing"]
+    original = photo_set["originals"]["chelsea"]
+    hits = _search(client, original, top_k=8).json()["hits"]
+    assert hits[0]["id"] == content_hash(original) and hits[0]["verdict"] == "same-image"
+    assert {h["verdict"] for h in hits[1:]} <= {"near-duplicate", "similar"}
+    cut = hits[3]["score"]
+    kept = _search(client, original, top_k=8, min_score=cut).json()
+    assert kept["min_score"] == cut and [h["id"] for h in kept["hits"]] == [h["id"] for h in hits[:4]]
+    assert _search(client, original, min_score=1.5).status_code in (400, 422)
+    # A 64-pixel thumbnail also meets the stored 64-pixel copies (the low-res view) and finds its original.
+    small = Image.open(io.BytesIO(original)).convert("RGB")
+    small.thumbnail((64, 64))
+    top = _search(client, encode(small), top_k=3).json()["hits"][0]
+    assert top["id"] == content_hash(original)
+
+
+def test_duplicate_report_is_computed_in_the_background_and_paged(client, photo_set):
+    first = client.get("/api/duplicates", params={"refresh": "true"})
+    assert first.status_code == 202 and first.json()["state"] == "running"
+    for _ in range(300):
+        page = client.get("/api/duplicates", params={"limit": 2})
+        if page.status_code == 200:
+            break
+        time.sleep(0.1)
+    body = page.json()
+    assert body["state"] == "ready" and body["report"]["images"] == client.get("/api/status").json()["count"]
+    assert body["report"]["near_duplicate_threshold"] == client.get("/api/status").json()["thresholds"]["near_duplicate"]
+    assert len(body["groups"]) <= 2 and body["total_groups"] >= len(body["groups"])
+    for group in body["groups"]:
+        assert len(group["members"]) >= 2 and group["members"][0]["score"] == pytest.approx(1.0, abs=1e-4)

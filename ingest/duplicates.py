@@ -1,0 +1,61 @@
+"""`python -m ingest.duplicates`: a report of the duplicate images in the collection.
+
+Exact duplicates (the same pixels in different files) and near duplicates (edited copies scoring at least
+the near-duplicate threshold: the model's measured one, RIS_VERDICT_NEAR_DUPLICATE, or --threshold),
+grouped, larger groups first. Reads the collection only; it changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bento.config import get_settings
+from bento.errors import SearchError
+from bento.vectors import VectorIndex
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ingest.duplicates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threshold", type=float, help="near-duplicate score threshold (default: the model's measured one)")
+    parser.add_argument("--groups", type=int, default=50, help="groups to list (default 50; --json lists all)")
+    parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+        from models.store import resolve_model
+
+        model = resolve_model(settings).info
+        threshold = args.threshold if args.threshold is not None else settings.verdict.near_duplicate
+        threshold = threshold if threshold is not None else model.near_duplicate_score
+        if threshold is None:
+            print("duplicates: no near-duplicate threshold is known for this model; pass --threshold", file=sys.stderr)  # noqa: T201
+            return 2
+        index = VectorIndex(settings, model)
+        try:
+            report = index.find_duplicates(threshold)
+        finally:
+            index.close()
+    except ValueError as exc:
+        print(f"duplicates: the settings are invalid: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except SearchError as exc:
+        print(f"duplicates failed: {exc.message}", file=sys.stderr)  # noqa: T201
+        return 1
+    if args.json:
+        print(report.model_dump_json(indent=2))  # noqa: T201
+        return 0
+    print(  # noqa: T201
+        f"{report.images} images: {report.exact_groups} groups of exact duplicates, {report.near_groups} groups of near "
+        f"duplicates (score >= {threshold:.3f}), found in {report.seconds:.1f} s."
+    )
+    for group in report.groups[: args.groups]:
+        members = ", ".join(f"{m.id[:12]} ({m.score:.3f})" for m in group.members)
+        print(f"- {group.kind}: {members}")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""`python -m ingest.reembed`: re-embed the collection from its stored originals with the serving model and
+recipe, in place (the collection keeps its name), resumably.
+
+A collection made by another model or preprocessing recipe is refused by every entry point (the vectors
+would not be comparable). This job rebuilds it: every image of collection C is read back from the image
+store, embedded again (all views of today's recipe) and written, with its label, source and date, into
+``C__reembed``; then C is dropped and ``C__reembed`` takes its name. Interrupted at any point, the same
+command continues: images already in ``C__reembed`` are skipped, and a crash between the drop and the
+rename is finished by the next run. Stop the service first when it uses a Milvus Lite file (one process
+per file); on a Milvus server, restart it after the swap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from bento.catalog import Catalog, Embedding, NewImage
+from bento.config import Settings, get_settings
+from bento.errors import SearchError
+from bento.retry import RetryPolicy
+from bento.schemas import ImageMetadata
+from bento.vectors import VectorIndex
+
+logger = logging.getLogger(__name__)
+SUFFIX = "__reembed"
+
+
+@dataclass
+class ReembedReport:
+    collection: str
+    total: int = 0
+    embedded: int = 0
+    already_done: int = 0
+    missing_originals: list[str] = field(default_factory=list)
+    swapped: bool = False
+
+    def summary(self) -> str:
+        lines = [
+            f"Re-embedded {self.embedded} images of {self.total} in '{self.collection}' ({self.already_done} were done before)."
+        ]
+        if self.missing_originals:
+            lines.append(
+                f"{len(self.missing_originals)} images have no stored original and cannot be re-embedded, e.g. "
+                f"{', '.join(self.missing_originals[:3])}; the old collection is kept. Rerun with --drop-missing to "
+                "leave them out."
+            )
+        lines.append("The collection now holds the new embeddings." if self.swapped else "Not swapped yet: rerun to finish.")
+        return "\n".join(lines)
+
+
+def _batches(items: Iterator[ImageMetadata], size: int) -> Iterator[list[ImageMetadata]]:
+    batch: list[ImageMetadata] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def reembed(settings: Settings, embedding: Embedding, retry: RetryPolicy, batch_size: int = 32, drop_missing: bool = False) -> ReembedReport:
+    name = settings.milvus.collection
+    target_settings = settings.but(milvus={"collection": name + SUFFIX})
+    catalog = Catalog.in_process(target_settings, embedding, retry)
+    target = catalog.vectors
+    if not isinstance(target, VectorIndex):  # in_process always opens a VectorIndex
+        raise TypeError("reembed needs an in-process vector index")
+    report = ReembedReport(collection=name)
+    try:
+        source = retry.call(target.properties_of, name)
+        if source is None:
+            if retry.call(target.properties_of, name + SUFFIX) is None:
+                raise SearchError(f"There is no collection '{name}' to re-embed.")
+            logger.info("Finishing an interrupted swap: '%s%s' takes the name '%s'", name, SUFFIX, name)
+            retry.call(target.take_name_of, name)
+            report.swapped = True
+            return report
+        wanted = target.model_properties()
+        if all(source.get(key) == value for key, value in wanted.items()):
+            logger.info("'%s' already holds embeddings of %s with this recipe: nothing to do", name, embedding.describe().info.model_id)
+            report.swapped = True
+            return report
+        target.ensure_ready()  # creates C__reembed with today's model and recipe (or checks it)
+        for batch in _batches(target.images_of(name), batch_size):
+            report.total += len(batch)
+            done = retry.call(target.existing_ids, [image.id for image in batch])
+            report.already_done += len(done)
+            images = []
+            for image in batch:
+                if image.id in done:
+                    continue
+                if not retry.call(catalog.store.exists, image.id, "original"):
+                    report.missing_originals.append(image.id)
+                    continue
+                prepared = catalog.prepare(retry.call(catalog.store.get, image.id, "original"), to_store=True)
+                images.append(NewImage(prepared, image.label, image.source, image.created_at))
+            catalog.add_many(images, write_blobs=False)
+            report.embedded += len(images)
+            logger.info("Re-embedded %d of the %d images read so far", report.embedded + report.already_done, report.total)
+        if report.missing_originals and not drop_missing:
+            return report
+        target.flush()
+        retry.call(target.take_name_of, name)
+        report.swapped = True
+        return report
+    finally:
+        catalog.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ingest.reembed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=32, help="images embedded together (default 32)")
+    parser.add_argument("--retry-seconds", type=float, default=60.0, help="ride out an unavailable Milvus or store this long")
+    parser.add_argument("--drop-missing", action="store_true", help="swap even if some images have no stored original (they are left out)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+        from models.store import load_embedder
+
+        report = reembed(settings, load_embedder(settings), RetryPolicy(deadline_s=max(0.0, args.retry_seconds)), max(1, args.batch_size), args.drop_missing)
+    except ValueError as exc:  # invalid settings
+        print(f"reembed: the settings are invalid: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except SearchError as exc:
+        print(f"reembed failed: {exc.message}\nNothing is lost; rerun the same command to continue.", file=sys.stderr)  # noqa: T201
+        return 1
+    print(report.summary())  # noqa: T201
+    return 0 if report.swapped else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

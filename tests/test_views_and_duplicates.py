@@ -1,0 +1,186 @@
+"""Several vectors per image (views), grouped by image in search; min_score; the duplicate finder."""
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bento.config import Settings
+from bento.duplicates import DuplicateQuery, ImageVector, find_duplicates
+from bento.schemas import Thresholds, VectorQuery, VectorRecord
+from bento.vectors import VectorIndex
+from models.pipeline import pixel_hash
+from models.preprocess import LOW_RES, Preprocessing
+from tests.conftest import TOY_DIM as DIM
+from tests.conftest import toy_model
+
+VIEWS = 3
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _image(i: int, vectors: np.ndarray, label: str = "", pixel: str = "") -> VectorRecord:
+    return VectorRecord(
+        id=f"{i:064x}", label=label, mime="image/jpeg", width=10, height=10, size_bytes=100, source=f"f{i}.jpg",
+        created_at=0, pixel_hash=pixel or f"p{i}", vector=vectors[0].tolist(), views=[v.tolist() for v in vectors[1:]],
+    )
+
+
+@pytest.fixture
+def index(tmp_path):
+    vectors = VectorIndex(Settings(data_dir=tmp_path), toy_model(vectors_per_image=VIEWS))
+    yield vectors
+    vectors.close()
+
+
+def test_each_image_appears_once_with_its_best_view(index):
+    rng = np.random.default_rng(0)
+    query = _unit(rng.normal(size=DIM))
+    # Every view of every image is close to the query, so a search without grouping would return the
+    # same image up to three times; view k of image i is the closest for i % 3 == k.
+    records = []
+    for i in range(12):
+        views = _unit(query + rng.normal(scale=0.6, size=(VIEWS, DIM)))
+        views[i % VIEWS] = _unit(query + rng.normal(scale=0.05 + 0.01 * i, size=DIM))
+        records.append(_image(i, views))
+    assert index.upsert(records) == 12
+    assert index.count() == 12  # images, not rows
+    hits = index.search(VectorQuery(vector=query.tolist(), top_k=12))
+    ids = [hit.image.id for hit in hits]
+    assert len(ids) == len(set(ids)) == 12
+    for hit in hits:
+        record = next(r for r in records if r.id == hit.image.id)
+        best = max(float(np.dot(query, v)) for v in [record.vector, *record.views])
+        assert hit.score == pytest.approx(best, abs=1e-4)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # Paging over grouped hits: page two is exactly the continuation of page one.
+    page = index.search(VectorQuery(vector=query.tolist(), top_k=4, offset=4))
+    assert [h.image.id for h in page] == ids[4:8]
+    # Deleting an image removes all its views; the main view is what get_vector returns.
+    assert index.get_vector(records[3].id) == pytest.approx(records[3].vector, abs=1e-6)
+    assert index.delete([records[3].id]) == 1
+    assert records[3].id not in {h.image.id for h in index.search(VectorQuery(vector=query.tolist(), top_k=12))}
+    assert index.count() == 11
+
+
+def test_min_score_drops_weaker_hits(index):
+    rng = np.random.default_rng(1)
+    query = _unit(rng.normal(size=DIM))
+    records = [_image(i, _unit(query + rng.normal(scale=0.2 * (i + 1), size=(VIEWS, DIM)))) for i in range(10)]
+    index.upsert(records)
+    everything = index.search(VectorQuery(vector=query.tolist(), top_k=10))
+    cut = everything[4].score
+    kept = index.search(VectorQuery(vector=query.tolist(), top_k=10, min_score=cut))
+    assert [h.image.id for h in kept] == [h.image.id for h in everything[:5]]
+    assert all(h.score >= cut for h in kept)
+
+
+def test_an_image_needs_all_its_views(index):
+    from bento.errors import InvalidRequest
+
+    one_view = _image(1, _unit(np.ones((1, DIM))))
+    with pytest.raises(InvalidRequest, match="needs 3 vectors"):
+        index.upsert([one_view])
+
+
+def test_verdicts_follow_the_thresholds():
+    thresholds = Thresholds(same_image=0.9, near_duplicate=0.7)
+    assert [thresholds.verdict(s) for s in (0.95, 0.9, 0.8, 0.69)] == ["same-image", "same-image", "near-duplicate", "similar"]
+    assert Thresholds(same_image=None, near_duplicate=None).verdict(1.0) is None
+
+
+def test_the_low_res_view_is_a_small_copy():
+    recipe = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    image = Image.effect_noise((640, 480), 60).convert("RGB")
+    views = recipe.view_pixels(image)
+    assert views.shape == (recipe.vectors_per_image, 224, 224, 3) and recipe.views == (LOW_RES,)
+    assert np.array_equal(views[0], recipe.to_pixels(image))
+    # The low-res copy has lost the fine grain: far less high-frequency energy than the main view.
+    def grain(pixels: np.ndarray) -> float:
+        return float(np.abs(np.diff(pixels.astype(np.float32), axis=1)).mean())
+    assert grain(views[1]) < 0.5 * grain(views[0])
+    assert "low-res-64" in recipe.version
+
+
+def _jpeg(image: Image.Image, **params) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90, **params)
+    return out.getvalue()
+
+
+def test_duplicate_groups_are_exact_on_a_constructed_collection():
+    rng = np.random.default_rng(2)
+    base = _unit(rng.normal(size=(6, DIM)))
+    images = [
+        # a, b: the same pixels (b is a copy with other metadata); c: an edited copy of a; d, e, f unrelated;
+        # e and f are near each other: a second near group.
+        ImageVector(id="a", pixel_hash="h1", vector=base[0]),
+        ImageVector(id="b", pixel_hash="h1", vector=base[0]),
+        ImageVector(id="c", pixel_hash="h2", vector=_unit(base[0] + 0.15 * base[1])),
+        ImageVector(id="d", pixel_hash="h3", vector=base[2]),
+        ImageVector(id="e", pixel_hash="h4", vector=base[3]),
+        ImageVector(id="f", pixel_hash="h5", vector=_unit(base[3] + 0.1 * base[4])),
+    ]
+    report = find_duplicates(images, near_threshold=0.95)
+    groups = {(g.kind, tuple(sorted(m.id for m in g.members))) for g in report.groups}
+    assert groups == {("exact", ("a", "b")), ("near", ("a", "b", "c")), ("near", ("e", "f"))}
+    assert (report.exact_groups, report.near_groups, report.images) == (1, 2, 6)
+    near = next(g for g in report.groups if g.kind == "near" and len(g.members) == 3)
+    assert near.members[0].score == pytest.approx(1.0) and all(m.score >= 0.95 for m in near.members)
+    # A high threshold leaves only the exact group.
+    strict = find_duplicates(images, near_threshold=0.9999)
+    assert [(g.kind, len(g.members)) for g in strict.groups] == [("exact", 2)]
+
+
+def test_the_pixel_hash_ignores_metadata_but_not_pixels():
+    image = Image.effect_noise((120, 80), 40).convert("RGB")
+    plain = _jpeg(image)
+    exif = Image.Exif()
+    exif[0x010E] = "a description"  # ImageDescription
+    tagged = _jpeg(image, exif=exif.tobytes())
+    assert plain != tagged
+    decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in (plain, tagged)]
+    assert pixel_hash(decoded[0]) == pixel_hash(decoded[1])
+    assert pixel_hash(decoded[0]) != pixel_hash(decoded[0].rotate(1))
+
+
+def test_the_service_scan_runs_in_the_background_and_pages(index):
+    rng = np.random.default_rng(3)
+    base = _unit(rng.normal(size=(5, DIM)))
+    records = [_image(i, np.repeat(base[i % 5][None], VIEWS, axis=0), pixel="same" if i in (0, 5) else "") for i in range(10)]
+    index.upsert(records)
+    first = index.duplicates(DuplicateQuery(near_threshold=0.99))
+    assert first.state == "running"
+    deadline = time.monotonic() + 30
+    while (page := index.duplicates(DuplicateQuery(near_threshold=0.99, limit=2))).state == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Five pairs of identical vectors (i, i + 5); pair (0, 5) also has the same pixels: it is one exact
+    # group (not repeated as a near one), and the four others are near groups.
+    assert page.total_groups == 5 and len(page.groups) == 2 and page.groups[0].kind == "exact"
+    rest = index.duplicates(DuplicateQuery(near_threshold=0.99, offset=2, limit=10))
+    assert rest.state == "ready" and len(rest.groups) == 3 and all(g.kind == "near" for g in rest.groups)
+    assert index.duplicates(DuplicateQuery(near_threshold=0.99, refresh=True)).state == "running"
+
+
+def test_queries_meet_only_the_views_meant_for_their_size(index):
+    rng = np.random.default_rng(4)
+    query = _unit(rng.normal(size=DIM))
+    far = _unit(rng.normal(size=(VIEWS, DIM)))
+    only_view_two = far.copy()
+    only_view_two[2] = query  # the image matches the query through its view 2 only
+    index.upsert([_image(1, only_view_two), _image(2, far)])
+    every_view = index.search(VectorQuery(vector=query.tolist(), top_k=2))
+    assert every_view[0].image.id == f"{1:064x}" and every_view[0].score == pytest.approx(1.0, abs=1e-4)
+    main_only = index.search(VectorQuery(vector=query.tolist(), top_k=2, views=[0]))
+    assert all(hit.score < 0.9 for hit in main_only)
+    # A margin makes a match through that view count for less (the hit's score says so too).
+    discounted = index.search(VectorQuery(vector=query.tolist(), top_k=2, margins={2: 0.1}))
+    assert discounted[0].image.id == f"{1:064x}" and discounted[0].score == pytest.approx(0.9, abs=1e-4)
+    recipe = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert recipe.views_for_query(64, 48) == [0, 1]  # a thumbnail also meets the low-res copies
+    assert recipe.views_for_query(1024, 768) == [0]
