@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(  # noqa: T201
         f"{report.images} images: {report.exact_groups} groups of exact duplicates, {report.near_groups} groups of near "
-        f"duplicates (score >= {threshold:.3f}), found in {report.seconds:.1f} s."
+        f"duplicates (score >= {threshold:.3f}); {report.read_seconds:.1f} s reading, {report.seconds:.1f} s comparing."
     )
     for group in report.groups[: args.groups]:
         members = ", ".join(f"{m.id[:12]} ({m.score:.3f})" for m in group.members)
