@@ -50,7 +50,7 @@ from bento.schemas import (
 )
 from bento.storage import ImageStore, Kind, validate_image_id
 from bento.vectors import MAX_WINDOW
-from models.pipeline import PreparedImage, check_pixels, prepare_image
+from models.pipeline import MAX_PIXELS_BATCH, PreparedImage, check_pixels, prepare_image
 
 
 class Embedding(Protocol):
@@ -190,7 +190,12 @@ class Catalog:
         )
 
     def _embed(self, pixels: np.ndarray) -> np.ndarray:
-        return self.retry.call(self.embedding.embed, pixels)
+        """In calls of at most MAX_PIXELS_BATCH images (a batch of images times their views may be more)."""
+        if len(pixels) <= MAX_PIXELS_BATCH:
+            return self.retry.call(self.embedding.embed, pixels)
+        return np.concatenate(
+            [self.retry.call(self.embedding.embed, pixels[i : i + MAX_PIXELS_BATCH]) for i in range(0, len(pixels), MAX_PIXELS_BATCH)]
+        )
 
     def thresholds(self) -> Thresholds:
         """The verdict thresholds: the settings' where given, else those measured for the model."""

@@ -90,3 +90,22 @@ def test_embed_pixels_checks_the_models_recipe(catalog):
         catalog.embed_pixels(np.zeros((1, 100, 100, 3), dtype=np.uint8))
     with pytest.raises(InvalidRequest):
         catalog.embed_pixels(np.zeros((1, 224, 224, 3), dtype=np.float32))
+
+
+def test_embedding_calls_stay_within_the_batch_limit(tmp_path, monkeypatch):
+    """A batch of images times their views can exceed what one embedding call takes: it is split."""
+    import bento.catalog as catalog_module
+    from bento.catalog import Catalog
+
+    calls = []
+
+    class Counting:
+        def embed(self, pixels):
+            calls.append(len(pixels))
+            return np.ones((len(pixels), 4), dtype=np.float32)
+
+    monkeypatch.setattr(catalog_module, "MAX_PIXELS_BATCH", 5)
+    catalog = Catalog.__new__(Catalog)
+    catalog.embedding, catalog.retry = Counting(), catalog_module.FAIL_FAST
+    out = catalog._embed(np.zeros((12, 2, 2, 3), dtype=np.uint8))
+    assert out.shape == (12, 4) and calls == [5, 5, 2]
