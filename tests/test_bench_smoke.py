@@ -65,3 +65,24 @@ def test_load_check_quick_runs(tmp_path: Path) -> None:
         assert int(row[3]) > 0  # requests
     assert out.rstrip().endswith("PASS")
     assert json.loads((tmp_path / "out.json").read_text())["pass"] is True
+
+
+@pytest.mark.slow
+def test_robust_search_bench_quick_runs(tmp_path: Path) -> None:
+    """bench/robust_search.py --quick (recipes and the duplicate finder; no timings asserted): each recipe's
+    row, with the views it stores, and the planted near duplicates found."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIS_")}
+    result = subprocess.run(
+        [PYTHON, "bench/robust_search.py", "--quick", "--sections", "1,4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-3000:]}"
+    rows = table_rows(result.stdout.partition("## 1. Recipes")[2])
+    assert [(row[0], row[1], row[2]) for row in rows[:8]] == [
+        (views, siblings, vectors)
+        for views, vectors in (("(none: before)", "1"), ("low-res-64", "2"), ("crops-60", "6"), ("low-res-64,crops-60", "7"))
+        for siblings in ("no", "yes")
+    ]
+    assert all(0 <= float(row[3]) <= 1 for row in rows[:8])
+    found = result.stdout.partition("## 4. Duplicate finder")[2]
+    assert "40 near groups found of 40 planted" in found, found
