@@ -199,13 +199,7 @@ class Catalog:
 
     def thresholds(self) -> Thresholds:
         """The verdict thresholds: the settings' where given, else those measured for the model."""
-        info = self.model()
-        return Thresholds(
-            same_image=self.verdict_settings.same_image if self.verdict_settings.same_image is not None else info.same_image_score,
-            near_duplicate=self.verdict_settings.near_duplicate
-            if self.verdict_settings.near_duplicate is not None
-            else info.near_duplicate_score,
-        )
+        return Thresholds.of(self.verdict_settings.same_image, self.verdict_settings.near_duplicate, self.model())
 
     def embed_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ModelInfo]:
         """Embed pixels prepared elsewhere (``ingest --service-url``), checked against the model's recipe."""
@@ -321,11 +315,10 @@ class Catalog:
         started = time.perf_counter()
         timings = timings or Timings()
         top_k, label = self._checked(options)
-        if views is None:
-            views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(1 << 30, 1 << 30)
+        recipe = self.retry.call(self.embedding.describe).preprocessing
         query = VectorQuery(
-            vector=vector, top_k=top_k, offset=options.offset, label=label, min_score=options.min_score, views=views,
-            margins=self.retry.call(self.embedding.describe).preprocessing.view_margins(),
+            vector=vector, top_k=top_k, offset=options.offset, label=label, min_score=options.min_score,
+            views=recipe.views_for_query(1 << 30, 1 << 30) if views is None else views, margins=recipe.view_margins(),
         )
         thresholds = self.thresholds()
         hits = [hit.model_copy(update={"verdict": thresholds.verdict(hit.score)}) for hit in self.retry.call(self.vectors.search, query)]

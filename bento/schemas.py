@@ -120,6 +120,14 @@ class Thresholds(BaseModel):
     same_image: float | None
     near_duplicate: float | None
 
+    @classmethod
+    def of(cls, same_image: float | None, near_duplicate: float | None, model: ModelInfo) -> Thresholds:
+        """The given thresholds where set (RIS_VERDICT_*), else those measured for the model."""
+        return cls(
+            same_image=same_image if same_image is not None else model.same_image_score,
+            near_duplicate=near_duplicate if near_duplicate is not None else model.near_duplicate_score,
+        )
+
     def verdict(self, score: float) -> Verdict | None:
         if self.same_image is None or self.near_duplicate is None:
             return None

@@ -13,6 +13,7 @@ import sys
 
 from bento.config import get_settings
 from bento.errors import SearchError
+from bento.schemas import Thresholds
 from bento.vectors import VectorIndex
 
 
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         from models.store import resolve_model
 
         model = resolve_model(settings).info
-        threshold = args.threshold if args.threshold is not None else settings.verdict.near_duplicate
-        threshold = threshold if threshold is not None else model.near_duplicate_score
+        near = args.threshold if args.threshold is not None else settings.verdict.near_duplicate
+        threshold = Thresholds.of(settings.verdict.same_image, near, model).near_duplicate
         if threshold is None:
             print("duplicates: no near-duplicate threshold is known for this model; pass --threshold", file=sys.stderr)  # noqa: T201
             return 2
