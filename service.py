@@ -66,12 +66,15 @@ from bento.errors import (
 )
 from bento.fetch import UrlFetcher
 from bento.imaging import check_size
+from bento.listing import BrowsePage, BrowseQuery, LabelList
 from bento.retry import FAIL_FAST
 from bento.schemas import (
     MAX_LABEL_LENGTH,
     DeleteResponse,
     ErrorResponse,
+    GalleryPage,
     Health,
+    ImageCard,
     ImageMetadata,
     IndexInfo,
     IndexSpec,
@@ -231,6 +234,14 @@ class VectorSearch:
         return self._reply(lambda index: index.duplicates(query))
 
     @bentoml.api
+    def browse(self, query: BrowseQuery) -> Reply:
+        return self._reply(lambda index: index.browse(query))
+
+    @bentoml.api
+    def labels(self) -> Reply:
+        return self._reply(lambda index: index.labels())
+
+    @bentoml.api
     def health(self) -> Health:
         """Never raises: what /api/status and readiness show when the vector store is down."""
         try:
@@ -330,6 +341,12 @@ class RemoteVectors:
     def duplicates(self, query: DuplicateQuery) -> DuplicatePage:
         return self._call(DuplicatePage, lambda client: client.duplicates(query=query))
 
+    def browse(self, query: BrowseQuery) -> BrowsePage:
+        return self._call(BrowsePage, lambda client: client.browse(query=query))
+
+    def labels(self) -> LabelList:
+        return self._call(LabelList, lambda client: client.labels())
+
     def flush(self) -> None:
         """Milvus seals segments by itself; the service has no bulk writes to seal."""
 
@@ -365,7 +382,16 @@ def http_status(error: SearchError) -> int:
     return next(HTTP_STATUS[cls] for cls in type(error).__mro__ if cls in HTTP_STATUS)
 
 
-def error_response(error: SearchError) -> JSONResponse:
+# What a caller without the admin scope reads of a server-side failure (the full message is logged).
+PUBLIC_DETAIL: dict[int, str] = {
+    500: "The service failed to answer this request; its operators can read why in its logs.",
+    503: "A backend of the service (the model, the vector database or the image store) is unavailable; try again shortly.",
+}
+
+
+def error_response(error: SearchError, reveal: bool = True) -> JSONResponse:
+    """The JSON answer for a domain error. ``reveal``: whether the caller may read a server-side failure's
+    own message (operators may; to others it would name hosts, paths and causes)."""
     status = http_status(error)
     headers: dict[str, str] = {}
     if isinstance(error, RateLimited):
@@ -374,7 +400,8 @@ def error_response(error: SearchError) -> JSONResponse:
         headers["Retry-After"] = str(RETRY_AFTER_S)
     elif status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="reverse-image-search"'
-    return JSONResponse(ErrorResponse(error=error.code, detail=error.message).model_dump(), status_code=status, headers=headers)
+    detail = error.message if reveal or error.public or status < 500 else PUBLIC_DETAIL.get(status, PUBLIC_DETAIL[500])
+    return JSONResponse(ErrorResponse(error=error.code, detail=detail).model_dump(), status_code=status, headers=headers)
 
 
 # --- request bodies and response headers, for every route (a pure ASGI middleware: it sees the body as it
@@ -542,6 +569,7 @@ def allowed(scope: Scope) -> Callable[..., Awaitable[Principal]]:
             refuse_other_sites(request, scope)
         principal = table.identify(presented_key(authorization, x_api_key), loopback)
         table.require(principal, scope, loopback)
+        request.state.principal = principal  # the error handler shows failures' details to admins only
         return principal
 
     return check
@@ -639,15 +667,15 @@ class ImageSearch:
         return True
 
     # --- shaping --------------------------------------------------------------------------------
+    def _card(self, meta: ImageMetadata) -> dict[str, Any]:
+        return {
+            **meta.model_dump(),
+            "image_url": self.catalog.direct_url(meta.id, "original") or f"/api/images/{meta.id}",
+            "thumbnail_url": self.catalog.direct_url(meta.id, "thumbnail") or f"/api/images/{meta.id}/thumbnail",
+        }
+
     def _hit(self, hit: VectorHit) -> SearchHit:
-        meta = hit.image
-        return SearchHit(
-            id=meta.id, label=meta.label, score=round(hit.score, 6),
-            image_url=self.catalog.direct_url(meta.id, "original") or f"/api/images/{meta.id}",
-            thumbnail_url=self.catalog.direct_url(meta.id, "thumbnail") or f"/api/images/{meta.id}/thumbnail",
-            width=meta.width, height=meta.height, mime=meta.mime, size_bytes=meta.size_bytes, source=meta.source,
-            verdict=hit.verdict,
-        )
+        return SearchHit(**self._card(hit.image), score=round(hit.score, 6), verdict=hit.verdict)
 
     def _response(self, result: SearchResult) -> SearchResponse:
         return SearchResponse(**result.model_dump(exclude={"hits"}), hits=[self._hit(hit) for hit in result.hits])
@@ -699,6 +727,29 @@ class ImageSearch:
         message = "Added." if added.created else "Already present; nothing changed."
         body = InsertResponse(id=added.id, created=added.created, message=message, image=added.image)
         return JSONResponse(body.model_dump(), status_code=201 if added.created else 200)
+
+    @app.get("/api/images", response_model=GalleryPage, responses={202: {"model": GalleryPage}})
+    async def gallery(
+        self,
+        _: Searcher,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=200)] = 24,
+        label: Annotated[str | None, Query(max_length=MAX_LABEL_LENGTH, description='Only this label ("": images without one).')] = None,
+    ) -> Response:
+        """The collection, newest first, paged. 202 with state "scanning" while the service first reads its
+        listing (a large collection takes a while); writes made through the service show at once."""
+        page = await in_thread(self.catalog.browse, offset, limit, label)
+        body = GalleryPage(
+            state=page.state, total=page.total, offset=offset, limit=limit, label=label,
+            images=[ImageCard(**self._card(meta)) for meta in page.images],
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if page.state == "ready" else 202)
+
+    @app.get("/api/labels", response_model=LabelList, responses={202: {"model": LabelList}})
+    async def labels(self, _: Searcher) -> Response:
+        """Every label in use and how many images carry it, most used first ("" counts images without one)."""
+        labels = await in_thread(self.catalog.labels)
+        return JSONResponse(labels.model_dump(), status_code=200 if labels.state == "ready" else 202)
 
     @app.get("/api/images/{image_id}", responses={404: {"model": ErrorResponse}})
     async def get_image(self, request: Request, _: Searcher, image_id: str) -> Response:
@@ -776,6 +827,8 @@ class ImageSearch:
             limits=limits,
             thresholds=await in_thread(self.catalog.thresholds),
             error="; ".join(problems) if admin or not problems else "a backend is unavailable (details: admin keys)",
+            scopes=sorted(principal.scopes),
+            keys=key_table().configured,
         )
 
     @app.post("/api/index", response_model=IndexInfo, response_model_exclude_none=True)
@@ -841,8 +894,9 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 @app.exception_handler(SearchError)
-async def _domain_error(_: Request, exc: SearchError) -> JSONResponse:
-    response = error_response(exc)
+async def _domain_error(request: Request, exc: SearchError) -> JSONResponse:
+    principal = getattr(request.state, "principal", None)
+    response = error_response(exc, reveal=principal is not None and "admin" in principal.scopes)
     if response.status_code >= 500:
         logger.error("%s: %s", exc.code, exc.message)
     return response

@@ -33,6 +33,7 @@ from bento.config import LimitsSettings, Settings, VerdictSettings
 from bento.duplicates import DuplicatePage, DuplicateQuery
 from bento.errors import InvalidRequest, NotFound, SearchError
 from bento.imaging import DecodeLimits, without_location
+from bento.listing import BrowsePage, BrowseQuery, LabelList
 from bento.retry import FAIL_FAST, RetryPolicy
 from bento.schemas import (
     MAX_LABEL_LENGTH,
@@ -93,6 +94,12 @@ class VectorStore(Protocol):
 
     def duplicates(self, query: DuplicateQuery) -> DuplicatePage:
         """A page of the duplicate report (computed in the background; state "running" meanwhile)."""
+
+    def browse(self, query: BrowseQuery) -> BrowsePage:
+        """A page of the collection, newest first (state "scanning" until its listing is first read)."""
+
+    def labels(self) -> LabelList:
+        """The labels in use with their counts, most used first."""
 
     def close(self) -> None:
         """Release the connection this store holds, if it holds one."""
@@ -381,3 +388,11 @@ class Catalog:
             )
         query = DuplicateQuery(near_threshold=threshold, offset=offset, limit=limit, refresh=refresh)
         return self.retry.call(self.vectors.duplicates, query)
+
+    def browse(self, offset: int, limit: int, label: str | None) -> BrowsePage:
+        """A page of the collection, newest first, optionally of one label ("" = images without one)."""
+        query = BrowseQuery(offset=offset, limit=limit, label=None if label is None else clean_label(label))
+        return self.retry.call(self.vectors.browse, query)
+
+    def labels(self) -> LabelList:
+        return self.retry.call(self.vectors.labels)

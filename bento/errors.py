@@ -24,9 +24,12 @@ class SearchError(Exception):
 
     code = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, public: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        # Whether anyone may read the message of a server-side failure: most name hosts, paths or
+        # causes, which only operators (admin keys) and the logs see.
+        self.public = public
 
     def to_payload(self) -> ErrorPayload:
         return ErrorPayload(code=self.code, message=self.message)

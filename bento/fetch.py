@@ -95,7 +95,7 @@ class UrlFetcher:
     async def fetch(self, url: str) -> bytes:
         # A slot or an answer now: a request never queues behind slow fetches (503, Retry-After).
         if self._in_flight >= self.settings.max_concurrent:
-            raise BackendUnavailable("Too many URL searches are running right now; try again in a few seconds.")
+            raise BackendUnavailable("Too many URL searches are running right now; try again in a few seconds.", public=True)
         self._in_flight += 1
         try:
             # One deadline for everything (resolving, connecting, headers, redirects, body): cancellation,

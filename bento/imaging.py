@@ -171,7 +171,7 @@ def decode_image(data: bytes, limits: DecodeLimits, min_side: int | None = None)
                     f"the limit is {limits.max_decoded_bytes}."
                 )
             if not _slots.acquire(timeout=DECODE_WAIT_S):
-                raise BackendUnavailable("Too many images are being decoded right now; try again in a few seconds.")
+                raise BackendUnavailable("Too many images are being decoded right now; try again in a few seconds.", public=True)
             try:
                 image.load()
                 rgb, width, height = _normalise(image, width, height, min_side)

@@ -174,10 +174,11 @@ class SearchById(SearchOptions):
     id: str = Field(pattern=IMAGE_ID_PATTERN)
 
 
-class SearchHit(BaseModel):
+class ImageCard(BaseModel):
+    """An image as the API shows it: its metadata and where to get its bytes."""
+
     id: str
     label: str
-    score: float = Field(description="Cosine similarity in [-1, 1]; 1 is identical.")
     image_url: str
     thumbnail_url: str
     width: int
@@ -185,10 +186,26 @@ class SearchHit(BaseModel):
     mime: str
     size_bytes: int
     source: str
+    created_at: int = Field(description="When it was added (Unix seconds).")
+
+
+class SearchHit(ImageCard):
+    score: float = Field(description="Cosine similarity in [-1, 1]; 1 is identical.")
     verdict: Verdict | None = Field(
         None,
         description="same-image / near-duplicate / similar by the thresholds in /api/status (null: none known for this model).",
     )
+
+
+class GalleryPage(BaseModel):
+    """A page of the collection, newest first (``state`` "scanning" while its listing is first read)."""
+
+    state: Literal["ready", "scanning"]
+    total: int = Field(description="Images in the collection (with the label, when one is given).")
+    offset: int
+    limit: int
+    label: str | None
+    images: list[ImageCard]
 
 
 class Timings(BaseModel):
@@ -251,6 +268,8 @@ class StatusResponse(BaseModel):
     limits: Limits
     thresholds: Thresholds = Field(description="The scores from which hits are called same-image / near-duplicate.")
     error: str = Field("", description="Why Milvus or the image store is not ready, when one is not.")
+    scopes: list[str] = Field(default_factory=list, description="What the caller may do (search, write, admin).")
+    keys: bool = Field(False, description="Whether the service has API keys (else writes are open to localhost only).")
 
 
 class ErrorResponse(BaseModel):

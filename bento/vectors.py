@@ -27,6 +27,7 @@ from bento.duplicates import (
     find_duplicates,
 )
 from bento.errors import BackendUnavailable, Conflict, InvalidRequest, MilvusLiteLocked, ModelMismatch, SearchError
+from bento.listing import BrowsePage, BrowseQuery, CollectionListing, LabelList, ListedImage
 from bento.schemas import (
     MAX_LABEL_LENGTH,
     ImageMetadata,
@@ -147,6 +148,7 @@ class VectorIndex:
         self._lock = threading.RLock()
         self._rebuilding = threading.Lock()
         self._duplicates = DuplicateScans(self.find_duplicates)
+        self._listing = CollectionListing(self._listed_images)
 
     # --- connection -------------------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
@@ -411,6 +413,7 @@ class VectorIndex:
         row_bytes = self.model.dim * 4 + 2 * MAX_SOURCE_BYTES
         for chunk in self._chunks(rows, row_bytes):
             self._run("upsert", lambda c, t, chunk=chunk: c.upsert(self.settings.milvus.collection, chunk, timeout=t))
+        self._listing.upserted(ListedImage(record.id, record.label, record.created_at) for record in records)
         return len(records)
 
     def search(self, query: VectorQuery) -> list[VectorHit]:
@@ -479,6 +482,7 @@ class VectorIndex:
         if present:
             keys = self._keys(sorted(present))
             self._run("delete", lambda c, t: c.delete(self.settings.milvus.collection, ids=keys, timeout=t))
+            self._listing.deleted(present)
         return len(present)
 
     def main_vectors(self, batch_size: int = 1000) -> Iterator[ImageVector]:
@@ -503,6 +507,32 @@ class VectorIndex:
     def duplicates(self, query: DuplicateQuery) -> DuplicatePage:
         """A page of the duplicate report, computed in the background (state "running" meanwhile)."""
         return self._duplicates.page(query)
+
+    # --- the gallery and the labels (a listing kept in memory: Milvus cannot sort or group a query) ----------
+    def _listed_images(self) -> Iterator[ListedImage]:
+        name = self.settings.milvus.collection
+        iterator = self._run(
+            "query_iterator",
+            lambda c, t: c.query_iterator(
+                name, batch_size=4096, filter=MAIN_VIEW, output_fields=["id", "label", "created_at"], timeout=t
+            ),
+        )
+        try:
+            while batch := self._run("query_iterator.next", lambda c, t: iterator.next()):
+                yield from (ListedImage(row["id"], row["label"], int(row["created_at"])) for row in batch)
+        finally:
+            iterator.close()
+
+    def browse(self, query: BrowseQuery) -> BrowsePage:
+        """A page of the collection, newest first (state "scanning" until the first listing is read)."""
+        page, ids = self._listing.page(query)
+        found = {meta.id: meta for meta in self.get(ids)}
+        # An image deleted by another process since the listing was read is left out of its page.
+        return page.model_copy(update={"images": [found[image_id] for image_id in ids if image_id in found]})
+
+    def labels(self) -> LabelList:
+        """Every label in use with its number of images, most used first."""
+        return self._listing.labels()
 
     # --- re-embedding (python -m ingest.reembed): other collections of the same Milvus, by name -----------
     def properties_of(self, name: str) -> dict[str, str] | None:
@@ -545,6 +575,7 @@ class VectorIndex:
                 self._run("drop_collection", lambda c, t: c.drop_collection(old, timeout=t), client=client)
             self._run("rename_collection", lambda c, t: c.rename_collection(new, old, timeout=t), client=client)
             self._reset()
+            self._listing.invalidate()
 
     def count(self) -> int:
         name = self.settings.milvus.collection

@@ -79,6 +79,26 @@ def test_every_domain_error_has_its_status_at_the_edge(error, status):
     assert not hasattr(error("x"), "status_code"), "domain errors know nothing of HTTP"
 
 
+def test_server_side_failures_show_their_details_to_operators_only():
+    """A 5xx message names hosts, paths and causes: admins (and the logs) read it, other callers a plain
+    sentence; client errors and failures marked public are always shown as they are."""
+    import json
+
+    from service import error_response
+
+    def detail(error, reveal):
+        return json.loads(error_response(error, reveal=reveal).body)["detail"]
+
+    outage = errors.BackendUnavailable("Milvus at http://milvus.internal:19530 did not answer search in time")
+    assert "milvus.internal" in detail(outage, reveal=True)
+    hidden = detail(outage, reveal=False)
+    assert "milvus.internal" not in hidden and "unavailable" in hidden
+    assert "/srv" not in detail(errors.SearchError("cannot read /srv/data/x"), reveal=False)
+    busy = errors.BackendUnavailable("Too many images are being decoded right now; try again in a few seconds.", public=True)
+    assert detail(busy, reveal=False) == busy.message
+    assert detail(errors.InvalidImage("The file is not an image."), reveal=False) == "The file is not an image."
+
+
 @pytest.mark.parametrize("error", [errors.MilvusLiteLocked, errors.ModelMismatch, errors.NotFound, errors.ConnectionDropped, errors.SearchError])
 def test_domain_errors_cross_a_service_boundary_as_data_and_come_out_the_same(error):
     message = "Cannot open the Milvus Lite file: Milvus Lite allows one process per file."

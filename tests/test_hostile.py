@@ -289,6 +289,10 @@ def test_oversized_bodies_are_refused_while_they_stream(client, live_service):
         (lambda c, s, h: c.get("/api/duplicates", params={"limit": 0}), 422, "validation_error"),
         (lambda c, s, h: c.get("/api/duplicates", params={"limit": 100_000}), 422, "validation_error"),
         (lambda c, s, h: c.get("/api/duplicates", params={"offset": -5}), 422, "validation_error"),
+        (lambda c, s, h: c.get("/api/images", params={"limit": 201}), 422, "validation_error"),
+        (lambda c, s, h: c.get("/api/images", params={"offset": -1}), 422, "validation_error"),
+        (lambda c, s, h: c.get("/api/images", params={"label": "x" * 257}), 422, "validation_error"),
+        (lambda c, s, h: c.get("/api/images", params={"label": "bell\x07"}), 400, "invalid_request"),
         (lambda c, s, h: c.get("/api/nothing-here"), 404, "not_found"),
     ],
 )
@@ -398,6 +402,9 @@ def test_keys_and_scopes(keyed_service, keys, photo_set):
 
         public = http.get("/api/status").json()
         assert "milvus_uri" not in public and "location" not in public["store"]
+        assert public["scopes"] == ["search"] and public["keys"] is True
+        assert http.get("/api/status", headers=_auth(keys.write)).json()["scopes"] == ["search", "write"]
+        assert http.get("/api/images").status_code in (200, 202) and http.get("/api/labels").status_code in (200, 202)
         assert str(Path.cwd()) not in json.dumps(public) and "/" not in public["store"]["backend"]
         full = http.get("/api/status", headers=_auth(keys.admin)).json()
         assert full["milvus_uri"].endswith("milvus.db") and full["store"]["location"]

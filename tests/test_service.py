@@ -281,3 +281,46 @@ def test_duplicate_report_is_computed_in_the_background_and_paged(client, photo_
     assert len(body["groups"]) <= 2 and body["total_groups"] >= len(body["groups"])
     for group in body["groups"]:
         assert len(group["members"]) >= 2 and group["members"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def _ready(client, path: str, **params):
+    for _ in range(300):
+        answer = client.get(path, params=params)
+        if answer.status_code == 200:
+            return answer.json()
+        assert answer.status_code == 202 and answer.json()["state"] == "scanning", answer.text
+        time.sleep(0.1)
+    raise AssertionError(f"{path} stayed 'scanning'")
+
+
+def test_gallery_and_labels_list_the_collection(client, photo_set):
+    """Newest first and paged, by label; the label counts add up to the collection; an image added or
+    deleted through the service shows on the next page (no waiting for a rescan)."""
+    count = client.get("/api/status").json()["count"]
+    everything = _ready(client, "/api/images", limit=200)
+    assert everything["state"] == "ready" and everything["total"] == count == len(everything["images"])
+    dates = [image["created_at"] for image in everything["images"]]
+    assert dates == sorted(dates, reverse=True)
+    second_page = _ready(client, "/api/images", offset=5, limit=5)
+    assert [i["id"] for i in second_page["images"]] == [i["id"] for i in everything["images"][5:10]]
+    card = everything["images"][0]
+    assert card["thumbnail_url"] and card["image_url"] == f"/api/images/{card['id']}"
+    assert client.get(card["thumbnail_url"] if card["thumbnail_url"].startswith("/") else card["thumbnail_url"]).status_code == 200
+
+    labels = _ready(client, "/api/labels")
+    assert sum(entry["count"] for entry in labels["labels"]) == labels["images"] == count
+    assert [e["count"] for e in labels["labels"]] == sorted((e["count"] for e in labels["labels"]), reverse=True)
+    by_label = {entry["label"]: entry["count"] for entry in labels["labels"]}
+    person = _ready(client, "/api/images", label="person", limit=200)
+    assert person["total"] == by_label["person"] and {i["label"] for i in person["images"]} == {"person"}
+    assert _ready(client, "/api/images", label="no such label")["total"] == 0
+
+    fresh = Image.open(io.BytesIO(photo_set["originals"]["coffee"])).convert("RGB").rotate(180)
+    added = client.post("/api/images", files={"file": ("upside-down.jpg", encode(fresh))}, data={"label": "gallery test"})
+    assert added.status_code == 201
+    newest = _ready(client, "/api/images", limit=1)
+    assert newest["images"][0]["id"] == added.json()["id"] and newest["total"] == count + 1
+    assert {e["label"]: e["count"] for e in _ready(client, "/api/labels")["labels"]}["gallery test"] == 1
+    assert client.delete(f"/api/images/{added.json()['id']}").status_code == 200
+    assert _ready(client, "/api/images", limit=1)["images"][0]["id"] != added.json()["id"]
+    assert "gallery test" not in {e["label"] for e in _ready(client, "/api/labels")["labels"]}

@@ -1,0 +1,142 @@
+"""The collection's listing (gallery pages, label counts): the in-memory logic, and over a real Milvus Lite."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from bento.config import Settings
+from bento.errors import BackendUnavailable
+from bento.listing import BrowseQuery, CollectionListing, ListedImage
+from bento.vectors import VectorIndex
+from tests.conftest import toy_model, toy_records
+
+
+def _image(number: int, label: str, created_at: int) -> ListedImage:
+    return ListedImage(f"{number:064x}", label, created_at)
+
+
+def _ids(listing: CollectionListing, **query) -> list[int]:
+    page, ids = listing.page(BrowseQuery(**query))
+    assert page.state == "ready"
+    return [int(image_id, 16) for image_id in ids]
+
+
+def test_pages_are_newest_first_with_ties_broken_by_id_and_filter_by_label():
+    images = [_image(n, "cat" if n % 3 else "dog", created_at=100 + n // 2) for n in range(10)]
+    listing = CollectionListing(lambda: list(reversed(images)))
+    # Newest first; two images share each second and come in id order.
+    assert _ids(listing, limit=4) == [8, 9, 6, 7]
+    assert _ids(listing, offset=4, limit=4) == [4, 5, 2, 3]
+    assert _ids(listing, offset=8, limit=4) == [0, 1]
+    assert _ids(listing, label="dog", limit=10) == [9, 6, 3, 0]
+    assert listing.page(BrowseQuery(label="dog"))[0].total == 4
+    assert _ids(listing, label="nobody") == []
+    assert [(entry.label, entry.count) for entry in listing.labels().labels] == [("cat", 6), ("dog", 4)]
+
+
+def test_writes_through_this_process_show_on_the_next_page_without_a_scan():
+    scans = []
+
+    def scan():
+        scans.append(1)
+        return [_image(1, "a", 10), _image(2, "a", 20)]
+
+    listing = CollectionListing(scan, max_age_s=3600)
+    assert _ids(listing) == [2, 1]
+    listing.upserted([_image(3, "b", 30), _image(1, "c", 10)])  # a new image, and a label changed
+    listing.deleted([f"{2:064x}"])
+    assert _ids(listing) == [3, 1]
+    assert {entry.label: entry.count for entry in listing.labels().labels} == {"b": 1, "c": 1}
+    assert len(scans) == 1
+
+
+def test_a_process_that_never_lists_keeps_nothing_and_many_writes_are_folded_in(monkeypatch):
+    import bento.listing as listing_module
+
+    listing = CollectionListing(lambda: [_image(1, "a", 10)])
+    listing.upserted(_image(n, "a", n) for n in range(2, 500))  # an ingest job: no listing read yet
+    assert not listing._pending.upserted
+    assert _ids(listing) == [1]
+    monkeypatch.setattr(listing_module, "MAX_PENDING_WRITES", 100)
+    listing.upserted(_image(n, "b", 1000 + n) for n in range(2, 150))
+    assert not listing._pending.upserted, "folded into the snapshot at once"
+    assert len(listing._snapshot.codes) == 149
+    assert _ids(listing, limit=2) == [149, 148]
+
+
+def test_a_write_made_while_a_scan_runs_is_not_lost_when_the_scan_lands():
+    started, release = threading.Event(), threading.Event()
+
+    def slow_scan():
+        started.set()
+        release.wait(10)
+        return [_image(1, "a", 10)]  # read before the write below reached Milvus
+
+    listing = CollectionListing(slow_scan)
+    reader = threading.Thread(target=lambda: listing.page(BrowseQuery()))
+    reader.start()
+    started.wait(10)
+    listing.upserted([_image(2, "a", 20)])
+    release.set()
+    reader.join(10)
+    assert _ids(listing) == [2, 1]
+
+
+def test_an_old_listing_is_served_while_a_fresh_one_is_read_then_replaced():
+    generation = [[_image(1, "a", 10)]]
+    listing = CollectionListing(lambda: list(generation[-1]), max_age_s=0)
+    assert _ids(listing) == [1]
+    generation.append([_image(1, "a", 10), _image(2, "a", 20)])  # written by another process
+    listing._scanning and listing._scanning.join(10)
+    seen = _ids(listing)  # the old one, or the new one if its scan already landed
+    assert seen in ([1], [2, 1])
+    listing._scanning and listing._scanning.join(10)
+    assert _ids(listing) == [2, 1]
+
+
+def test_a_failed_first_scan_is_reported_then_tried_again():
+    attempts = []
+
+    def flaky_scan():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise BackendUnavailable("Milvus is down")
+        return [_image(1, "a", 10)]
+
+    listing = CollectionListing(flaky_scan)
+    with pytest.raises(BackendUnavailable):
+        listing.page(BrowseQuery())
+    assert _ids(listing) == [1]
+
+
+def test_the_listing_of_a_real_collection(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    index = VectorIndex(settings, toy_model())
+    try:
+        records = toy_records(30, np.random.default_rng(0), label_of=lambda i: "" if i % 5 == 0 else f"class{i % 2}")
+        for i, record in enumerate(records):
+            record.created_at = 1_700_000_000 + i
+        index.upsert(records[:20])
+        page = index.browse(BrowseQuery(limit=5))
+        assert page.state == "ready" and page.total == 20
+        assert [meta.id for meta in page.images] == [records[i].id for i in (19, 18, 17, 16, 15)]
+        assert page.images[0].label == "class1" and page.images[0].source == "file19.jpg"
+        index.upsert(records[20:])  # shows without a new scan
+        index.delete([records[29].id])
+        newest = index.browse(BrowseQuery(limit=3))
+        assert newest.total == 29 and [meta.id for meta in newest.images] == [records[i].id for i in (28, 27, 26)]
+        unlabelled = index.browse(BrowseQuery(label="", limit=50))
+        assert {meta.id for meta in unlabelled.images} == {records[i].id for i in (0, 5, 10, 15, 20, 25)}
+        counts = {entry.label: entry.count for entry in index.labels().labels}
+        assert counts == {"class0": 12, "class1": 11, "": 6}
+    finally:
+        index.close()
+
+    # Another process's view of the same collection: a fresh listing scanned from Milvus agrees.
+    reopened = VectorIndex(settings, toy_model())
+    try:
+        assert {entry.label: entry.count for entry in reopened.labels().labels} == counts
+        assert [meta.id for meta in reopened.browse(BrowseQuery(limit=3)).images] == [records[i].id for i in (28, 27, 26)]
+    finally:
+        reopened.close()
