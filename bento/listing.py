@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -92,12 +93,19 @@ class _Snapshot:
 
     @classmethod
     def of(cls, images: Iterable[ListedImage], as_of: float) -> _Snapshot:
-        listed = list(images)
-        labels = sorted({image.label for image in listed})
-        code_of = {label: code for code, label in enumerate(labels)}
-        codes = np.fromiter((code_of[image.label] for image in listed), dtype=np.int32, count=len(listed))
-        created = np.fromiter((image.created_at for image in listed), dtype=np.int64, count=len(listed))
-        return cls._sorted(_raw_ids(image.id for image in listed), codes, created, labels, as_of)
+        """Built as the scan streams: compact buffers (44 bytes an image), no list of objects."""
+        raw_ids, created, codes = bytearray(), array("q"), array("i")
+        code_of: dict[str, int] = {}
+        for image in images:
+            raw_ids += bytes.fromhex(image.id)
+            created.append(image.created_at)
+            codes.append(code_of.setdefault(image.label, len(code_of)))
+        labels = sorted(code_of)  # codes in label order: label_counts and page need no mapping
+        position = {label: index for index, label in enumerate(labels)}
+        recode = np.array([position[label] for label in code_of], dtype=np.int32)
+        ids = np.frombuffer(bytes(raw_ids), dtype="S32")
+        in_order = recode[np.frombuffer(codes, dtype=np.int32)] if len(codes) else np.zeros(0, dtype=np.int32)
+        return cls._sorted(ids, in_order, np.frombuffer(created, dtype=np.int64).copy(), labels, as_of)
 
     @classmethod
     def _sorted(cls, ids: np.ndarray, codes: np.ndarray, created: np.ndarray, labels: list[str], as_of: float) -> _Snapshot:
@@ -110,7 +118,7 @@ class _Snapshot:
         if not upserted and not deleted:
             return self
         keep = ~np.isin(self.ids, _raw_ids(deleted | set(upserted)))
-        added = list(upserted.values())
+        added = sorted(upserted.values(), key=lambda image: (-image.created_at, image.id))
         labels = sorted(set(self.labels) | {image.label for image in added})
         code_of = {label: code for code, label in enumerate(labels)}
         recode = np.array([code_of[label] for label in self.labels], dtype=np.int32)
@@ -118,6 +126,11 @@ class _Snapshot:
                                 np.array([code_of[image.label] for image in added], dtype=np.int32)])
         created = np.concatenate([self.created[keep], np.array([image.created_at for image in added], dtype=np.int64)])
         ids = np.concatenate([self.ids[keep], _raw_ids(image.id for image in added)])
+        kept = int(keep.sum())
+        if added and kept and added[-1].created_at > self.created[keep][0]:
+            # The usual case (new uploads, all newer than the listing): put them first, no full re-sort.
+            order = np.concatenate([np.arange(kept, len(ids)), np.arange(kept)])
+            return _Snapshot(ids[order], codes[order], created[order], labels, self.as_of)
         return _Snapshot._sorted(ids, codes, created, labels, self.as_of)
 
     def page(self, label: str | None, offset: int, limit: int) -> tuple[int, list[str]]:
@@ -168,6 +181,7 @@ class CollectionListing:
         self._first_scan = threading.Event()
         self._failure: SearchError | None = None
         self._generation = 0  # bumped by invalidate: a scan started before it is thrown away
+        self._last_scan_s = 0.0
 
     # --- writes made through this process ---------------------------------------------------------------
     def upserted(self, images: Iterable[ListedImage]) -> None:
@@ -200,30 +214,37 @@ class CollectionListing:
         """Forget everything (the collection was replaced): the next read scans again."""
         with self._lock:
             self._snapshot, self._pending, self._generation = None, _Changes(), self._generation + 1
+            self._failure, self._scanning, self._during_scan = None, None, None  # a running scan is left to finish unheard
             self._first_scan.clear()
 
     # --- scanning ---------------------------------------------------------------------------------
     def _run_scan(self, generation: int) -> None:
         started = time.time()
+        snapshot: _Snapshot | None = None
+        failure: SearchError | None = None
         try:
-            snapshot, failure = _Snapshot.of(self._scan(), started), None
+            snapshot = _Snapshot.of(self._scan(), started)
             logger.info("Listed %d images in %.1f s", len(snapshot.codes), time.time() - started)
-        except SearchError as exc:  # reported to the next reader; anything else is a bug and logs itself
+        except SearchError as exc:  # reported to the next reader
             logger.warning("Listing the collection failed: %s", exc.message)
-            snapshot, failure = None, exc
-        with self._lock:
-            during_scan = self._during_scan or _Changes()
-            self._during_scan, self._scanning = None, None
-            if generation != self._generation:
-                return
-            if snapshot is not None:  # the writes made while it ran may or may not be in it: apply them again
-                replay = _Changes()
-                for changes in (self._pending, during_scan):
-                    replay.delete(changes.deleted)
-                    replay.upsert(changes.upserted.values())
-                self._snapshot, self._pending = snapshot, replay
-            self._failure = failure
-            self._first_scan.set()
+            failure = exc
+        except Exception as exc:  # a bug or an unexpected client error: logged whole, reported, never a stuck scan
+            logger.exception("Listing the collection failed")
+            failure = SearchError(f"Listing the collection failed ({exc.__class__.__name__}); see the service's log.")
+        finally:
+            with self._lock:
+                if generation == self._generation:  # else invalidate() has let a newer scan start
+                    during_scan = self._during_scan or _Changes()
+                    self._during_scan, self._scanning = None, None
+                    self._last_scan_s = time.time() - started
+                    if snapshot is not None:  # the writes made while it ran may or may not be in it: apply them again
+                        replay = _Changes()
+                        for changes in (self._pending, during_scan):
+                            replay.delete(changes.deleted)
+                            replay.upsert(changes.upserted.values())
+                        self._snapshot, self._pending = snapshot, replay
+                    self._failure = failure
+                    self._first_scan.set()
 
     def _start_scan(self) -> None:
         """Start a background scan unless one runs (with the lock held)."""
@@ -237,7 +258,9 @@ class CollectionListing:
     def _current(self) -> _Snapshot | None:
         """The snapshot with this process's writes applied, starting a refresh when it is old."""
         with self._lock:
-            if self._snapshot is None or time.time() - self._snapshot.as_of > self.max_age_s:
+            # A listing that takes long to read is refreshed less often (never back to back).
+            max_age = max(self.max_age_s, 2 * self._last_scan_s)
+            if self._snapshot is None or time.time() - self._snapshot.as_of > max_age:
                 self._start_scan()
         if self._snapshot is None:
             self._first_scan.wait(FIRST_SCAN_WAIT_S)

@@ -73,8 +73,8 @@ def api(page_service):
 
 def new_page(browser, service, viewport=DESKTOP, bypass_csp=True):
     """A page with its errors collected. Playwright's evaluate and wait_for_function run script the way
-    the page's CSP forbids (as it should), so the pages that need them bypass it; the key test and the
-    phone test run the page under its CSP and check that nothing is refused."""
+    the page's CSP forbids (as it should), so the pages that need them bypass it; the key test, the phone
+    test and the private-collection test run the page under its CSP and check that nothing is refused."""
     page = browser.new_page(viewport=viewport, bypass_csp=bypass_csp)
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
@@ -377,6 +377,38 @@ def test_the_page_asks_for_a_key_only_when_an_action_needs_one(browser, keyed_se
     assert not page.errors, page.errors
 
 
+def test_a_private_collection_shows_its_images_to_a_key_holder(browser, efficientnet, keys, photo_set, tmp_path):
+    """With no anonymous access at all, <img> tags cannot send a key: the page fetches thumbnails, the
+    preview and originals with the key (blob: URLs), under the CSP."""
+    from bento.auth import hash_key
+
+    entries = f"reader:search:{hash_key(keys.search)}, ops:admin:{hash_key(keys.admin)}"
+    env = Backend("lite-local", tmp_path / "data").process_env(
+        RIS_MODEL_NAME="efficientnet-lite0", RIS_AUTH_KEYS=entries, RIS_AUTH_ANONYMOUS_SCOPES="",
+    )
+    service = ServiceProcess(env, tmp_path / "service.log")
+    service.start()
+    try:
+        with httpx.Client(base_url=service.url, timeout=60, headers={"X-API-Key": keys.admin}) as client:
+            coffee = client.post("/api/images", files={"file": ("coffee.jpg", photo_set["originals"]["coffee"])}, data={"label": "coffee"})
+            assert coffee.status_code == 201
+            assert httpx.get(f"{service.url}/api/images/{coffee.json()['id']}/thumbnail").status_code == 401
+        page = new_page(browser, service, bypass_csp=False)
+        assert page.inner_text("#status").startswith("status unavailable")
+        page.on("dialog", lambda dialog: dialog.accept(keys.search))
+        page.click("#key-button")
+        page.wait_for_selector("#status:text('1 image ·')")
+        page.click("#tab-collection")
+        page.wait_for_selector("#gallery .hit img[src^='blob:']")
+        assert page.evaluate("document.querySelector('#gallery .hit img').naturalWidth") > 0
+        page.click("#gallery .hit .open")
+        page.wait_for_selector("#preview-img[src^='blob:']")
+        assert page.inner_text("#preview-delete") == "Delete (needs a write key)"
+        assert not page.errors, page.errors
+    finally:
+        service.stop()
+
+
 def test_a_backend_outage_is_shown_in_the_page_and_recovers(browser, milvus_server, s3_server, efficientnet, photo_set, tmp_path):
     backend = Backend("server-s3", tmp_path / "data", stack_env(milvus_server, s3_server, bucket="page-outage", collection="page_outage"))
     service = ServiceProcess(backend.process_env(RIS_MODEL_NAME="efficientnet-lite0", RIS_MILVUS_TIMEOUT_S="3"), tmp_path / "service.log")
@@ -409,7 +441,7 @@ def test_a_backend_outage_is_shown_in_the_page_and_recovers(browser, milvus_serv
 def test_phone_sized_screen_has_no_sideways_scrolling(browser, page_service, photo_set, tmp_path):
     query = tmp_path / "q.jpg"
     query.write_bytes(photo_set["queries"]["astronaut"])
-    page = new_page(browser, page_service, viewport=PHONE)
+    page = new_page(browser, page_service, viewport=PHONE, bypass_csp=False)
     page.set_input_files("#file", str(query))
     page.wait_for_selector("#results .hit img")
     fits = "document.documentElement.scrollWidth <= window.innerWidth"

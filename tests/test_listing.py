@@ -1,12 +1,13 @@
 """The collection's listing (gallery pages, label counts): the in-memory logic, and over a real Milvus Lite."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from bento.config import Settings
-from bento.errors import BackendUnavailable
+from bento.errors import BackendUnavailable, SearchError
 from bento.listing import BrowseQuery, CollectionListing, ListedImage
 from bento.vectors import VectorIndex
 from tests.conftest import toy_model, toy_records
@@ -85,14 +86,83 @@ def test_a_write_made_while_a_scan_runs_is_not_lost_when_the_scan_lands():
 
 def test_an_old_listing_is_served_while_a_fresh_one_is_read_then_replaced():
     generation = [[_image(1, "a", 10)]]
-    listing = CollectionListing(lambda: list(generation[-1]), max_age_s=0)
+    started, release = threading.Event(), threading.Event()
+
+    def scan():
+        if len(generation) > 1:  # the refresh: held until the test has seen the old listing served
+            started.set()
+            release.wait(10)
+        return list(generation[-1])
+
+    listing = CollectionListing(scan, max_age_s=0.05)
     assert _ids(listing) == [1]
     generation.append([_image(1, "a", 10), _image(2, "a", 20)])  # written by another process
-    listing._scanning and listing._scanning.join(10)
-    seen = _ids(listing)  # the old one, or the new one if its scan already landed
-    assert seen in ([1], [2, 1])
+    time.sleep(0.1)  # older than max_age_s now
+    assert _ids(listing) == [1], "the old listing, at once, while the fresh one is read"
+    assert started.wait(10)
+    release.set()
     listing._scanning and listing._scanning.join(10)
     assert _ids(listing) == [2, 1]
+
+
+def test_a_scan_that_crashes_is_reported_and_never_blocks_the_next_one():
+    attempts = []
+
+    def broken_scan():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ValueError("non-hexadecimal number found in fromhex()")  # a bug, not an outage
+        return [_image(1, "a", 10)]
+
+    listing = CollectionListing(broken_scan)
+    with pytest.raises(SearchError, match="ValueError"):
+        listing.page(BrowseQuery())
+    assert listing._scanning is None and listing._during_scan is None
+    assert _ids(listing) == [1]
+
+
+def test_deletes_during_a_scan_and_an_invalidated_scan(monkeypatch):
+    import bento.listing as listing_module
+
+    monkeypatch.setattr(listing_module, "FIRST_SCAN_WAIT_S", 0.2)  # the reader of the dropped scan gives up soon
+    started, release = threading.Event(), threading.Event()
+    rows = [[_image(1, "a", 10), _image(2, "a", 20)]]
+
+    def slow_scan():
+        started.set()
+        release.wait(10)
+        return list(rows[-1])
+
+    listing = CollectionListing(slow_scan)
+    reader = threading.Thread(target=lambda: listing.page(BrowseQuery()))
+    reader.start()
+    started.wait(10)
+    listing.deleted([f"{2:064x}"])  # read by the scan before it was deleted
+    release.set()
+    reader.join(10)
+    assert _ids(listing) == [1]
+
+    started.clear()
+    release.clear()
+    listing.invalidate()
+    first = threading.Thread(target=lambda: listing.page(BrowseQuery()))
+    first.start()
+    started.wait(10)
+    listing.invalidate()  # the collection was replaced while the scan ran: its result is thrown away
+    rows.append([_image(7, "b", 70)])
+    release.set()
+    first.join(10)
+    listing._scanning and listing._scanning.join(10)
+    assert _ids(listing) == [7]
+
+
+def test_a_new_upload_goes_first_without_a_full_sort_and_ties_still_sort_by_id():
+    listing = CollectionListing(lambda: [_image(n, "a", 100 + n) for n in range(5)], max_age_s=3600)
+    assert _ids(listing) == [4, 3, 2, 1, 0]
+    listing.upserted([_image(9, "b", 500), _image(8, "b", 500)])
+    assert _ids(listing) == [8, 9, 4, 3, 2, 1, 0]
+    listing.upserted([_image(6, "c", 102)])  # an older date (a re-embed keeps dates): sorted in place
+    assert _ids(listing) == [8, 9, 4, 3, 2, 6, 1, 0]
 
 
 def test_a_failed_first_scan_is_reported_then_tried_again():

@@ -65,6 +65,34 @@ function formatBytes(n) {
   return (n / 1024 / 1024).toFixed(1) + " MB";
 }
 
+// Images of the service: an <img> or a link cannot send the key, so where a key is in use (a collection
+// that anonymous visitors may not see) the bytes are fetched with it and shown from a blob: URL.
+// Presigned S3 URLs (absolute) carry their own signature.
+const keyedImages = () => Boolean(sessionStorage.getItem(KEY_ITEM));
+const ownUrl = (url) => url.startsWith("/");
+
+async function blobUrl(url) {
+  const response = await fetch(url, { headers: { "X-API-Key": sessionStorage.getItem(KEY_ITEM) || "" } });
+  if (!response.ok) throw new ApiError("HTTP " + response.status, response.status, 0);
+  return URL.createObjectURL(await response.blob());
+}
+
+function showImage(img, url) {
+  if (!(ownUrl(url) && keyedImages())) { img.src = url; return; }
+  blobUrl(url).then((src) => { img.src = src; }).catch(() => { img.alt = "(cannot load: " + img.alt + ")"; });
+}
+
+function openOriginal(link, url) {
+  link.href = url;
+  link.addEventListener("click", async (e) => {
+    e.stopPropagation();
+    if (!(ownUrl(url) && keyedImages())) return; // the browser opens it
+    e.preventDefault();
+    const tab = window.open("", "_blank");
+    try { tab.location = await blobUrl(url); } catch (err) { tab.close(); }
+  });
+}
+
 const VERDICTS = { "same-image": "Same image", "near-duplicate": "Near duplicate", "similar": "Similar" };
 
 // --- status, scopes and labels ----------------------------------------------------------------------
@@ -125,8 +153,8 @@ function card(image, onOpen) {
   open.className = "open";
   open.title = "Details";
   const img = document.createElement("img");
-  img.src = image.thumbnail_url;
   img.alt = image.label || "image " + image.id.slice(0, 8);
+  showImage(img, image.thumbnail_url);
   img.loading = "lazy";
   const meta = document.createElement("span");
   meta.className = "meta";
@@ -152,10 +180,10 @@ function card(image, onOpen) {
   }
   open.addEventListener("click", () => onOpen(image));
   const link = document.createElement("a");
-  link.href = image.image_url;
   link.target = "_blank";
   link.rel = "noopener";
   link.textContent = "original";
+  openOriginal(link, image.image_url);
   wrapper.append(open, link);
   return wrapper;
 }
@@ -166,7 +194,8 @@ let previewOpener = null;
 function openPreview(image) {
   previewed = image;
   previewOpener = document.activeElement;
-  $("preview-img").src = image.image_url;
+  $("preview-img").removeAttribute("src");
+  showImage($("preview-img"), image.image_url);
   $("preview-img").alt = image.label || "image " + image.id.slice(0, 8);
   $("preview-title").textContent = image.label || "(no label)";
   const rows = [
@@ -186,7 +215,9 @@ function openPreview(image) {
     dd.textContent = value;
     list.append(dt, dd);
   }
-  $("preview-open").href = image.image_url;
+  const open = $("preview-open").cloneNode(true); // a fresh element: no click handler of an earlier image
+  $("preview-open").replaceWith(open);
+  openOriginal(open, image.image_url);
   const deletable = offered("write");
   $("preview-delete").hidden = !deletable;
   $("preview-delete").textContent = may("write") ? "Delete" : "Delete (needs a write key)";
@@ -218,7 +249,12 @@ $("preview-delete").addEventListener("click", async () => {
     return;
   }
   closePreview();
-  document.querySelectorAll(`.hit[data-id="${image.id}"]`).forEach((el) => el.remove());
+  document.querySelectorAll(`.hit[data-id="${image.id}"]`).forEach((el) => {
+    // The next "load more" starts where the server's list now continues: one image earlier.
+    if (el.parentElement.id === "results") shown -= 1;
+    if (el.parentElement.id === "gallery") galleryShown -= 1;
+    el.remove();
+  });
   say(currentMessage(), "Deleted.", false);
   refreshStatus();
   refreshLabels();
@@ -231,26 +267,30 @@ let shown = 0;
 const tickets = { search: 0, gallery: 0, duplicates: 0 };
 let lastFile = null;
 
-function searchOptions(offset) {
+function searchOptions() {
   const pageSize = Math.min(200, Math.max(1, parseInt($("top-k").value, 10) || 12));
   const label = $("label").value.trim();
   const minScore = $("min-score").value.trim();
-  const options = { top_k: pageSize, offset, label: label || null };
+  const options = { top_k: pageSize, label: label || null };
   if (minScore !== "") options.min_score = parseFloat(minScore);
   return options;
 }
 
 function preview(src) {
-  const drop = $("drop");
-  drop.replaceChildren();
+  // The instructions stay (the drop zone is still one). No preview (null) for a plain-http URL: the CSP
+  // allows remote images over https only, and the service fetches the URL anyway.
+  const text = $("drop-text");
+  text.textContent = "Drop, paste or click for another photo";
+  $("drop").replaceChildren(text);
+  if (!src) return;
   const img = document.createElement("img");
-  img.src = src;
   img.alt = "query image";
-  drop.append(img);
+  showImage(img, src);
+  $("drop").prepend(img);
 }
 
 async function runSearch(offset) {
-  const options = searchOptions(offset);
+  const options = { ...query.options, offset }; // the options of the search it continues
   if (query.kind === "file") {
     const form = new FormData();
     form.append("file", query.value);
@@ -262,7 +302,7 @@ async function runSearch(offset) {
 }
 
 async function search(newQuery) {
-  query = newQuery;
+  query = { ...newQuery, options: searchOptions() };
   shown = 0;
   preview(query.preview);
   $("add").disabled = query.kind !== "file";
@@ -322,7 +362,7 @@ function searchUrl() {
   const url = $("url").value.trim();
   if (!url) return;
   lastFile = null;
-  search({ kind: "url", value: url, preview: url });
+  search({ kind: "url", value: url, preview: url.startsWith("https:") ? url : null });
 }
 
 async function addImage() {
@@ -395,8 +435,16 @@ async function uploadOne(file, label, row) {
   }
 }
 
-async function uploadFiles(files) {
-  if (!files.length) return;
+// One batch at a time: files dropped while a batch runs wait for it.
+let uploads = Promise.resolve();
+
+function uploadFiles(files) {
+  if (!files.length) return uploads;
+  uploads = uploads.then(() => uploadBatch(files));
+  return uploads;
+}
+
+async function uploadBatch(files) {
   location.hash = "#collection";
   const label = $("upload-label").value.trim();
   const progress = $("upload-progress");
@@ -443,6 +491,7 @@ async function uploadFiles(files) {
 // --- duplicates -------------------------------------------------------------------------------------
 const DUPLICATE_PAGE = 10;
 let dupShown = 0;
+let groupNumber = 0; // an image can be in an exact and a near group: each group's radios are their own
 
 async function loadDuplicates(append, refresh, ticket) {
   if (ticket === undefined) ticket = ++tickets.duplicates;
@@ -477,7 +526,7 @@ function groupView(group) {
   const legend = document.createElement("legend");
   legend.textContent = `${group.kind === "exact" ? "Exact duplicates" : "Near duplicates"} · ${group.members.length} images · choose the one to keep`;
   box.append(legend);
-  const name = "keep-" + group.members[0].id;
+  const name = "keep-" + (groupNumber += 1);
   const members = document.createElement("div");
   members.className = "members";
   group.members.forEach((member, index) => {
@@ -490,8 +539,8 @@ function groupView(group) {
     radio.value = member.id;
     radio.checked = index === 0;
     const img = document.createElement("img");
-    img.src = `/api/images/${member.id}/thumbnail`;
     img.alt = "image " + member.id.slice(0, 8);
+    showImage(img, `/api/images/${member.id}/thumbnail`);
     img.loading = "lazy";
     const facts = document.createElement("span");
     facts.className = "facts";
@@ -500,7 +549,10 @@ function groupView(group) {
     members.append(item);
     api(`/api/images/${member.id}/metadata`).then((meta) => {
       facts.textContent = `${meta.label || "(no label)"} · ${meta.width}×${meta.height} · ${formatBytes(meta.size_bytes)} · score ${member.score.toFixed(3)}`;
-    }).catch((e) => { facts.textContent = e.message; });
+    }).catch((e) => {
+      facts.textContent = e.status === 404 ? "deleted since the scan" : e.message;
+      if (e.status === 404) { item.classList.add("deleted"); radio.disabled = true; }
+    });
   });
   const remove = document.createElement("button");
   remove.type = "button";
@@ -509,7 +561,9 @@ function groupView(group) {
   const outcome = document.createElement("div");
   outcome.setAttribute("role", "status");
   remove.addEventListener("click", async () => {
-    const keep = box.querySelector("input:checked").value;
+    const chosen = box.querySelector("input:checked");
+    if (!chosen) { say(outcome, "Choose the image to keep first.", true); return; }
+    const keep = chosen.value;
     const doomed = group.members.map((m) => m.id).filter((id) => id !== keep);
     if (!window.confirm(`Delete ${doomed.length} image(s) and keep ${keep.slice(0, 12)}…? This cannot be undone.`)) return;
     remove.disabled = true;
