@@ -685,6 +685,19 @@ class ImageSearch:
     def page(self) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    @app.get("/ready", include_in_schema=False)
+    async def ready(self) -> JSONResponse:
+        """This API pod's readiness (the Kubernetes probe): the vector search service and the image store
+        answer. Unlike BentoML's /readyz it leaves the embedder out: while no embedder runs (drained, or
+        scaled to zero) upload searches answer 503, and the page, search by id and images keep working."""
+        try:
+            await in_thread(self.catalog.vectors.ping)
+            await in_thread(self.catalog.store.ping)
+        except SearchError as exc:
+            logger.warning("not ready: %s", exc.message)
+            return JSONResponse({"ready": False}, status_code=503)
+        return JSONResponse({"ready": True})
+
     @app.post("/api/search", response_model=SearchResponse, responses={413: {"model": ErrorResponse}})
     async def search_upload(
         self,

@@ -44,6 +44,27 @@ class ImageStore(Protocol):
     def delete(self, image_id: str) -> None:
         """Remove the original and the thumbnail; absent objects are fine."""
 
+    # --- any object of the server (the ingest job reads its sources with these) ------------------------
+    def objects(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under ``prefix`` in ``bucket``, listed page by page (nothing read)."""
+        with self._guard():
+            # Asked first: some S3 servers answer a listing of a missing bucket with a body the SDK cannot
+            # parse (an "outage" to wait out), while a HEAD says plainly that it is not there.
+            if not self.client.bucket_exists(bucket):
+                raise NotFound(f"S3 at {self.endpoint} has no bucket {bucket!r}.")
+            for entry in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                if entry.object_name is not None and not entry.is_dir:
+                    yield entry.object_name, int(entry.size or 0)
+
+    def read_object(self, bucket: str, key: str) -> bytes:
+        with self._guard():
+            response = self.client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         """A direct URL to the object, or None when the service must stream it itself."""
 
@@ -98,6 +119,27 @@ class LocalImageStore:
     def delete(self, image_id: str) -> None:
         for kind in ("original", "thumbnail"):
             self._path(image_id, kind).unlink(missing_ok=True)
+
+    # --- any object of the server (the ingest job reads its sources with these) ------------------------
+    def objects(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under ``prefix`` in ``bucket``, listed page by page (nothing read)."""
+        with self._guard():
+            # Asked first: some S3 servers answer a listing of a missing bucket with a body the SDK cannot
+            # parse (an "outage" to wait out), while a HEAD says plainly that it is not there.
+            if not self.client.bucket_exists(bucket):
+                raise NotFound(f"S3 at {self.endpoint} has no bucket {bucket!r}.")
+            for entry in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                if entry.object_name is not None and not entry.is_dir:
+                    yield entry.object_name, int(entry.size or 0)
+
+    def read_object(self, bucket: str, key: str) -> bytes:
+        with self._guard():
+            response = self.client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
 
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         return None
@@ -180,6 +222,8 @@ class S3ImageStore:
             raise
         except S3Error as exc:
             self._bucket_ready = False
+            if exc.code == "NoSuchBucket":  # waiting does not create it: not an outage
+                raise NotFound(f"S3 at {self.endpoint} has no bucket {exc.bucket_name!r}.") from exc
             if exc.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise BackendUnavailable(f"S3 at {self.endpoint} refused our credentials ({exc.code}).") from exc
             raise BackendUnavailable(f"S3 at {self.endpoint} answered {exc.code}: {exc.message}") from exc
@@ -245,6 +289,27 @@ class S3ImageStore:
         with self._guard():
             for kind in ("original", "thumbnail"):
                 self.client.remove_object(self.bucket, self._key(image_id, kind))
+
+    # --- any object of the server (the ingest job reads its sources with these) ------------------------
+    def objects(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under ``prefix`` in ``bucket``, listed page by page (nothing read)."""
+        with self._guard():
+            # Asked first: some S3 servers answer a listing of a missing bucket with a body the SDK cannot
+            # parse (an "outage" to wait out), while a HEAD says plainly that it is not there.
+            if not self.client.bucket_exists(bucket):
+                raise NotFound(f"S3 at {self.endpoint} has no bucket {bucket!r}.")
+            for entry in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                if entry.object_name is not None and not entry.is_dir:
+                    yield entry.object_name, int(entry.size or 0)
+
+    def read_object(self, bucket: str, key: str) -> bytes:
+        with self._guard():
+            response = self.client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
 
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         # Signing is local computation (the region is configured), so this works even while S3 is down.

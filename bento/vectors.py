@@ -514,7 +514,9 @@ class VectorIndex:
         iterator = self._run(
             "query_iterator",
             lambda c, t: c.query_iterator(
-                name, batch_size=4096, filter=MAIN_VIEW, output_fields=["id", "label", "created_at"], timeout=t
+                name, batch_size=4096, filter=MAIN_VIEW, output_fields=["id", "label", "created_at"], timeout=t,
+                # Every write made before the scan starts is in it (those made during it are replayed).
+                consistency_level="Strong",
             ),
         )
         try:

@@ -14,14 +14,16 @@ from bento.errors import SearchError
 from bento.retry import RetryPolicy
 from ingest.job import IngestJob, IngestOptions
 from ingest.remote import RemoteEmbedding
+from ingest.sources import S3_SCHEME, open_source
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ingest",
-        description="Ingest an ImageNet-style folder: <folder>/<label>/<image>. Safe to interrupt and rerun.",
+        description="Ingest an ImageNet-style folder (<folder>/<label>/<image>) or bucket prefix "
+        "(s3://BUCKET/PREFIX, read with the RIS_S3_* settings). Safe to interrupt and rerun.",
     )
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("source", help="a folder, or s3://BUCKET/PREFIX")
     parser.add_argument("--batch-size", type=int, default=32, help="images embedded together (default 32)")
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: cores, max 4)")
     parser.add_argument("--service-url", help="embed through a running service (e.g. http://127.0.0.1:3000)")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shard-index", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")),
         help="this run's shard (default: $JOB_COMPLETION_INDEX of a Kubernetes Indexed Job, else 0)",
     )
-    parser.add_argument("--shard-count", type=int, default=1, help="number of shards splitting the folder (default 1)")
+    parser.add_argument("--shard-count", type=int, default=1, help="number of shards splitting the source (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
@@ -54,19 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     embedding: Embedding | None = None
     try:
+        source = open_source(args.source, settings)  # a wrong path or URL fails before the model loads
         if args.service_url:
             key = args.api_key or settings.auth.client_key.get_secret_value()
             embedding = RemoteEmbedding(args.service_url, retry, key)
         else:
             from models.store import load_embedder
 
-            if settings.model.precision == "int8" and settings.model.int8_calibration_dir is None:
+            folder = not args.source.startswith(S3_SCHEME)
+            if settings.model.precision == "int8" and settings.model.int8_calibration_dir is None and folder:
                 # The photos being ingested are the most typical calibration set there is.
-                settings = settings.but(model={"int8_calibration_dir": args.folder})
+                settings = settings.but(model={"int8_calibration_dir": Path(args.source)})
             embedding = load_embedder(settings)
         catalog = Catalog.in_process(settings, embedding, retry)
         try:
-            report = IngestJob(catalog, options).run(args.folder)
+            report = IngestJob(catalog, options).run(source)
         finally:
             catalog.close()
     except SearchError as exc:

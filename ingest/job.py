@@ -1,4 +1,4 @@
-"""Offline ingest of an image folder: batched, resumable, idempotent.
+"""Offline ingest of an image folder or bucket prefix (ingest/sources.py): batched, resumable, idempotent.
 
 ImageNet-style layout: ``<root>/<label>/.../<image>`` gives each image the label of its top-level
 folder; files directly in the root get no label. Images are keyed by content hash, so a rerun (after
@@ -23,8 +23,9 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from bento.catalog import Catalog, NewImage, clean_label
-from bento.errors import ImageTooLarge, InvalidImage, InvalidRequest, SearchError
+from bento.errors import BackendUnavailable, ImageTooLarge, InvalidImage, InvalidRequest, SearchError
 from bento.imaging import content_hash
+from ingest.sources import FolderSource, ImageSource, SourceFile, shard_of
 from models.pipeline import PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -75,15 +76,15 @@ class IngestOptions:
     batch_size: int = 32
     workers: int = max(1, min(4, os.cpu_count() or 1))
     progress: bool = True
-    # Sharding for parallel jobs (a Kubernetes Indexed Job): this run takes only the images whose
-    # content hash falls in its shard, so N pods split any folder without coordination or overlap.
+    # Sharding for parallel jobs (a Kubernetes Indexed Job): this run takes only the files whose name
+    # falls in its shard, so N pods split any source without coordination, each reading only its share.
     shard_index: int = 0
     shard_count: int = 1
 
 
 @dataclass
 class _Item:
-    path: Path
+    file: SourceFile
     label: str
     prepared: PreparedImage | None = None
     existing: bool = False
@@ -96,23 +97,16 @@ class _Chunk:
     items: list[_Item] = field(default_factory=list)
 
 
-def in_shard(image_id: str, shard_index: int, shard_count: int) -> bool:
-    """Stable assignment of an image to one of shard_count shards by its content hash."""
+def check_shard(shard_index: int, shard_count: int) -> None:
     if not 0 <= shard_index < shard_count:
         raise SearchError(f"shard index {shard_index} is outside 0..{shard_count - 1}")
-    return int(image_id[:16], 16) % shard_count == shard_index
 
 
 def scan_folder(root: Path) -> Iterator[tuple[Path, str]]:
-    """(path, label) for every non-hidden regular file, in a stable order."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        here = Path(dirpath)
-        relative = here.relative_to(root)
-        label = relative.parts[0] if relative.parts else ""
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield here / name, label
+    """(path, label) for every non-hidden regular file of a folder, in a stable order."""
+    source = FolderSource(root)
+    for file in source.files():
+        yield source.root / file.name, file.label
 
 
 class IngestJob:
@@ -123,28 +117,32 @@ class IngestJob:
         self.catalog = catalog
         self.options = options or IngestOptions()
 
-    # Runs in worker threads: read, hash, check presence, decode and preprocess one chunk.
-    def _prepare_chunk(self, files: list[tuple[Path, str]]) -> _Chunk:
+    def _read(self, source: ImageSource, file: SourceFile) -> bytes:
+        """A file's bytes; an outage of the source is ridden out like any other (the catalog's policy)."""
+        return self.catalog.retry.call(source.read, file)
+
+    # Runs in worker threads: read (only this shard's files), hash, check presence, decode and preprocess.
+    def _prepare_chunk(self, source: ImageSource, files: list[SourceFile]) -> _Chunk:
         chunk = _Chunk()
         loaded: list[tuple[_Item, bytes, str]] = []
         max_bytes = self.catalog.decode_limits.max_bytes
-        for path, label in files:
-            item = _Item(path=path, label=label)
+        for file in files:
+            item = _Item(file=file, label=file.label)
             chunk.items.append(item)
+            if shard_of(file.name, self.options.shard_count) != self.options.shard_index:
+                item.other_shard = True
+                continue
             try:
-                item.label = clean_label(label)
-                size = path.stat().st_size
-                if size > max_bytes:
-                    raise ImageTooLarge(f"{size} bytes; the limit is {max_bytes}")
-                data = path.read_bytes()
+                item.label = clean_label(file.label)
+                if file.size > max_bytes:
+                    raise ImageTooLarge(f"{file.size} bytes; the limit is {max_bytes}")
+                data = self._read(source, file)
+            except BackendUnavailable:
+                raise  # the source is down past the retry budget: stop, a rerun continues
             except (OSError, SearchError) as exc:
                 item.error = getattr(exc, "message", None) or f"cannot read: {exc}"
                 continue
-            image_id = content_hash(data)
-            if not in_shard(image_id, self.options.shard_index, self.options.shard_count):
-                item.other_shard = True
-                continue
-            loaded.append((item, data, image_id))
+            loaded.append((item, data, content_hash(data)))
         complete = self.catalog.complete_ids([image_id for _, _, image_id in loaded])
         for item, data, image_id in loaded:
             if image_id in complete:
@@ -156,12 +154,13 @@ class IngestJob:
                 item.error = exc.message
         return chunk
 
-    def run(self, folder: Path) -> IngestReport:
-        folder = folder.resolve()
-        if not folder.is_dir():
-            raise SearchError(f"{folder} is not a folder.")
-        report = IngestReport(folder=str(folder), model=self.catalog.model().model_id)
-        files = list(scan_folder(folder))
+    def run(self, source: ImageSource | Path) -> IngestReport:
+        """Ingest every file of ``source`` (a folder path is a FolderSource) that falls in this shard."""
+        check_shard(self.options.shard_index, self.options.shard_count)
+        if isinstance(source, Path):
+            source = FolderSource(source)
+        report = IngestReport(folder=source.location, model=self.catalog.model().model_id)
+        files = list(self.catalog.retry.call(lambda: list(source.files())))
         report.scanned = len(files)
         self.catalog.retry.call(self.catalog.vectors.ensure_ready)
         started = time.perf_counter()
@@ -176,10 +175,10 @@ class IngestJob:
         try:
             while next_chunk < len(chunks) or pending:
                 while next_chunk < len(chunks) and len(pending) < lookahead:
-                    pending.append(pool.submit(self._prepare_chunk, chunks[next_chunk]))
+                    pending.append(pool.submit(self._prepare_chunk, source, chunks[next_chunk]))
                     next_chunk += 1
                 chunk = pending.popleft().result()
-                self._write_chunk(chunk, folder, seen, report)
+                self._write_chunk(chunk, seen, report)
                 bar.update(len(chunk.items))
                 bar.set_postfix(new=report.ingested, skipped=report.skipped_existing, rejected=len(report.rejected))
         except KeyboardInterrupt:
@@ -196,11 +195,11 @@ class IngestJob:
         report.collection_count = self.catalog.retry.call(self.catalog.vectors.count)
         return report
 
-    def _write_chunk(self, chunk: _Chunk, root: Path, seen: set[str], report: IngestReport) -> None:
+    def _write_chunk(self, chunk: _Chunk, seen: set[str], report: IngestReport) -> None:
         fresh: list[NewImage] = []
         for item in chunk.items:
             if item.error is not None:
-                report.rejected.append(Rejected(path=str(item.path.relative_to(root)), reason=item.error))
+                report.rejected.append(Rejected(path=item.file.name, reason=item.error))
             elif item.other_shard:
                 report.other_shards += 1
             elif item.existing:
@@ -210,6 +209,6 @@ class IngestJob:
                     report.duplicates += 1
                     continue
                 seen.add(item.prepared.id)
-                fresh.append(NewImage(item.prepared, item.label, str(item.path.relative_to(root))))
+                fresh.append(NewImage(item.prepared, item.label, item.file.name))
         # New images and half-written ones (a row without its original) alike: the catalog repairs the latter.
         report.ingested += len(self.catalog.add_many(fresh))

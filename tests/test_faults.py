@@ -112,32 +112,46 @@ def test_s3_outage_under_the_service(milvus_server, own_s3, efficientnet, photo_
         insert = client.post("/api/images", files={"file": ("rocket.jpg", photo_set["originals"]["rocket"])})
         assert insert.status_code == 503 and insert.json()["error"] == "backend_unavailable"
         assert client.get("/readyz").status_code == 503
+        assert client.get("/ready").status_code == 503
         status = client.get("/api/status").json()
         assert status["ready"] is False and "S3" in status["error"]
 
         own_s3.start()
         _wait_for(lambda: client.get("/readyz").status_code == 200, 60, "readiness after S3 came back")
+        assert client.get("/ready").status_code == 200
         assert client.get(f"/api/images/{image_id}").content == data
         assert client.post("/api/images", files={"file": ("rocket.jpg", photo_set["originals"]["rocket"])}).status_code == 201
 
 
-def test_milvus_outage_under_the_service(milvus_server, s3_server, efficientnet, photo_set, tmp_path):
-    with _service_client(milvus_server, s3_server, "m", tmp_path, RIS_MILVUS_TIMEOUT_S="3") as client:
+def test_milvus_outage_under_the_service(milvus_server, s3_server, efficientnet, photo_set, keys, tmp_path):
+    """A 503 at once (no hang), readiness down, recovery by itself; with keys configured, the outage's
+    details (the Milvus address) are read by admin keys only."""
+    from bento.auth import hash_key
+
+    entries = f"reader:search:{hash_key(keys.search)}, ops:admin:{hash_key(keys.admin)}"
+    with _service_client(milvus_server, s3_server, "m", tmp_path, RIS_MILVUS_TIMEOUT_S="3", RIS_AUTH_KEYS=entries) as client:
+        admin = {"X-API-Key": keys.admin}
         data = photo_set["originals"]["rocket"]
-        image_id = client.post("/api/images", files={"file": ("rocket.jpg", data)}).json()["id"]
+        image_id = client.post("/api/images", files={"file": ("rocket.jpg", data)}, headers=admin).json()["id"]
 
         milvus_server.pause()
         started = time.monotonic()
-        search = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["rocket"])})
+        query = {"file": ("q.jpg", photo_set["queries"]["rocket"])}
+        search = client.post("/api/search", files=query, headers={"X-API-Key": keys.search})
         assert search.status_code == 503 and search.json()["error"] == "backend_unavailable"
         assert time.monotonic() - started < 45, "an unreachable Milvus must give a 503, not a hang"
+        assert milvus_server.uri.split("//")[-1] not in search.text and "try again" in search.json()["detail"]
+        operator = client.post("/api/search", files=query, headers=admin)
+        assert operator.status_code == 503 and milvus_server.uri.split("//")[-1] in operator.json()["detail"]
         assert client.get("/readyz").status_code == 503
-        status = client.get("/api/status")
+        assert client.get("/ready").status_code == 503
+        status = client.get("/api/status", headers=admin)
         assert status.status_code == 200 and status.json()["ready"] is False and "Milvus" in status.json()["error"]
 
         milvus_server.resume()
         _wait_for(lambda: client.get("/readyz").status_code == 200, 90, "readiness after Milvus came back")
-        hits = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["rocket"])}).json()["hits"]
+        assert client.get("/ready").status_code == 200
+        hits = client.post("/api/search", files=query).json()["hits"]
         assert hits[0]["id"] == image_id and client.get("/api/status").json()["count"] == 1
 
 

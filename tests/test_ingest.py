@@ -123,24 +123,39 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "is not a folder" in result.stderr
 
 
-def test_shards_split_a_folder_without_overlap(efficientnet, photo_set, tmp_path):
-    """N shard runs (a Kubernetes Indexed Job) together ingest every image exactly once."""
+def test_shards_split_a_folder_without_overlap_each_reading_only_its_share(efficientnet, photo_set, tmp_path):
+    """N shard runs (a Kubernetes Indexed Job) together ingest every image exactly once, and each reads
+    only its own files (the shard is chosen by the file's name, before any read)."""
     from bento.config import Settings
-    from ingest.job import in_shard
+    from ingest.job import check_shard
+    from ingest.sources import FolderSource
+
+    class CountingFolder(FolderSource):
+        def __init__(self, root):
+            super().__init__(root)
+            self.read_names: list[str] = []
+
+        def read(self, file):
+            self.read_names.append(file.name)
+            return super().read(file)
 
     catalog = local_catalog(Settings(data_dir=tmp_path / "data"), efficientnet)
     vectors = catalog.vectors
     total = sum(1 for _ in scan_folder(photo_set["root"]))
-    ingested = []
+    ingested, read = [], []
     for index in range(3):
+        source = CountingFolder(photo_set["root"])
         job = IngestJob(catalog, IngestOptions(progress=False, shard_index=index, shard_count=3))
-        report = job.run(photo_set["root"])
+        report = job.run(source)
         assert report.ingested + report.other_shards == total
+        assert len(source.read_names) == total - report.other_shards, "a shard reads only its own files"
         ingested.append(report.ingested)
+        read.extend(source.read_names)
     assert sum(ingested) == total == vectors.count() and all(ingested), ingested
-    assert in_shard("f" * 64, 0, 1)
+    assert sorted(read) == sorted(file.name for file in FolderSource(photo_set["root"]).files()), "each file read once"
+    check_shard(0, 1)
     with pytest.raises(Exception, match="outside"):
-        in_shard("f" * 64, 3, 3)
+        check_shard(3, 3)
     vectors.close()
 
 

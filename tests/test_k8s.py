@@ -29,10 +29,14 @@ BENTO_IMAGE = "reverse-image-search"
 
 # Every kustomization a user applies (k8s/secrets is rendered from its examples, see below).
 RENDERED = [
+    "namespace",
     "overlays/cpu", "overlays/gpu", "overlays/keda", "overlays/gpu-milvus-cluster", "jobs/ingest", "jobs/ingest-minio",
 ]
 WORKLOADS = ["overlays/cpu", "overlays/gpu", "overlays/keda", "overlays/gpu-milvus-cluster"]
 INGEST = ["jobs/ingest", "jobs/ingest-minio"]
+NAMESPACE = "ris"
+# The one kustomize Component naming the bento image (k8s/base and k8s/jobs/ingest include it).
+IMAGE_COMPONENT = "components/bento-image"
 # Schema-less custom resources and their owners (checked by hand below).
 CRD_KINDS = {"ScaledObject", "ServiceMonitor", "Milvus"}
 # The oldest and the newest Kubernetes the manifests are validated against (Indexed Job with
@@ -169,7 +173,11 @@ def _component(template: dict[str, Any]) -> str:
 
 def test_every_kustomization_is_rendered() -> None:
     found = {str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml")}
-    assert found - {"base", "secrets"} == set(RENDERED), "a new kustomization must be added to RENDERED"
+    components = {
+        str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml") if yaml.safe_load(p.read_text())["kind"] == "Component"
+    }
+    assert components == {IMAGE_COMPONENT}, "a new Component must be tested through what includes it"
+    assert found - {"base", "secrets"} - components == set(RENDERED), "a new kustomization must be added to RENDERED"
 
 
 def test_secrets_are_never_in_workload_renderings(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -234,21 +242,10 @@ def test_crd_objects_have_their_required_fields(rendered: dict[str, list[dict[st
         assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata values are strings"
     # KEDA owns the embedder's HPA: no second HPA may target it.
     assert not [h for h in _find(keda, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == target["name"]]
-
     for name in ("overlays/gpu", "overlays/keda"):
-        docs = rendered[name]
-        monitors = _find(docs, "ServiceMonitor")
-        assert monitors
-        for monitor in monitors:
+        assert _find(rendered[name], "ServiceMonitor"), f"{name}: no ServiceMonitor"
+        for monitor in _find(rendered[name], "ServiceMonitor"):
             assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-            selector = monitor["spec"]["selector"].get("matchLabels", {})
-            services = [s for s in _find(docs, "Service") if _matches(selector, s["metadata"]["labels"])]
-            for expr in monitor["spec"]["selector"].get("matchExpressions", []):
-                services = [s for s in services if s["metadata"]["labels"].get(expr["key"]) in expr["values"]]
-            assert services, f"ServiceMonitor {monitor['metadata']['name']} selects no Service"
-            for endpoint in monitor["spec"]["endpoints"]:
-                for service in services:
-                    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
 
     (milvus,) = rendered["milvus-cluster"]
     assert milvus["apiVersion"] == "milvus.io/v1beta1" and milvus["kind"] == "Milvus"
@@ -460,13 +457,23 @@ def _service_names() -> dict[str, str]:
 def test_probes_hit_endpoints_the_bento_serves(rendered: dict[str, list[dict[str, Any]]]) -> None:
     routes = _bentoml_system_routes()
     assert {"/livez", "/readyz", "/metrics"} <= routes
+    # The API pod also serves service.py's own routes (its FastAPI app), among them /ready: whether
+    # this pod can serve (Milvus, MinIO), without BentoML's /readyz's dependency on the embedder.
+    api_routes = routes | {p for m, p, _ in _service_routes()[0] if m == "GET"}
+    assert "/ready" in api_routes, "service.py serves no GET /ready (the API's readinessProbe)"
+    served = {"ris-api": api_routes, "ris-embedder": routes}
+    expected_readiness = {"ris-api": "/ready", "ris-embedder": "/readyz"}
     for name in WORKLOADS:
         for workload, container in _bento_containers(rendered[name]):
             ports = {p["name"] for p in container["ports"]}
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 get = container[probe]["httpGet"]
-                assert get["path"] in routes, f"{name} {workload} {probe}: {get['path']}"
-                assert get["port"] in ports
+                assert get["path"] in served[workload], f"{name} {workload} {probe}: {get['path']}"
+                assert get["port"] in ports and get["port"] == "http"
+            # Readiness: the API's own /ready in every overlay (no overlay may swap it for a workaround);
+            # liveness stays on /livez (a dependency outage must not restart the pod).
+            assert container["readinessProbe"]["httpGet"]["path"] == expected_readiness[workload], f"{name} {workload}"
+            assert container["livenessProbe"]["httpGet"]["path"] == "/livez", f"{name} {workload}"
             # Realistic start-up allowance: model load, warm-up, CUDA init, a cold image cache.
             startup = container["startupProbe"]
             assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
@@ -526,11 +533,32 @@ def test_every_deployment_scales_and_has_a_disruption_budget(rendered: dict[str,
 
 
 def test_images_are_consistent_and_pinned(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    for name in WORKLOADS:
-        bento = {c["image"] for _, c in _bento_containers(rendered[name])}
-        assert len(bento) == 1, f"{name}: the API and the embedder run different images {bento}"
-        ingest = {c["image"] for _, c in _bento_containers(rendered["jobs/ingest"])}
-        assert ingest == {f"{BENTO_IMAGE}:0.1.0"} and bento.pop().endswith(":0.1.0")
+    # The Jobs are applied on their own next to whichever overlay runs: every rendering must name the
+    # same bento image, from a registry (a bare `reverse-image-search` is pulled from Docker Hub's
+    # library namespace: ImagePullBackOff on a real cluster).
+    images: dict[str, set[str]] = {}
+    for name in WORKLOADS + INGEST:
+        found = {c["image"] for _, c in _bento_containers(rendered[name])}
+        assert found, f"{name}: no container runs the bento image"
+        images[name] = found
+    everywhere = set().union(*images.values())
+    assert len(everywhere) == 1, f"renderings run different bento images: {images}"
+    (image,) = everywhere
+    registry = image.split("/")[0]
+    assert "/" in image and ("." in registry or ":" in registry or registry == "localhost"), f"{image}: no registry host"
+    # One place sets it: the Component, included by base (every overlay) and the ingest Job.
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        where = str(kustomization.parent.relative_to(K8S))
+        content = yaml.safe_load(kustomization.read_text())
+        names = {i["name"] for i in content.get("images", [])}
+        if where == IMAGE_COMPONENT:
+            assert names == {BENTO_IMAGE}
+        else:
+            assert BENTO_IMAGE not in names, f"k8s/{where} sets the bento image: only k8s/{IMAGE_COMPONENT} may"
+    for includer in ("base", "jobs/ingest"):
+        content = yaml.safe_load((K8S / includer / "kustomization.yaml").read_text())
+        included = {str((K8S / includer / c).resolve().relative_to(K8S)) for c in content.get("components", [])}
+        assert IMAGE_COMPONENT in included, f"k8s/{includer} does not include k8s/{IMAGE_COMPONENT}"
     for name in RENDERED:
         for _, template in _pod_templates(rendered[name]):
             for container in _containers(template):
@@ -561,10 +589,28 @@ def test_ingest_job_is_sharded_and_wired(rendered: dict[str, list[dict[str, Any]
     assert [e["configMapRef"]["name"] for e in container["envFrom"]] == ["ris-settings"]
     assert env["RIS_S3_ACCESS_KEY"]["secret"] == ("ris-s3", "RIS_S3_ACCESS_KEY")
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert args[3] in mounts
+    # Kubernetes expands $(VAR) in args from the container's env; an undefined one stays literal.
+    defined = {e["name"] for e in container.get("env", [])}
+    for arg in args:
+        for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", str(arg)):
+            assert var in defined, f"{job_dir}: $({var}) in the args is not in the container's env"
+    source = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)]["value"], args[3])
+    volumes = spec["template"]["spec"]["volumes"]
     if job_dir == "jobs/ingest-minio":
-        (fetch,) = spec["template"]["spec"]["initContainers"]
-        assert "mc mirror" in fetch["args"][0] and args[3] in {m["mountPath"] for m in fetch["volumeMounts"]}
+        # python -m ingest streams the objects itself: no copy into the pod first.
+        assert source.startswith("s3://"), source
+        assert "initContainers" not in spec["template"]["spec"]
+        assert [v["name"] for v in volumes] == ["tmp"] and "emptyDir" in volumes[0] and mounts == {"/tmp"}
+        assert {"RIS_S3_ENDPOINT", "RIS_S3_SECURE", "RIS_S3_REGION", "RIS_S3_SECRET_KEY"} <= set(env)
+        # The source bucket is one the setup Job lets the app user (ris-s3) read.
+        bucket = source.removeprefix("s3://").split("/")[0]
+        setup = _one(rendered["overlays/cpu"], "Job", "ris-minio-setup")["spec"]["template"]["spec"]["containers"][0]
+        assert bucket == _env(setup, rendered["overlays/cpu"])["INCOMING_BUCKET"]["value"]
+        assert env["RIS_S3_ACCESS_KEY"]["secret"][0] == _env(setup, rendered["overlays/cpu"])["APP_ACCESS_KEY"]["secret"][0]
+    else:
+        assert source in mounts
+        claims = [v for v in volumes if "persistentVolumeClaim" in v]
+        assert claims and all(v["persistentVolumeClaim"]["readOnly"] for v in claims)
 
 
 # --- API keys and the public edge --------------------------------------------------------------------
@@ -667,7 +713,7 @@ PUBLIC_PATHS = {
     ("/openapi.json", "Exact"),
 }
 # Never through the Ingress: admin routes, probes, metrics, BentoML's own schema routes.
-PRIVATE_PATHS = ["/api/index", "/api/embed", "/metrics", "/readyz", "/livez", "/healthz", "/schema.json", "/docs.json"]
+PRIVATE_PATHS = ["/api/index", "/api/embed", "/metrics", "/ready", "/readyz", "/livez", "/healthz", "/schema.json", "/docs.json"]
 # Write routes the public paths do reach (they check the write scope); a new one must be added here knowingly.
 PUBLIC_WRITE_ROUTES = {("POST", "/api/images"), ("DELETE", "/api/images/{image_id}")}
 
@@ -771,3 +817,523 @@ def test_public_paths_match_the_services_routes_and_scopes() -> None:
     for path, path_type in paths:
         targets = [sample(p) for _, p, _ in routes if ":path}" not in p] + sorted(other)
         assert any(_routes(path, path_type, t) for t in targets), f"{path} ({path_type}) reaches no route of service.py"
+
+
+# --- operations: namespace, images, autoscaling, volumes, rollouts, monitoring ------------------------
+
+# Kinds that have no namespace. Every other kind the renderings contain must be listed in NAMESPACED,
+# so a new kind is classified knowingly (CRD kinds included: ServiceMonitor, ScaledObject).
+CLUSTER_SCOPED = {
+    "Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass", "PriorityClass",
+    "IngressClass", "CustomResourceDefinition", "ClusterIssuer", "ClusterTriggerAuthentication",
+}
+NAMESPACED = {
+    "ServiceAccount", "Service", "Deployment", "StatefulSet", "Job", "ConfigMap", "Secret", "PersistentVolumeClaim",
+    "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress", "NetworkPolicy", "Role", "RoleBinding",
+    "ServiceMonitor", "PodMonitor", "ScaledObject", "TriggerAuthentication",
+}
+
+
+def test_every_namespaced_object_is_in_the_products_namespace(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """An object without a namespace lands in whatever namespace `kubectl apply` uses (often `default`):
+    a ServiceMonitor or ScaledObject there selects nothing in `ris`."""
+    for name in [*RENDERED, "secrets"]:
+        for doc in rendered[name]:
+            kind, where = doc["kind"], f"{name} {doc['kind']}/{doc['metadata']['name']}"
+            assert kind in NAMESPACED | CLUSTER_SCOPED, f"{where}: classify {kind} as namespaced or cluster-scoped"
+            if kind in NAMESPACED:
+                assert doc["metadata"].get("namespace") == NAMESPACE, f"{where} is not in namespace {NAMESPACE}"
+            else:
+                assert "namespace" not in doc["metadata"], where
+
+
+def test_the_namespace_is_applied_apart_from_every_overlay_and_job(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """`kubectl delete -k overlays/x` must never delete the namespace (and with it every PVC: all data)."""
+    for name in [n for n in RENDERED if n != "namespace"] + ["secrets"]:
+        assert not _find(rendered[name], "Namespace"), f"{name} renders a Namespace: deleting it would delete all data"
+    (namespace,) = rendered["namespace"]
+    assert namespace["kind"] == "Namespace" and namespace["metadata"]["name"] == NAMESPACE
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_milvus_can_execute_its_root_group_files(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """milvusdb/milvus ships bin/, lib/, configs/ as root:root 774: a non-root uid needs group 0."""
+    checked = 0
+    for name in RENDERED:
+        for workload, template in _pod_templates(rendered[name]):
+            if any(c["image"].split(":")[0].endswith("milvusdb/milvus") for c in _containers(template)):
+                checked += 1
+                context = template["spec"]["securityContext"]
+                assert context["runAsUser"] != 0 and context["runAsNonRoot"] is True
+                groups = [context.get("runAsGroup"), *context.get("supplementalGroups", [])]
+                assert 0 in groups, f"{name} {workload['metadata']['name']}: Milvus cannot exec its root:root 774 files"
+    assert checked, "no Milvus pod rendered"
+
+
+def _autoscaled(docs: list[dict[str, Any]]) -> set[str]:
+    refs = [h["spec"]["scaleTargetRef"] for h in _find(docs, "HorizontalPodAutoscaler") + _find(docs, "ScaledObject")]
+    return {r["name"] for r in refs if r.get("kind", "Deployment") == "Deployment"}
+
+
+def test_autoscaled_deployments_leave_replicas_to_the_autoscaler(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """spec.replicas on an autoscaled Deployment is reset by every `kubectl apply` (and wakes a GPU pod
+    that KEDA scaled to zero)."""
+    for name in WORKLOADS:
+        targets = _autoscaled(rendered[name])
+        assert targets, f"{name}: nothing is autoscaled"
+        for target in targets:
+            deployment = _one(rendered[name], "Deployment", target)
+            assert "replicas" not in deployment["spec"], f"{name}: Deployment {target} sets replicas and is autoscaled"
+
+
+def test_pods_with_fsgroup_and_a_volume_claim_skip_the_recursive_chown(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Without OnRootMismatch the kubelet walks the whole volume on every start (minutes for large data)."""
+    checked = 0
+    for name in RENDERED:
+        for workload, template in _pod_templates(rendered[name]):
+            context = template["spec"]["securityContext"]
+            claims = workload["spec"].get("volumeClaimTemplates", []) + [
+                v for v in template["spec"].get("volumes", []) if "persistentVolumeClaim" in v
+            ]
+            if "fsGroup" in context and claims:
+                checked += 1
+                assert context.get("fsGroupChangePolicy") == "OnRootMismatch", f"{name} {workload['metadata']['name']}"
+    assert checked >= 3, "Milvus, etcd and MinIO (at least) have volumes"
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_UNITS = {
+    None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+}
+
+
+def _bytes(quantity: str | int) -> float:
+    """A Kubernetes quantity (5Gi, 500M, 1073741824) in bytes."""
+    found = _QUANTITY.match(str(quantity))
+    assert found, f"not a byte quantity: {quantity}"
+    return float(found.group(1)) * _UNITS[found.group(2)]
+
+
+def test_quantity_parsing() -> None:
+    assert _bytes("5Gi") == 5 * 2**30 and _bytes("512Mi") == 2**29 and _bytes("1G") == 10**9 and _bytes(1024) == 1024
+
+
+ETCD_WAL_BYTES = 5 * 64 * 2**20  # etcd keeps up to --max-wals=5 WAL files of 64 MiB next to the database
+
+
+def test_etcd_quota_fits_its_volume(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """A quota larger than the disk lets the disk fill up first (etcd corrupts) instead of the quota alarm
+    refusing writes (recoverable: compact + defrag)."""
+    checked = 0
+    for name in RENDERED:
+        for etcd in _find(rendered[name], "StatefulSet", "ris-etcd"):
+            checked += 1
+            container = etcd["spec"]["template"]["spec"]["containers"][0]
+            words = [*container.get("command", []), *container.get("args", [])]
+            flags = [w.split("=", 1)[1] for w in words if w.startswith("--quota-backend-bytes=")]
+            envs = [e["value"] for e in container.get("env", []) if e["name"] == "ETCD_QUOTA_BACKEND_BYTES"]
+            assert len(flags + envs) == 1, f"{name}: set the etcd quota exactly once (flag or ETCD_QUOTA_BACKEND_BYTES)"
+            quota = _bytes((flags + envs)[0])
+            (claim,) = [c for c in etcd["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == "data"]
+            volume = _bytes(claim["spec"]["resources"]["requests"]["storage"])
+            assert quota <= 0.8 * volume, f"{name}: etcd quota {quota:.0f} B > 80% of its {volume:.0f} B volume"
+            assert quota + ETCD_WAL_BYTES <= volume, f"{name}: etcd quota + WAL exceed the volume"
+    assert checked >= 3, "etcd renders in cpu, gpu and keda"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if not _matches(selector.get("matchLabels", {}), labels):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+            "Exists": key in labels, "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_service_monitors_select_services_of_their_rendering(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """A ServiceMonitor that selects no Service scrapes nothing, silently (its HPAs/KEDA then see no data)."""
+    for name in RENDERED:
+        docs = rendered[name]
+        for monitor in _find(docs, "ServiceMonitor"):
+            where = f"{name} ServiceMonitor/{monitor['metadata']['name']}"
+            namespaces = monitor["spec"].get("namespaceSelector", {}).get("matchNames", [monitor["metadata"]["namespace"]])
+            services = [
+                s for s in _find(docs, "Service")
+                if s["metadata"]["namespace"] in namespaces and _selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+            ]
+            assert services, f"{where} selects no Service in this rendering"
+            for endpoint in monitor["spec"]["endpoints"]:
+                scraped: list[str] = []
+                for service in services:
+                    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}, f"{where}: {service['metadata']['name']}"
+                    scraped += [
+                        w["metadata"]["name"] for w, t in _pod_templates(docs)
+                        if _matches(service["spec"]["selector"], t["metadata"]["labels"])
+                    ]
+                assert len(scraped) == len(set(scraped)), f"{where}: pods scraped twice (through two Services): {scraped}"
+
+
+def test_service_monitors_carry_the_prometheus_release_label(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """kube-prometheus-stack's Prometheus selects ServiceMonitors by `release: <Helm release>`."""
+    values = yaml.safe_load((K8S / "milvus-cluster" / "values.yaml").read_text())
+    release = values["metrics"]["serviceMonitor"]["additionalLabels"]["release"]
+    assert values["metrics"]["serviceMonitor"]["enabled"] is True
+    monitors = [m for name in RENDERED for m in _find(rendered[name], "ServiceMonitor")]
+    assert monitors
+    for monitor in monitors:
+        assert monitor["metadata"]["labels"].get("release") == release, monitor["metadata"]["name"]
+
+
+def test_statefulsets_are_governed_by_headless_services(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """spec.serviceName must name a headless Service (stable pod DNS); clients keep a ClusterIP Service."""
+    checked = 0
+    for name in RENDERED:
+        docs = rendered[name]
+        for statefulset in _find(docs, "StatefulSet"):
+            checked += 1
+            where = f"{name} StatefulSet/{statefulset['metadata']['name']}"
+            labels = statefulset["spec"]["template"]["metadata"]["labels"]
+            governing = _find(docs, "Service", statefulset["spec"]["serviceName"])
+            assert governing, f"{where}: serviceName {statefulset['spec']['serviceName']} is not rendered"
+            assert governing[0]["spec"].get("clusterIP") == "None", f"{where}: its serviceName is not headless"
+            assert _matches(governing[0]["spec"]["selector"], labels), f"{where}: the headless Service selects other pods"
+            clients = [
+                s for s in _find(docs, "Service")
+                if s["spec"].get("clusterIP") != "None" and _matches(s["spec"]["selector"], labels)
+            ]
+            assert clients, f"{where}: no ClusterIP Service for clients"
+    assert checked
+
+
+# Labels the Prometheus Operator puts on every target of a ServiceMonitor, and BentoML 1.4's labels
+# on bentoml_service_* (RunnerTrafficMetricsMiddleware, namespace bentoml_service).
+OPERATOR_TARGET_LABELS = {"namespace", "service", "pod", "container", "endpoint", "job", "instance"}
+BENTOML_LABELS = {"endpoint", "service_name", "service_version", "runner_name", "http_response_code"}
+
+
+def _bento_honor_labels(rendered: dict[str, list[dict[str, Any]]]) -> bool:
+    """honorLabels of the ServiceMonitor endpoints that scrape the bento (one value everywhere)."""
+    found: set[bool] = set()
+    for name in ("overlays/gpu", "overlays/keda", "overlays/gpu-milvus-cluster"):
+        docs = rendered[name]
+        bento = [s for s in _find(docs, "Service") if s["metadata"]["name"] in ("ris-api", "ris-embedder")]
+        for monitor in _find(docs, "ServiceMonitor"):
+            if any(_selects(monitor["spec"]["selector"], s["metadata"]["labels"]) for s in bento):
+                found |= {bool(e.get("honorLabels", False)) for e in monitor["spec"]["endpoints"]}
+    assert len(found) == 1, f"the bento's ServiceMonitor endpoints disagree on honorLabels: {found}"
+    return found.pop()
+
+
+def _stored_labels(honor_labels: bool) -> tuple[set[str], str]:
+    """(label names a bentoml_service_* series has in Prometheus, the name of BentoML's request-path label)."""
+    if honor_labels:
+        return OPERATOR_TARGET_LABELS | BENTOML_LABELS, "endpoint"
+    clashes = BENTOML_LABELS & OPERATOR_TARGET_LABELS
+    return OPERATOR_TARGET_LABELS | (BENTOML_LABELS - clashes) | {f"exported_{c}" for c in clashes}, "exported_endpoint"
+
+
+_SELECTOR = re.compile(r"\{([^{}]*)\}")
+_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
+
+
+def _promql_matchers(query: str) -> list[tuple[str, str, str]]:
+    """(label, operator, value) of every label matcher in the query's {...} selectors (template
+    placeholders such as prometheus-adapter's <<.LabelMatchers>> are skipped)."""
+    found = []
+    for selector in _SELECTOR.findall(query):
+        for part in selector.split(","):
+            if not part.strip() or part.strip().startswith("<<"):
+                continue
+            matcher = _MATCHER.fullmatch(part)
+            assert matcher, f"cannot parse the matcher {part!r} in {query!r}"
+            found.append(matcher.groups())
+    return found
+
+
+def test_promql_matcher_parsing() -> None:
+    assert _promql_matchers('sum(x{<<.LabelMatchers>>, a=~"b|c", d!="e"}) by (<<.GroupBy>>)') == [("a", "=~", "b|c"), ("d", "!=", "e")]
+
+
+def test_promql_selectors_use_the_label_names_prometheus_stores(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The operator's scrape adds its own `endpoint` (the port name): with honorLabels false, BentoML's
+    request-path label is stored as `exported_endpoint`. A query filtering paths on `endpoint` matches
+    nothing (KEDA never wakes the embedder) or excludes nothing (probes counted as load)."""
+    stored, path_label = _stored_labels(_bento_honor_labels(rendered))
+    port_names = {e["port"] for m in _find(rendered["overlays/gpu"], "ServiceMonitor") for e in m["spec"]["endpoints"]}
+    queries = [t["metadata"]["query"] for t in _one(rendered["overlays/keda"], "ScaledObject", "ris-embedder")["spec"]["triggers"]]
+    adapter = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    queries += [q for rule in adapter["rules"]["custom"] for q in (rule["seriesQuery"], rule["metricsQuery"])]
+    path_filters = 0
+    for query in queries:
+        for label, _, value in _promql_matchers(query):
+            assert label in stored, f"{label!r} does not exist after the scrape (labels: {sorted(stored)}): {query}"
+            if value.startswith("/"):
+                path_filters += 1
+                assert label == path_label, f"request paths are in {path_label!r}, not {label!r}: {query}"
+            if label == "endpoint" and path_label != "endpoint":
+                assert set(value.split("|")) <= port_names, f"`endpoint` is the scrape port's name here: {query}"
+    assert path_filters >= 3, "the wake-up query, the in-flight query and the adapter rule all filter on paths"
+
+
+def _traffic_timeouts() -> dict[str, float]:
+    """class name -> traffic timeout (s) of each @bentoml.service in service.py (BentoML's default: 60)."""
+    tree = ast.parse((ROOT / "service.py").read_text())
+    timeouts: dict[str, float] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and ast.unparse(deco.func) == "bentoml.service":
+                    traffic = next((k.value for k in deco.keywords if k.arg == "traffic"), None)
+                    timeouts[node.name] = float(ast.literal_eval(traffic).get("timeout", 60)) if traffic else 60.0
+    return timeouts
+
+
+def test_bento_pods_drain_before_they_stop(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """A preStop delay keeps a terminating pod serving while its removal from the Service propagates; the
+    grace period covers that delay plus the longest request the service lets run."""
+    timeouts = _traffic_timeouts()
+    entry = {"ris-api": "ImageSearch", "ris-embedder": "Embedder"}  # the service each Deployment's port serves
+    for name in WORKLOADS:
+        for workload, container in _bento_containers(rendered[name]):
+            command = container["lifecycle"]["preStop"]["exec"]["command"]
+            assert command[0] in ("sleep", "/bin/sleep") and len(command) == 2, f"{name} {workload}: {command}"
+            delay = float(command[1])
+            assert 5 <= delay <= 30, f"{name} {workload}: preStop sleep {delay}"
+            grace = _one(rendered[name], "Deployment", workload)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert grace > delay + timeouts[entry[workload]], f"{name} {workload}: grace {grace} s"
+
+
+def test_ingest_pods_reach_minio_milvus_and_the_api(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Both ingest Jobs read and write MinIO, write Milvus and embed through the API: the NetworkPolicies
+    (default deny) must admit them."""
+    for overlay in ("overlays/cpu", "overlays/gpu", "overlays/keda"):
+        docs = rendered[overlay]
+        policies = _find(docs, "NetworkPolicy")
+        targets = {_component(t): t for _, t in _pod_templates(docs)}
+        for job in INGEST:
+            (template,) = [t for _, t in _pod_templates(rendered[job])]
+            for component, port in (("minio", "s3"), ("milvus", "grpc"), ("api", "http")):
+                sources = _allowed_sources(policies, targets[component], port)
+                admitted = any(
+                    not source or ("podSelector" in source and "namespaceSelector" not in source
+                                   and _matches(source["podSelector"].get("matchLabels", {}), template["metadata"]["labels"]))
+                    for source in sources
+                )
+                assert admitted, f"{overlay}: {job} pods cannot reach {component}:{port}"
+
+
+# --- the MinIO setup script: the mc image has a shell and mc, nothing else ------------------------------
+
+# Built into every POSIX sh (dash, bash, busybox ash): the special built-ins and the usual regular ones.
+SH_BUILTINS = {
+    ":", ".", "break", "continue", "eval", "exec", "exit", "export", "readonly", "return", "set", "shift", "times",
+    "trap", "unset", "echo", "printf", "test", "[", "read", "cd", "pwd", "true", "false", "command", "wait",
+    "umask", "getopts", "kill", "type", "hash", "alias", "unalias", "jobs", "fg", "bg",
+}
+SH_RESERVED_OPENERS = {"if", "then", "else", "elif", "do", "while", "until", "!", "{"}
+SH_RESERVED_CLOSERS = {"fi", "done", "}"}
+_OPERATORS = ["&&", "||", ";;", ">>", ">&", "<&", "<<", ";", "&", "|", "(", ")", "<", ">"]
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def _sh_tokens(script: str, commands: list[str]) -> list[tuple[str, str]]:
+    """Words and operators of a shell script, quotes respected; the command words of $(...) substitutions
+    go to `commands` directly. Refuses what it does not model (heredocs, backticks, $(( )), $() inside
+    double quotes) rather than guess."""
+    tokens: list[tuple[str, str]] = []
+    word, in_word, i, n = "", False, 0, len(script)
+
+    def end_word() -> None:
+        nonlocal word, in_word
+        if in_word:
+            tokens.append(("word", word))
+        word, in_word = "", False
+
+    while i < n:
+        c = script[i]
+        if c == "\\" and i + 1 < n:
+            if script[i + 1] != "\n":
+                word, in_word = word + script[i + 1], True
+            i += 2
+        elif c == "'":
+            j = script.index("'", i + 1)
+            word, in_word, i = word + script[i + 1:j], True, j + 1
+        elif c == '"':
+            j = i + 1
+            while script[j] != '"':
+                assert script[j] != "`" and script[j:j + 2] != "$(", "keep command substitutions out of double quotes"
+                j += 2 if script[j] == "\\" else 1
+            word, in_word, i = word + script[i + 1:j], True, j + 1
+        elif c == "`":
+            raise AssertionError("backticks: use $(...)")
+        elif script.startswith("$((", i):
+            raise AssertionError("arithmetic expansion is not modelled")
+        elif script.startswith("$(", i):
+            depth, j = 1, i + 2
+            while depth:
+                if script[j] in "'\"":
+                    j = script.index(script[j], j + 1)
+                depth += {"(": 1, ")": -1}.get(script[j], 0)
+                j += 1
+            commands.extend(_sh_command_words(script[i + 2:j - 1]))
+            word, in_word, i = word + "X", True, j
+        elif script.startswith("${", i):
+            j = script.index("}", i)
+            word, in_word, i = word + script[i:j + 1], True, j + 1
+        elif c == "#" and not in_word:
+            i = script.find("\n", i) if "\n" in script[i:] else n
+        elif c == "\n":
+            end_word()
+            tokens.append(("op", "\n"))
+            i += 1
+        elif c in " \t":
+            end_word()
+            i += 1
+        else:
+            op = next((o for o in _OPERATORS if script.startswith(o, i)), None)
+            if op is None:
+                word, in_word, i = word + c, True, i + 1
+                continue
+            assert op != "<<", "heredocs are not modelled"
+            if op[0] in "<>" and in_word and word.isdigit():
+                word, in_word = "", False  # an IO number (2>...)
+            end_word()
+            tokens.append(("op", op))
+            i += len(op)
+    end_word()
+    return tokens
+
+
+def _sh_command_words(script: str) -> list[str]:
+    """Every word a POSIX shell would run as a command in the script (builtins and programs alike)."""
+    commands: list[str] = []
+    tokens = _sh_tokens(script, commands)
+    expect_command, skip_next, mode = True, False, []  # mode: a stack of "case-subject", "patterns", "body", "for"
+    for kind, text in tokens:
+        if skip_next:  # the target of a redirection
+            skip_next = False
+            continue
+        if kind == "op" and text in ("<", ">", ">>", ">&", "<&"):
+            skip_next = True
+            continue
+        state = mode[-1] if mode else None
+        if state == "case-subject":
+            if kind == "word" and text == "in":
+                mode[-1] = "patterns"
+            continue
+        if state == "patterns":
+            if kind == "word" and text == "esac":
+                mode.pop()
+                expect_command = False
+            elif kind == "op" and text == ")":
+                mode[-1] = "body"
+                expect_command = True
+            continue
+        if state == "for":
+            if kind == "op" and text in (";", "\n"):
+                mode.pop()
+                expect_command = True
+            continue
+        if kind == "op":
+            if text == ";;" and state == "body":
+                mode[-1] = "patterns"
+            expect_command = True
+            continue
+        if not expect_command:
+            continue
+        if text == "esac" and state == "body":
+            mode.pop()
+            expect_command = False
+        elif text == "case":
+            mode.append("case-subject")
+        elif text == "for":
+            mode.append("for")
+        elif text in SH_RESERVED_OPENERS:
+            expect_command = True
+        elif text in SH_RESERVED_CLOSERS:
+            expect_command = False
+        elif _ASSIGNMENT.match(text):
+            expect_command = True
+        else:
+            commands.append(text)
+            expect_command = False
+    assert not mode, f"unbalanced case/for in the script: {mode}"
+    return commands
+
+
+def test_sh_command_words_finds_every_command() -> None:
+    """The tokenizer sees commands wherever sh runs them (so the allow-list test below means something)."""
+    found = _sh_command_words(
+        "set -e  # comment: grep\n"
+        "until mc ready x >/dev/null 2>&1; do sleep 5; done\n"
+        "v=$(cat /f | tr a b) && echo \"$v grep\" || awk 1\n"
+        "for b in a \"c d\" wc; do mc mb \"x/$b\"; done\n"
+        "case \"$v\" in\n  *grep*|sed) cut -c1 ;;\n  *) printf '%s' 'sort'; exit 1 ;;\nesac\n"
+        "if test -n \"$v\"; then { head -1; }; fi\n"
+        "x=1 y=2 env\n"
+    )
+    # (the words of $(...) come first: the tokenizer collects them as it meets them)
+    assert sorted(found) == sorted(["set", "mc", "sleep", "cat", "tr", "echo", "awk", "mc", "cut", "printf", "exit", "test", "head", "env"])
+    for unsupported in ("cat <<EOF\nx\nEOF\n", "echo `id`", "echo \"$(id)\""):
+        with pytest.raises(AssertionError):
+            _sh_command_words(unsupported)
+
+
+def _mc_scripts(rendered: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    scripts = []
+    for name in RENDERED:
+        for workload, template in _pod_templates(rendered[name]):
+            for container in _containers(template):
+                if container["image"].split(":")[0] == "minio/mc":
+                    assert container["command"][0] in ("/bin/sh", "sh") and len(container["args"]) == 1
+                    scripts.append((f"{name} {workload['metadata']['name']}", container["args"][0]))
+    return scripts
+
+
+def test_mc_scripts_use_only_shell_builtins_and_mc(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The minio/mc image is ubi-micro based: no grep, sed, awk, cat, sleep... only the shell and mc."""
+    scripts = _mc_scripts(rendered)
+    assert scripts, "no mc container rendered (the MinIO setup Job)"
+    for where, script in scripts:
+        words = _sh_command_words(script)
+        assert "mc" in words
+        outside = sorted(set(words) - SH_BUILTINS - {"mc"})
+        assert not outside, f"{where}: not in the mc image: {outside}"
+
+
+@pytest.mark.skipif(not Path("/bin/sh").exists(), reason="no /bin/sh")
+def test_minio_setup_script_runs_with_nothing_but_mc_on_the_path(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """Run the setup script under /bin/sh with PATH holding only a stand-in `mc`: any other program would
+    be `not found`. The policies it writes must be valid JSON naming the buckets."""
+    job = _one(rendered["overlays/cpu"], "Job", "ris-minio-setup")["spec"]["template"]["spec"]["containers"][0]
+    script = job["args"][0].replace("/tmp/", f"{tmp_path}/")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mc").write_text(
+        "#!/bin/sh\n"
+        'echo "$*" >> "$MC_LOG"\n'
+        'case "$1 $2 $3" in "admin user info") echo "AccessKey: $5"; echo "PolicyName: ris-app,ris-milvus" ;; esac\n'
+    )
+    (fake / "mc").chmod(0o755)
+    env = {k: v["value"] for k, v in _env(job, rendered["overlays/cpu"]).items() if "value" in v}
+    env |= {"PATH": str(fake), "MC_LOG": str(tmp_path / "calls"), "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "pw",
+            "APP_ACCESS_KEY": "app", "APP_SECRET_KEY": "s1", "MILVUS_ACCESS_KEY": "milvus", "MILVUS_SECRET_KEY": "s2"}
+    done = subprocess.run(["/bin/sh", "-ec", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "buckets and users ready" in done.stdout
+    app = json.loads((tmp_path / "app.json").read_text())
+    assert {r for s in app["Statement"] for r in s["Resource"]} == {
+        f"arn:aws:s3:::{env['IMAGES_BUCKET']}", f"arn:aws:s3:::{env['IMAGES_BUCKET']}/*",
+        f"arn:aws:s3:::{env['INCOMING_BUCKET']}", f"arn:aws:s3:::{env['INCOMING_BUCKET']}/*",
+    }
+    milvus = json.loads((tmp_path / "milvus.json").read_text())
+    assert {r for s in milvus["Statement"] for r in s["Resource"]} == {f"arn:aws:s3:::{env['MILVUS_BUCKET']}", f"arn:aws:s3:::{env['MILVUS_BUCKET']}/*"}
+    calls = (tmp_path / "calls").read_text()
+    assert "mb --ignore-existing ris/images" in calls and "admin policy attach ris ris-app --user app" in calls
