@@ -31,6 +31,7 @@ import bentoml
 import numpy as np
 import psutil
 from bentoml.exceptions import BentoMLException
+from bentoml.validators import DType
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -147,8 +148,11 @@ class Embedder:
         self.embedder = load_embedder(get_settings())
         self.embedder.warm_up()
 
+    # The dtypes are declared: reached by URL (its own Deployment), BentoML's client sends arrays as JSON
+    # lists, which arrive as int64 without them (found running the two containers; inside one `bentoml
+    # serve` the arrays travel as binary pickles and keep their dtype).
     @bentoml.api(**embed_batching_options(DEPLOYMENT))
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def embed(self, pixels: Annotated[np.ndarray, DType("uint8")]) -> Annotated[np.ndarray, DType("float32")]:
         """(N, crop, crop, 3) uint8 -> (N, dim) float32 unit vectors (callers check the shape first)."""
         return self.embedder.embed(pixels)
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Build the image (scripts/container.sh) and run it as deployed (tests/test_container.py): the API and the
+# embedder as two containers with the manifests' command, env, secrets and security context, against a
+# real Milvus server and S3 server on this host. Prints image sizes and cold starts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/container.sh "${1:-bentofile.yaml}"
+exec .venv/bin/python -m pytest -ra -s -m container tests/test_container.py -p no:random_order
