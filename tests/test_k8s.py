@@ -1337,3 +1337,33 @@ def test_minio_setup_script_runs_with_nothing_but_mc_on_the_path(rendered: dict[
     assert {r for s in milvus["Statement"] for r in s["Resource"]} == {f"arn:aws:s3:::{env['MILVUS_BUCKET']}", f"arn:aws:s3:::{env['MILVUS_BUCKET']}/*"}
     calls = (tmp_path / "calls").read_text()
     assert "mb --ignore-existing ris/images" in calls and "admin policy attach ris ris-app --user app" in calls
+
+
+def test_image_ids_in_request_paths_are_rewritten_before_prometheus_stores_them(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """BentoML labels each request with its raw path: without a rewrite every image read through the API
+    (/api/images/<sha256>, .../thumbnail, .../metadata) is a series of its own. The relabeling must fold
+    exactly those into route templates and leave every other route as it is (Prometheus anchors the regex
+    and writes $1 for the first group)."""
+    _, path_label = _stored_labels(_bento_honor_labels(rendered))
+    monitor = _one(rendered["overlays/gpu"], "ServiceMonitor", "ris-bento")
+    image_id = "ab" * 32
+
+    def stored(path: str) -> str:
+        for endpoint in monitor["spec"]["endpoints"]:
+            value = path
+            for rule in endpoint.get("metricRelabelings", []):
+                if rule.get("action", "replace") != "replace" or rule["sourceLabels"] != [path_label]:
+                    continue
+                assert rule["targetLabel"] == path_label
+                match = re.fullmatch(rule["regex"], value)
+                if match:
+                    groups = match.groups()
+                    value = re.sub(r"\$(\d)", lambda m, groups=groups: groups[int(m.group(1)) - 1] or "", rule["replacement"])
+            return value
+        raise AssertionError("the ServiceMonitor has no endpoints")
+
+    assert stored(f"/api/images/{image_id}") == "/api/images/{id}"
+    assert stored(f"/api/images/{image_id}/thumbnail") == "/api/images/{id}/thumbnail"
+    assert stored(f"/api/images/{image_id}/metadata") == "/api/images/{id}/metadata"
+    for route in ("/api/images", "/api/search", "/api/search/id", "/api/labels", "/api/status", "/"):
+        assert stored(route) == route
