@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -157,6 +158,19 @@ class Embedder:
         return self.embedder.embed(pixels)
 
     @bentoml.api
+    def embed_npy(self, pixels: Path) -> Annotated[np.ndarray, DType("float32")]:
+        """The same for a caller that reaches this service by URL (its own Deployment): BentoML's client
+        sends arrays as JSON there (25 MB and ~2.5 s of CPU for 32 images, measured), a file as a binary
+        multipart part. A .npy of uint8 pixels, read without pickles; embedded in one call (the caller's
+        batch), not through the adaptive batcher."""
+        with pixels.open("rb") as stream:
+            try:
+                array = np.load(stream, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise InvalidRequest(f"The body must be a .npy array of uint8 pixels: {exc}") from exc
+        return self.embedder.embed(array)
+
+    @bentoml.api
     def describe(self) -> ModelDescription:
         """The serving model and its preprocessing recipe (callers prepare pixels with it)."""
         return self.embedder.describe()
@@ -291,8 +305,16 @@ class RemoteEmbedder:
         return self._description
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        with calling("embedder"):
-            return self._proxy.to_sync.embed(pixels=pixels)
+        if not DEPLOYMENT.services.embedder_url:  # inside one `bentoml serve`: binary, adaptive batching
+            with calling("embedder"):
+                return self._proxy.to_sync.embed(pixels=pixels)
+        # By URL: as a .npy file (binary), not as BentoML's JSON arrays.
+        with tempfile.NamedTemporaryFile(suffix=".npy") as file:
+            np.save(file, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
+            file.flush()
+            with calling("embedder"):
+                vectors = self._proxy.to_sync.embed_npy(pixels=Path(file.name))
+        return np.asarray(vectors, dtype=np.float32)
 
 
 class RemoteVectors:

@@ -44,27 +44,6 @@ class ImageStore(Protocol):
     def delete(self, image_id: str) -> None:
         """Remove the original and the thumbnail; absent objects are fine."""
 
-    # --- any object of the server (the ingest job reads its sources with these) ------------------------
-    def objects(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
-        """(key, size) of every object under ``prefix`` in ``bucket``, listed page by page (nothing read)."""
-        with self._guard():
-            # Asked first: some S3 servers answer a listing of a missing bucket with a body the SDK cannot
-            # parse (an "outage" to wait out), while a HEAD says plainly that it is not there.
-            if not self.client.bucket_exists(bucket):
-                raise NotFound(f"S3 at {self.endpoint} has no bucket {bucket!r}.")
-            for entry in self.client.list_objects(bucket, prefix=prefix, recursive=True):
-                if entry.object_name is not None and not entry.is_dir:
-                    yield entry.object_name, int(entry.size or 0)
-
-    def read_object(self, bucket: str, key: str) -> bytes:
-        with self._guard():
-            response = self.client.get_object(bucket, key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         """A direct URL to the object, or None when the service must stream it itself."""
 
@@ -119,27 +98,6 @@ class LocalImageStore:
     def delete(self, image_id: str) -> None:
         for kind in ("original", "thumbnail"):
             self._path(image_id, kind).unlink(missing_ok=True)
-
-    # --- any object of the server (the ingest job reads its sources with these) ------------------------
-    def objects(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
-        """(key, size) of every object under ``prefix`` in ``bucket``, listed page by page (nothing read)."""
-        with self._guard():
-            # Asked first: some S3 servers answer a listing of a missing bucket with a body the SDK cannot
-            # parse (an "outage" to wait out), while a HEAD says plainly that it is not there.
-            if not self.client.bucket_exists(bucket):
-                raise NotFound(f"S3 at {self.endpoint} has no bucket {bucket!r}.")
-            for entry in self.client.list_objects(bucket, prefix=prefix, recursive=True):
-                if entry.object_name is not None and not entry.is_dir:
-                    yield entry.object_name, int(entry.size or 0)
-
-    def read_object(self, bucket: str, key: str) -> bytes:
-        with self._guard():
-            response = self.client.get_object(bucket, key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
 
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         return None
@@ -303,13 +261,39 @@ class S3ImageStore:
                     yield entry.object_name, int(entry.size or 0)
 
     def read_object(self, bucket: str, key: str) -> bytes:
+        """An object's bytes. One that is gone or may not be read is that file's problem (OSError: the
+        ingest reports it and goes on), not an outage to wait out."""
+        from minio.error import InvalidResponseError, S3Error
+
+        unreadable = ""
         with self._guard():
-            response = self.client.get_object(bucket, key)
             try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
+                response = self.client.get_object(bucket, key)
+            except (S3Error, InvalidResponseError) as exc:
+                code = getattr(exc, "code", "")
+                if code == "AccessDenied":
+                    unreadable = "access denied"
+                # Some S3 servers send error bodies the SDK cannot parse; a HEAD tells missing from broken.
+                elif code in ("NoSuchKey", "NoSuchObject", "NotFound") or self._missing(bucket, key):
+                    unreadable = "no such object"
+                else:
+                    raise
+            else:
+                try:
+                    return response.read()
+                finally:
+                    response.close()
+                    response.release_conn()
+        raise OSError(f"cannot read s3://{bucket}/{key}: {unreadable}")  # outside the guard: not an outage
+
+    def _missing(self, bucket: str, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(bucket, key)
+        except S3Error as exc:
+            return exc.code in ("NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound")
+        return False
 
     def presigned_url(self, image_id: str, kind: Kind) -> str | None:
         # Signing is local computation (the region is configured), so this works even while S3 is down.

@@ -88,7 +88,6 @@ class _Item:
     label: str
     prepared: PreparedImage | None = None
     existing: bool = False
-    other_shard: bool = False
     error: str | None = None
 
 
@@ -121,7 +120,7 @@ class IngestJob:
         """A file's bytes; an outage of the source is ridden out like any other (the catalog's policy)."""
         return self.catalog.retry.call(source.read, file)
 
-    # Runs in worker threads: read (only this shard's files), hash, check presence, decode and preprocess.
+    # Runs in worker threads (on this shard's files): read, hash, check presence, decode and preprocess.
     def _prepare_chunk(self, source: ImageSource, files: list[SourceFile]) -> _Chunk:
         chunk = _Chunk()
         loaded: list[tuple[_Item, bytes, str]] = []
@@ -129,9 +128,6 @@ class IngestJob:
         for file in files:
             item = _Item(file=file, label=file.label)
             chunk.items.append(item)
-            if shard_of(file.name, self.options.shard_count) != self.options.shard_index:
-                item.other_shard = True
-                continue
             try:
                 item.label = clean_label(file.label)
                 if file.size > max_bytes:
@@ -160,8 +156,11 @@ class IngestJob:
         if isinstance(source, Path):
             source = FolderSource(source)
         report = IngestReport(folder=source.location, model=self.catalog.model().model_id)
-        files = list(self.catalog.retry.call(lambda: list(source.files())))
-        report.scanned = len(files)
+        listed = list(self.catalog.retry.call(lambda: list(source.files())))
+        report.scanned = len(listed)
+        # This shard's files only, before batching: every batch is full, whatever the number of shards.
+        files = [file for file in listed if shard_of(file.name, self.options.shard_count) == self.options.shard_index]
+        report.other_shards = len(listed) - len(files)
         self.catalog.retry.call(self.catalog.vectors.ensure_ready)
         started = time.perf_counter()
         batch = self.options.batch_size
@@ -200,8 +199,6 @@ class IngestJob:
         for item in chunk.items:
             if item.error is not None:
                 report.rejected.append(Rejected(path=item.file.name, reason=item.error))
-            elif item.other_shard:
-                report.other_shards += 1
             elif item.existing:
                 report.skipped_existing += 1
             elif item.prepared is not None:

@@ -70,7 +70,11 @@ class FolderSource:
                 if file_name.startswith(".") or not path.is_file():
                     continue
                 name = path.relative_to(self.root).as_posix()
-                yield SourceFile(name, _label_of(name), path.stat().st_size)
+                try:
+                    size = path.stat().st_size
+                except OSError:  # gone since the folder was listed: nothing to ingest
+                    continue
+                yield SourceFile(name, _label_of(name), size)
 
     def read(self, file: SourceFile) -> bytes:
         return (self.root / file.name).read_bytes()

@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/container.sh "${1:-bentofile.yaml}"
+# The podman settings container.sh wrote; and no skipping: a missing image here is a failure.
+export CONTAINERS_CONF="${CONTAINER_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/ris-containers}/containers.conf"
+export CONTAINER_TEST_REQUIRED=1
 exec .venv/bin/python -m pytest -ra -s -m container tests/test_container.py -p no:random_order

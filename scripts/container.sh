@@ -50,8 +50,11 @@ indexes=${indexes# }
 
 if ! podman image exists "$BASE"; then
   echo "==> base image $BASE from Debian bookworm (mmdebstrap)"
-  [ -f "$WORK/base.tar" ] || mmdebstrap --quiet --mode=root --variant=minbase \
-    --include=python3,python3-venv,python3-pip,ca-certificates bookworm "$WORK/base.tar"
+  if [ ! -f "$WORK/base.tar" ]; then  # written under another name first: an interrupted run leaves none
+    $SUDO mmdebstrap --quiet --mode=root --variant=minbase \
+      --include=python3,python3-venv,python3-pip,ca-certificates bookworm "$WORK/base.tar.part"
+    $SUDO chown "$(id -u):$(id -g)" "$WORK/base.tar.part" && mv "$WORK/base.tar.part" "$WORK/base.tar"
+  fi
   # Debian's pip refuses to install into the system Python (PEP 668) unless told; the Dockerfile installs
   # uv that way, as it would into the official image's /usr/local Python.
   changes=(--change "ENV PIP_BREAK_SYSTEM_PACKAGES=1" --change "ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"

@@ -1365,5 +1365,7 @@ def test_image_ids_in_request_paths_are_rewritten_before_prometheus_stores_them(
     assert stored(f"/api/images/{image_id}") == "/api/images/{id}"
     assert stored(f"/api/images/{image_id}/thumbnail") == "/api/images/{id}/thumbnail"
     assert stored(f"/api/images/{image_id}/metadata") == "/api/images/{id}/metadata"
+    for malformed in ("/api/images/NOT-AN-ID", f"/api/images/{image_id}/", "/api/images/x/metadata"):
+        assert stored(malformed).startswith("/api/images/{id}"), malformed
     for route in ("/api/images", "/api/search", "/api/search/id", "/api/labels", "/api/status", "/"):
         assert stored(route) == route
