@@ -161,13 +161,9 @@ class Embedder:
     def embed_npy(self, pixels: Path) -> Annotated[np.ndarray, DType("float32")]:
         """The same for a caller that reaches this service by URL (its own Deployment): BentoML's client
         sends arrays as JSON there (25 MB and ~2.5 s of CPU for 32 images, measured), a file as a binary
-        multipart part. A .npy of uint8 pixels, read without pickles; embedded in one call (the caller's
-        batch), not through the adaptive batcher."""
-        with pixels.open("rb") as stream:
-            try:
-                array = np.load(stream, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise InvalidRequest(f"The body must be a .npy array of uint8 pixels: {exc}") from exc
+        multipart part. A .npy of uint8 pixels, checked as POST /api/embed checks its body (read_npy);
+        embedded in one call (the caller's batch), not through the adaptive batcher."""
+        array = read_npy(pixels.read_bytes(), "application/x-npy", self.embedder.preprocessing.crop)
         return self.embedder.embed(array)
 
     @bentoml.api
@@ -782,13 +778,13 @@ class ImageSearch:
             state=page.state, total=page.total, offset=offset, limit=limit, label=label,
             images=[ImageCard(**self._card(meta)) for meta in page.images],
         )
-        return JSONResponse(body.model_dump(), status_code=200 if page.state == "ready" else 202)
+        return while_not_ready(body, page.state == "ready")
 
     @app.get("/api/labels", response_model=LabelList, responses={202: {"model": LabelList}})
     async def labels(self, _: Searcher) -> Response:
         """Every label in use and how many images carry it, most used first ("" counts images without one)."""
         labels = await in_thread(self.catalog.labels)
-        return JSONResponse(labels.model_dump(), status_code=200 if labels.state == "ready" else 202)
+        return while_not_ready(labels, labels.state == "ready")
 
     @app.get("/api/images/{image_id}", responses={404: {"model": ErrorResponse}})
     async def get_image(self, request: Request, _: Searcher, image_id: str) -> Response:
@@ -827,7 +823,7 @@ class ImageSearch:
         (score >= the near-duplicate threshold), larger groups first, paged. The report is computed in the
         background: 202 with state "running" until it is ready; `refresh=true` scans again."""
         page = await in_thread(self.catalog.duplicates, offset, limit, refresh)
-        return JSONResponse(page.model_dump(), status_code=200 if page.state == "ready" else 202)
+        return while_not_ready(page, page.state == "ready")
 
     @app.delete("/api/images/{image_id}", response_model=DeleteResponse)
     async def delete_image(self, _: Writer, image_id: str) -> DeleteResponse:
@@ -889,6 +885,11 @@ class ImageSearch:
         out = io.BytesIO()
         np.save(out, np.asarray(vectors, dtype=np.float32), allow_pickle=False)
         return Response(out.getvalue(), media_type="application/x-npy", headers={"X-Model-Id": model.model_id})
+
+
+def while_not_ready(body: Any, ready: bool) -> JSONResponse:
+    """A result computed in the background: 200 once it is ready, 202 (with its state) until then."""
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 202)
 
 
 def _api_routes(routes: list[Any]) -> Iterator[APIRoute]:

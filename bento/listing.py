@@ -186,20 +186,19 @@ class CollectionListing:
     # --- writes made through this process ---------------------------------------------------------------
     def upserted(self, images: Iterable[ListedImage]) -> None:
         images = list(images)
-        with self._lock:
-            if self._during_scan is not None:
-                self._during_scan.upsert(images)
-            if self._snapshot is not None:
-                self._pending.upsert(images)
-                self._fold_if_large()
+        self._record(lambda changes: changes.upsert(images))
 
     def deleted(self, ids: Iterable[str]) -> None:
         ids = list(ids)
+        self._record(lambda changes: changes.delete(ids))
+
+    def _record(self, change: Callable[[_Changes], None]) -> None:
+        """A write: replayed on a scan that runs now, pending for the snapshot there is (none: nothing kept)."""
         with self._lock:
             if self._during_scan is not None:
-                self._during_scan.delete(ids)
+                change(self._during_scan)
             if self._snapshot is not None:
-                self._pending.delete(ids)
+                change(self._pending)
                 self._fold_if_large()
 
     def _fold_if_large(self) -> None:
