@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
 from bento.config import PrecisionChoice, RuntimeName
 from bento.errors import ModelUnavailable, SearchError
@@ -45,6 +43,8 @@ logger = logging.getLogger(__name__)
 # Per-image cosine similarity to the fp32 reference below which a fast runtime is refused.
 FIDELITY_FLOOR = 0.99
 CALIBRATION_IMAGES = 128
+# The code that decides a converted model's output: part of every runtime cache key.
+_CONVERSION_SOURCES = (Path(__file__), Path(__file__).with_name("torch_runtime.py"))
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -82,14 +82,35 @@ def _openvino_cpu_capabilities() -> set[str]:
     return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported here (the CPU image ships OpenVINO models and no torch)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def choose_runtime(
     runtime: RuntimeName, precision: PrecisionChoice, device: str, cpu_auto_precision: str = "bf16"
 ) -> RuntimeChoice:
     """Resolve ``auto`` and check that the combination can run here; raise RuntimeUnavailable if not.
 
     ``cpu_auto_precision`` is the lowest precision the backbone keeps faithful on CPU (bf16 or fp32)."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
+    has_torch = torch_installed()
+    if not has_torch:
+        if device == "cuda" or runtime == "torch":
+            raise RuntimeUnavailable(
+                f"RIS_MODEL_{'DEVICE=cuda' if device == 'cuda' else 'RUNTIME=torch'} needs PyTorch, which this installation "
+                "does not have (the CPU image runs OpenVINO only); use the default (CUDA) image for the GPU or PyTorch."
+            )
+        if not _openvino_cpu_capabilities():
+            raise RuntimeUnavailable("Neither PyTorch nor OpenVINO is installed: nothing can run the model.")
+    cuda = has_torch and _cuda_available()
+    use_cuda = device == "cuda" or (device == "auto" and cuda)
+    if device == "cuda" and not cuda:
         raise RuntimeUnavailable("RIS_MODEL_DEVICE=cuda but no CUDA device is visible to torch.")
     if use_cuda:
         if runtime == "openvino":
@@ -126,66 +147,6 @@ def choose_runtime(
     if precision == "fp16":
         raise RuntimeUnavailable("fp16 is a GPU precision; on CPU use bf16, int8 or fp32.")
     return RuntimeChoice("openvino", precision, "cpu", why)
-
-
-class _PixelsToFeatures(nn.Module):
-    """uint8 NHWC pixels -> features, so a converted graph includes the (one) normalisation recipe."""
-
-    def __init__(self, module: nn.Module, preprocessing: Preprocessing) -> None:
-        super().__init__()
-        self.module = module
-        self.preprocessing = preprocessing
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.module(self.preprocessing.normalise(pixels))
-
-
-class TorchRuntime:
-    """PyTorch eager: the fp32 reference on CPU, autocast + channels-last on CUDA."""
-
-    def __init__(self, module: nn.Module, preprocessing: Preprocessing, choice: RuntimeChoice) -> None:
-        self.choice = choice
-        self.preprocessing = preprocessing
-        self.device = torch.device(choice.device)
-        module = module.eval().to(self.device)
-        if self.device.type == "cuda":
-            module = module.to(memory_format=torch.channels_last)
-        self.module = module
-        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(choice.precision)
-
-    def features(self, pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
-            x = self.preprocessing.normalise(batch)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if self._autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self._autocast_dtype):
-                    out = self.module(x)
-            else:
-                out = self.module(x)
-            return out.float().cpu().numpy()
-
-    def describe(self) -> str:
-        if self.device.type == "cuda":
-            return f"torch {self.choice.precision} on cuda ({torch.cuda.get_device_name(self.device)})"
-        return f"torch {self.choice.precision} on cpu ({torch.get_num_threads()} threads)"
-
-
-def convert_to_openvino(
-    module: nn.Module, preprocessing: Preprocessing, precision: str, calibration: np.ndarray | None
-) -> Any:
-    """The torch module, normalisation folded in, as an OpenVINO model (int8: NNCF-quantised)."""
-    import openvino as ov
-
-    wrapper = _PixelsToFeatures(module.eval(), preprocessing).eval()
-    crop = preprocessing.crop
-    example = torch.zeros((1, crop, crop, 3), dtype=torch.uint8)
-    with torch.no_grad():
-        model = ov.convert_model(wrapper, example_input=example, input=[(-1, crop, crop, 3), ov.Type.u8])
-    if precision == "int8":
-        model = _quantise_int8(model, calibration)
-    return model
 
 
 class OpenVINORuntime:
@@ -244,7 +205,8 @@ class RuntimeCache:
         normalisation = json.dumps(preprocessing.normalisation(), sort_keys=True)
         for part in (model_id, normalisation, precision, json.dumps(library_versions(), sort_keys=True)):
             h.update(part.encode() + b"\0")
-        h.update(Path(__file__).read_bytes())
+        for source in _CONVERSION_SOURCES:
+            h.update(source.read_bytes())
         if calibration is not None:
             h.update(np.ascontiguousarray(calibration).tobytes())
         return h.hexdigest()[:24]
@@ -314,12 +276,11 @@ def calibration_pixels(
     return np.stack(pixels)
 
 
-def check_fidelity(
-    runtime: InferenceRuntime, reference: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray
-) -> float:
-    """The smallest per-image cosine between ``runtime`` and the fp32 reference; refuse below the floor."""
+def check_fidelity(runtime: InferenceRuntime, pixels: np.ndarray, reference: np.ndarray) -> float:
+    """The smallest per-image cosine between ``runtime`` and the fp32 reference features of the same
+    ``pixels`` (computed by PyTorch, or stored with an exported model); refuse below the floor."""
     fast = _unit(runtime.features(pixels))
-    exact = _unit(reference(pixels))
+    exact = _unit(np.asarray(reference, dtype=np.float32))
     worst = float(np.min(np.sum(fast * exact, axis=1)))
     if worst < FIDELITY_FLOOR:
         raise RuntimeUnavailable(
@@ -349,8 +310,8 @@ def fidelity_probe(crop: int, count: int = 4, seed: int = 0) -> np.ndarray:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"torch": torch.__version__}
-    for name in ("openvino", "nncf"):
+    versions = {}
+    for name in ("torch", "openvino", "nncf"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -358,22 +319,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_runtime(
-    module: nn.Module,
-    preprocessing: Preprocessing,
-    choice: RuntimeChoice,
-    calibration: np.ndarray | None = None,
-) -> InferenceRuntime:
-    """Build the chosen runtime; for a fast path, check it against the fp32 reference before use."""
-    if choice.runtime == "torch":
-        return TorchRuntime(module, preprocessing, choice)
-    started = time.monotonic()
-    reference = TorchRuntime(module, preprocessing, RuntimeChoice("torch", "fp32", "cpu", "fidelity reference"))
-    runtime = OpenVINORuntime(convert_to_openvino(module, preprocessing, choice.precision, calibration), choice)
-    probe = calibration[:8] if calibration is not None and len(calibration) else fidelity_probe(preprocessing.crop)
-    worst = check_fidelity(runtime, reference.features, probe)
-    logger.info(
-        "%s built in %.1f s; fidelity vs fp32: min cosine %.5f over %d images",
-        choice.label, time.monotonic() - started, worst, len(probe),
-    )
-    return runtime
+def compile_openvino(model: Any, choice: RuntimeChoice, calibration: np.ndarray | None = None) -> OpenVINORuntime:
+    """An fp32 OpenVINO model (converted just now, or exported at build time) compiled for the chosen
+    precision; int8 is NNCF-quantised first, calibrated on ``calibration``."""
+    if choice.precision == "int8":
+        model = _quantise_int8(model, calibration)
+    return OpenVINORuntime(model, choice)
+
+
+def fidelity_pixels(preprocessing: Preprocessing, calibration: np.ndarray | None = None) -> np.ndarray:
+    """The images a fast runtime is checked on: calibration photos when there are some, else the probe."""
+    if calibration is not None and len(calibration):
+        return calibration[:8]
+    return fidelity_probe(preprocessing.crop)

@@ -15,10 +15,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import bentoml
 import numpy as np
-import torch
 from bentoml.exceptions import NotFound as BentoNotFound
 
 from bento.config import ModelSettings, Settings
@@ -33,10 +33,15 @@ from models.runtime import (
     InferenceRuntime,
     OpenVINORuntime,
     RuntimeCache,
+    RuntimeChoice,
     RuntimeUnavailable,
-    build_runtime,
     calibration_pixels,
+    check_fidelity,
     choose_runtime,
+    compile_openvino,
+    fidelity_probe,
+    library_versions,
+    torch_installed,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,21 +49,41 @@ logger = logging.getLogger(__name__)
 STORE_PREFIX = "ris-"
 WEIGHTS_FILE = "weights.pt"
 
+# Two kinds of stored model share the metadata below (info, weights request, normalisation):
+# - "torch": the backbone's weights (`ris-<backbone>`), loaded into PyTorch and run by any runtime;
+# - "openvino": the same weights converted to an OpenVINO model at build time (`ris-<backbone>-openvino`,
+#   `python -m models export-openvino`), with the fp32 PyTorch features of a few images, so that an
+#   installation without PyTorch (the CPU image) can check its compiled model against the reference.
+# Both carry the weights' model_id, so their vectors go into the same collections.
+Kind = Literal["torch", "openvino"]
+OPENVINO_SUFFIX = "-openvino"
+IR_FILE = "model.xml"
+FIDELITY_PIXELS_FILE = "fidelity-pixels.npy"
+FIDELITY_REFERENCE_FILE = "fidelity-reference.npy"
+# Photos (from --fidelity-images) an export is checked on and ships, beside the synthetic probe images.
+EXPORT_FIDELITY_PHOTOS = 8
+
 
 @dataclass
 class StoredModel:
     info: ModelInfo
     preprocessing: Preprocessing
     tag: str
+    kind: Kind = "torch"
 
 
-def _store_name(backbone: str) -> str:
-    return f"{STORE_PREFIX}{backbone}"
+def _store_name(backbone: str, kind: Kind = "torch") -> str:
+    return f"{STORE_PREFIX}{backbone}{OPENVINO_SUFFIX if kind == 'openvino' else ''}"
 
 
-def _stored_versions(backbone: str) -> list[bentoml.Model]:
+def _loadable_kinds() -> tuple[Kind, ...]:
+    """What this installation can load, best first: weights need PyTorch; exported models need only OpenVINO."""
+    return ("torch", "openvino") if torch_installed() else ("openvino",)
+
+
+def _stored_versions(backbone: str, kind: Kind = "torch") -> list[bentoml.Model]:
     try:
-        models = bentoml.models.list(_store_name(backbone))
+        models = bentoml.models.list(_store_name(backbone, kind))
     except BentoNotFound:
         return []
     return sorted(models, key=lambda m: m.info.creation_time, reverse=True)
@@ -80,7 +105,8 @@ def _describe(model: bentoml.Model, reason: str | None = None, view_sets: Sequen
     )
     if reason is not None:
         info.reason = reason
-    return StoredModel(info=info, preprocessing=preprocessing, tag=str(model.tag))
+    kind: Kind = "openvino" if meta.get("format") == "openvino" else "torch"
+    return StoredModel(info=info, preprocessing=preprocessing, tag=str(model.tag), kind=kind)
 
 
 def _measured_thresholds(backbone_name: str, views: str) -> dict[str, float | None]:
@@ -91,24 +117,28 @@ def _measured_thresholds(backbone_name: str, views: str) -> dict[str, float | No
     return {"same_image_score": measured[0], "near_duplicate_score": measured[1]}
 
 
-def _stored_match(backbone: Backbone, request: str, pretrained_only: bool) -> bentoml.Model | None:
-    for model in _stored_versions(backbone.name):
-        meta = model.info.metadata
-        if meta.get("weights_request") == request and (meta.get("info", {}).get("pretrained") or not pretrained_only):
-            return model
+def _stored_match(
+    backbone: Backbone, request: str, pretrained_only: bool, kinds: Sequence[Kind] = ("torch",)
+) -> bentoml.Model | None:
+    for kind in kinds:
+        for model in _stored_versions(backbone.name, kind):
+            meta = model.info.metadata
+            if meta.get("weights_request") == request and (meta.get("info", {}).get("pretrained") or not pretrained_only):
+                return model
     return None
 
 
-def _find_stored(settings: ModelSettings) -> StoredModel | None:
-    """The newest stored model that satisfies the settings, without touching the network."""
+def _find_stored(settings: ModelSettings, kinds: Sequence[Kind] = ("torch",)) -> StoredModel | None:
+    """The newest stored model of the first of ``kinds`` that satisfies the settings, without touching
+    the network."""
     if settings.name != "auto":
         backbone = get_backbone(settings.name)
-        found = _stored_match(backbone, backbone.weights_request(settings), pretrained_only=False)
+        found = _stored_match(backbone, backbone.weights_request(settings), pretrained_only=False, kinds=kinds)
         return _describe(found, f"requested explicitly (RIS_MODEL_NAME={settings.name})") if found else None
     passed_over: list[str] = []
     for backbone in BACKBONES:
         request = backbone.weights_request(settings)
-        found = None if backbone.auto_refusal(request) else _stored_match(backbone, request, pretrained_only=True)
+        found = None if backbone.auto_refusal(request) else _stored_match(backbone, request, pretrained_only=True, kinds=kinds)
         if found is not None:
             why = f"auto: pretrained {backbone.title} found in the model store"
             if passed_over:
@@ -172,6 +202,8 @@ def import_model(settings: Settings) -> StoredModel:
         "weights_request": backbone.weights_request(settings.model),
         "preprocessing": weights.preprocessing.normalisation(),
     }
+    import torch
+
     with bentoml.models.create(_store_name(backbone_name), metadata=metadata, labels={"backbone": backbone_name}) as ref:
         torch.save(weights.state_dict, ref.path_of(WEIGHTS_FILE))
     stored = _describe(bentoml.models.get(ref.tag))
@@ -187,9 +219,15 @@ def resolve_model(settings: Settings, import_if_missing: bool = True) -> StoredM
 
 
 def _resolve_stored(settings: Settings, import_if_missing: bool) -> StoredModel:
-    stored = _find_stored(settings.model)
+    stored = _find_stored(settings.model, _loadable_kinds())
     if stored is not None:
         return stored
+    if not torch_installed():
+        raise ModelUnavailable(
+            f"No exported OpenVINO model for RIS_MODEL_NAME={settings.model.name} in the BentoML model store, and this "
+            "installation has no PyTorch to load weights with (the CPU image). Build it from a bento that packages "
+            "one: `python -m models export-openvino`, then `bentoml build -f bentofile.cpu.yaml`."
+        )
     if not import_if_missing:
         raise ModelUnavailable(
             f"No model for RIS_MODEL_NAME={settings.model.name} in the BentoML model store; run `python -m models import`."
@@ -209,12 +247,15 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
     key = RuntimeCache.key(stored.info.model_id, stored.preprocessing, choice.precision, calibration) if cache else ""
     runtime: InferenceRuntime | None = cache.load(key, choice) if cache else None
     if runtime is None:
-        model = bentoml.models.get(stored.tag)
-        module = backbone.build()
-        state = torch.load(model.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True)
-        module.load_state_dict(state, strict=True)
-        runtime = build_runtime(module, stored.preprocessing, choice, calibration)
-        if cache and isinstance(runtime, OpenVINORuntime):
+        exported = stored if stored.kind == "openvino" else _exported_twin(stored) if choice.runtime == "openvino" else None
+        if exported is not None:
+            runtime = _runtime_from_export(exported, choice, calibration)
+        elif stored.kind == "torch":
+            runtime = _runtime_from_weights(stored, choice, calibration)
+        else:
+            raise ModelUnavailable(f"{stored.tag} is an exported OpenVINO model; RIS_MODEL_RUNTIME=torch needs its weights.")
+        # An exported model compiles in a fraction of a second; only a conversion or a quantisation is worth keeping.
+        if cache and isinstance(runtime, OpenVINORuntime) and (exported is None or choice.precision == "int8"):
             cache.save(key, runtime)
     else:
         logger.info("%s loaded from the runtime cache (%s)", choice.label, key)
@@ -229,6 +270,110 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
         time.monotonic() - started,
     )
     return embedder
+
+
+def _runtime_from_weights(stored: StoredModel, choice: RuntimeChoice, calibration: np.ndarray | None) -> InferenceRuntime:
+    """PyTorch: the weights into the backbone; then PyTorch itself, or a conversion checked against it."""
+    import torch
+
+    from models.torch_runtime import build_runtime
+
+    module = get_backbone(stored.info.backbone).build()
+    state = torch.load(bentoml.models.get(stored.tag).path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    module.load_state_dict(state, strict=True)
+    return build_runtime(module, stored.preprocessing, choice, calibration)
+
+
+def _exported_twin(stored: StoredModel) -> StoredModel | None:
+    """An exported OpenVINO model of the same weights (same model_id), which saves converting them."""
+    for model in _stored_versions(stored.info.backbone, "openvino"):
+        if model.info.metadata.get("info", {}).get("model_id") == stored.info.model_id:
+            twin = _describe(model, stored.info.reason)
+            return StoredModel(info=stored.info, preprocessing=stored.preprocessing, tag=twin.tag, kind="openvino")
+    return None
+
+
+def _runtime_from_export(stored: StoredModel, choice: RuntimeChoice, calibration: np.ndarray | None) -> OpenVINORuntime:
+    """The exported OpenVINO model compiled for this CPU, checked against the fp32 PyTorch features it
+    shipped with (no PyTorch needed): a CPU or an OpenVINO build that computes otherwise is refused."""
+    import openvino as ov
+
+    started = time.monotonic()
+    model = bentoml.models.get(stored.tag)
+    runtime = compile_openvino(ov.Core().read_model(model.path_of(IR_FILE)), choice, calibration)
+    pixels = np.load(model.path_of(FIDELITY_PIXELS_FILE), allow_pickle=False)
+    reference = np.load(model.path_of(FIDELITY_REFERENCE_FILE), allow_pickle=False)
+    worst = check_fidelity(runtime, pixels, reference)
+    logger.info(
+        "%s compiled from the exported model %s in %.1f s; fidelity vs fp32: min cosine %.5f over %d images",
+        choice.label, stored.tag, time.monotonic() - started, worst, len(pixels),
+    )
+    return runtime
+
+
+def export_openvino(settings: Settings, fidelity_images: Path | None = None) -> StoredModel:
+    """Convert the stored weights the settings choose to an OpenVINO model and store it beside them
+    (``ris-<backbone>-openvino``): the CPU image ships it and runs without PyTorch.
+
+    The conversion is checked here, against PyTorch fp32, on the synthetic probe images and on up to
+    EXPORT_FIDELITY_PHOTOS photos of ``fidelity_images``; those pixels and their fp32 features ship with
+    the model, so every start can check its compiled model again without PyTorch. A no-op when an export
+    of the same weights by the same OpenVINO version is stored."""
+    import openvino as ov
+
+    from models.torch_runtime import convert_to_openvino, reference_features
+
+    stored = _resolve_stored(settings, import_if_missing=True)
+    if stored.kind != "torch":
+        raise ModelUnavailable("Exporting needs the model's PyTorch weights in the model store (`python -m models import`).")
+    versions = library_versions()
+    for existing in _stored_versions(stored.info.backbone, "openvino"):
+        meta = existing.info.metadata
+        if meta.get("info", {}).get("model_id") == stored.info.model_id and meta.get("converted_with", {}).get("openvino") == versions.get("openvino"):
+            logger.info("OpenVINO export of %s already in the store as %s", stored.info.model_id, existing.tag)
+            return _describe(existing, stored.info.reason)
+
+    import torch
+
+    source = bentoml.models.get(stored.tag)
+    module = get_backbone(stored.info.backbone).build()
+    module.load_state_dict(torch.load(source.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True), strict=True)
+    module.eval()
+    preprocessing = stored.preprocessing
+    pixels = fidelity_probe(preprocessing.crop)
+    if fidelity_images is not None:
+        limits = DecodeLimits(max_bytes=settings.limits.max_upload_bytes, max_pixels=settings.limits.max_image_pixels)
+        photos = calibration_pixels(
+            fidelity_images,
+            lambda data: prepare_image(data, limits, preprocessing, thumbnail_size=None).pixels,
+            limit=EXPORT_FIDELITY_PHOTOS,
+        )
+        pixels = np.concatenate([pixels, photos])
+    started = time.monotonic()
+    converted = convert_to_openvino(module, preprocessing)
+    reference = reference_features(module, preprocessing, pixels)
+    fp32 = RuntimeChoice("openvino", "fp32", "cpu", "export check")
+    worst = check_fidelity(compile_openvino(converted, fp32), pixels, reference)
+    metadata = {
+        **source.info.metadata,
+        "format": "openvino",
+        "source_tag": str(source.tag),
+        "converted_with": versions,
+        "fidelity_min_cosine": worst,
+        "fidelity_images": len(pixels),
+    }
+    name = _store_name(stored.info.backbone, "openvino")
+    with bentoml.models.create(name, metadata=metadata, labels={"backbone": stored.info.backbone, "format": "openvino"}) as ref:
+        # fp32 weights as they are (compress_to_fp16 would change the embeddings of every image).
+        ov.save_model(converted, ref.path_of(IR_FILE), compress_to_fp16=False)
+        np.save(ref.path_of(FIDELITY_PIXELS_FILE), pixels, allow_pickle=False)
+        np.save(ref.path_of(FIDELITY_REFERENCE_FILE), reference.astype(np.float32), allow_pickle=False)
+    exported = _describe(bentoml.models.get(ref.tag), stored.info.reason)
+    logger.info(
+        "Exported %s to OpenVINO as %s in %.1f s; fidelity vs PyTorch fp32: min cosine %.6f over %d images",
+        stored.info.model_id, exported.tag, time.monotonic() - started, worst, len(pixels),
+    )
+    return exported
 
 
 def _runtime_cache_dir(settings: Settings) -> Path:

@@ -5,7 +5,9 @@
 #      bookworm packages (Python 3.11) with mmdebstrap, since no registry image can be pulled here;
 #   3. `bentoml build` of the bento (offline, with the model from a BentoML model store of its own);
 #   4. `podman build` of the bento's own build context and generated Dockerfile, unchanged.
-# Prints the image's name and size. Usage: scripts/container.sh [bentofile.yaml]
+# Prints the image's name and size. Usage: scripts/container.sh [bentofile.yaml|bentofile.cpu.yaml]
+# bentofile.cpu.yaml (the CPU image, no PyTorch) first converts the model to OpenVINO here, checked against
+# PyTorch fp32 on the demo photos (`python -m models export-openvino`), and packages that.
 #
 # Where this machine has local wheel mirrors (/opt/pypi-more, /opt/pypi: torch's CUDA build and its
 # nvidia-* wheels), they are mounted into the build and named to uv by the stand-in base image, so the
@@ -51,7 +53,7 @@ indexes=${indexes# }
 if ! podman image exists "$BASE"; then
   echo "==> base image $BASE from Debian bookworm (mmdebstrap)"
   if [ ! -f "$WORK/base.tar" ]; then  # written under another name first: an interrupted run leaves none
-    $SUDO mmdebstrap --quiet --mode=root --variant=minbase \
+    $SUDO mmdebstrap --quiet --mode=root --variant=minbase --format=tar \
       --include=python3,python3-venv,python3-pip,ca-certificates bookworm "$WORK/base.tar.part"
     $SUDO chown "$(id -u):$(id -g)" "$WORK/base.tar.part" && mv "$WORK/base.tar.part" "$WORK/base.tar"
   fi
@@ -66,6 +68,11 @@ fi
 
 echo "==> bento ($BENTOFILE)"
 .venv/bin/python -m models import --model efficientnet-lite0 >/dev/null
+if grep -q -- '-openvino:' "$BENTOFILE"; then
+  echo "==> OpenVINO model for the image without PyTorch (converted and checked against PyTorch fp32)"
+  [ -d "$WORK/fidelity-photos" ] || .venv/bin/python -m ingest.demo "$WORK/fidelity-photos" --variants 0 >/dev/null
+  .venv/bin/python -m models export-openvino --model efficientnet-lite0 --fidelity-images "$WORK/fidelity-photos" >/dev/null
+fi
 tag=$(.venv/bin/bentoml build -f "$BENTOFILE" -o tag . | tail -1 | sed 's/^__tag__://')
 name=${tag%%:*}
 version=${tag#*:}

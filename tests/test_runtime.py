@@ -158,9 +158,9 @@ class _Degraded:
 def test_the_fidelity_guard_refuses_a_runtime_that_drifts(lite_reference, photo_set):
     pixels = _pixels(lite_reference, list(photo_set["originals"].values())[:6])
     reference = lite_reference.runtime.features
-    assert check_fidelity(_Degraded(reference, noise=0.01), reference, pixels) >= FIDELITY_FLOOR
+    assert check_fidelity(_Degraded(reference, noise=0.01), pixels, reference(pixels)) >= FIDELITY_FLOOR
     with pytest.raises(RuntimeUnavailable, match="differ from the fp32 reference"):
-        check_fidelity(_Degraded(reference, noise=0.5), reference, pixels)
+        check_fidelity(_Degraded(reference, noise=0.5), pixels, reference(pixels))
 
 
 # --- decode-time downscaling ---------------------------------------------------------------------
