@@ -69,6 +69,16 @@ from bento.errors import (
 from bento.fetch import UrlFetcher
 from bento.imaging import check_size
 from bento.listing import BrowsePage, BrowseQuery, LabelList
+from bento.metrics import (
+    INTERNAL,
+    HttpMetrics,
+    RouteTemplates,
+    count_embedder_request,
+    exposition,
+    fixed_routes,
+    leaf_routes,
+    start_embedder_requests,
+)
 from bento.retry import FAIL_FAST
 from bento.schemas import (
     MAX_LABEL_LENGTH,
@@ -172,6 +182,16 @@ class Embedder:
         return self.embedder.describe()
 
 
+# BentoML's own routes next to a service's APIs: probes and scrapes, not load.
+BENTOML_PROBES = ("/livez", "/readyz", "/healthz", "/metrics")
+# The product's request metrics of the embedder (bento/metrics.py): its in-progress gauge is what its
+# autoscalers read. BentoML's own metrics stay on here (its adaptive batch sizes; its paths are this
+# service's few routes, reached only by the API pods).
+Embedder.add_asgi_middleware(
+    HttpMetrics, routes=fixed_routes([*(api.route for api in Embedder.apis.values()), *BENTOML_PROBES]), not_load=BENTOML_PROBES
+)
+
+
 @bentoml.service(name="vector-search", workers=1, traffic={"timeout": 600}, runner_connection=DEPENDENCY_CONNECTION)
 class VectorSearch:
     """Owns the one Milvus connection. Opens the collection lazily, once the model is known.
@@ -186,6 +206,8 @@ class VectorSearch:
         # Readiness probes and first requests arrive together; only one of them may open the index
         # (a second opener of a Milvus Lite file would find it locked).
         self._index_lock = threading.Lock()
+        # Opening the index asks the embedder which model serves: a request the scale-to-zero trigger sees.
+        start_embedder_requests([INTERNAL])
 
     def _vectors(self) -> VectorIndex:
         with self._index_lock:
@@ -287,7 +309,9 @@ def calling(dependency: str) -> Iterator[None]:
 
 
 class RemoteEmbedder:
-    """The ``Embedding`` port over the Embedder service (blocking: call from a worker thread)."""
+    """The ``Embedding`` port over the Embedder service (blocking: call from a worker thread). Every call
+    to the service is counted first (ris_embedder_requests_total), answered or not: the demand that wakes
+    an embedder scaled to zero."""
 
     def __init__(self, proxy: Any) -> None:
         self._proxy = proxy
@@ -295,12 +319,14 @@ class RemoteEmbedder:
 
     def describe(self) -> ModelDescription:
         if self._description is None:
+            count_embedder_request()
             with calling("embedder"):
                 answer = self._proxy.to_sync.describe()
             self._description = ModelDescription.model_validate(answer, from_attributes=True)
         return self._description
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
+        count_embedder_request()
         if not DEPLOYMENT.services.embedder_url:  # inside one `bentoml serve`: binary, adaptive batching
             with calling("embedder"):
                 return self._proxy.to_sync.embed(pixels=pixels)
@@ -534,6 +560,10 @@ app = FastAPI(
     openapi_url="/openapi.json",
 )
 app.add_middleware(EdgeGuard, settings=DEPLOYMENT)
+# Outermost of the app's middleware (it counts EdgeGuard's 413s too). BentoML's own request metrics are off
+# for this service (they label raw paths: a series per image id); these label route templates.
+app_routes = RouteTemplates(app, unmatched=lambda route: getattr(route, "endpoint", None) is _no_such_route)
+app.add_middleware(HttpMetrics, routes=app_routes, not_load=("/ready", "/metrics"))
 app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
@@ -652,7 +682,11 @@ def read_npy(raw: bytes, content_type: str, crop: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=stream.tell()).reshape(shape)
 
 
-@bentoml.service(name="image-search", workers=DEPLOYMENT.services.api_workers, traffic={"timeout": 120})
+# metrics disabled: BentoML's request metrics of this service (bento/metrics.py says why) and its /metrics
+# route; the app serves /metrics itself (every process's series, BentoML's of the other services included).
+@bentoml.service(
+    name="image-search", workers=DEPLOYMENT.services.api_workers, traffic={"timeout": 120}, metrics={"enabled": False}
+)
 @bentoml.asgi_app(app, path="/")
 class ImageSearch:
     """The HTTP API and the web page."""
@@ -674,6 +708,7 @@ class ImageSearch:
         )
         self.fetcher = UrlFetcher(self.settings.fetch, self.settings.limits.max_upload_bytes)
         self.client_limits = ClientLimits(self.settings.limits.expensive_per_minute)
+        start_embedder_requests([*app_routes.all(), INTERNAL])
         loopback = listening_on_loopback_only()
         # Exactly what is open, once at start (the README's Security section explains the rules).
         logger.warning("%s (listening on %s).", key_table().describe(loopback), "loopback only" if loopback else "a non-loopback address")
@@ -892,15 +927,12 @@ def while_not_ready(body: Any, ready: bool) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 202)
 
 
-def _api_routes(routes: list[Any]) -> Iterator[APIRoute]:
-    """Every API route, including those BentoML includes from the service class (a nested router)."""
-    for route in routes:
-        if isinstance(route, APIRoute):
-            yield route
-        elif hasattr(route, "original_router"):  # FastAPI's included router
-            yield from _api_routes(route.original_router.routes)
-        elif hasattr(route, "routes"):
-            yield from _api_routes(route.routes)
+@app.get("/metrics", include_in_schema=False)
+def _metrics_page() -> Response:
+    """Prometheus text of every process of this service: the product's series (bento/metrics.py) and
+    BentoML's of the other services here (vector-search; the embedder too inside one `bentoml serve`)."""
+    body, content_type = exposition()
+    return Response(body, media_type=content_type)
 
 
 @app.api_route(
@@ -911,7 +943,8 @@ async def _no_such_route(request: Request, unknown: str) -> JSONResponse:
     answer in the API's JSON error shape (a known path with another method is a 405)."""
     known_path = any(
         route.endpoint is not _no_such_route and route.matches(request.scope)[0] == Match.PARTIAL
-        for route in _api_routes(app.router.routes)
+        for route in leaf_routes(app.router.routes)
+        if isinstance(route, APIRoute)
     )
     status, code = (405, "method_not_allowed") if known_path else (404, "not_found")
     detail = f"{request.method} is not allowed here" if known_path else f"No route /{unknown}"

@@ -16,7 +16,7 @@ import yaml
 from pydantic import SecretStr
 
 from bento.config import Settings, get_settings, setting_fields
-from tests.conftest import ROOT, ServiceProcess, run_cli, service_env
+from tests.conftest import ROOT, ServiceProcess, metric_samples, metric_sum, run_cli, service_env
 
 
 def _bentoml(args: list[str], home: Path, timeout: float = 300, module: bool = True) -> str:
@@ -118,8 +118,11 @@ def test_bento_builds_offline_with_model_page_and_pins_and_serves(bentoml_home, 
 
             metrics = client.get("/metrics")
             assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-            assert "# TYPE bentoml_service_request_total counter" in metrics.text
-            assert 'endpoint="/api/search"' in metrics.text and 'endpoint="/api/images"' in metrics.text
+            samples = metric_samples(metrics.text)
+            assert metric_sum(samples, "ris_http_requests_total", route="/api/search", method="POST", status="200") >= 1
+            assert metric_sum(samples, "ris_http_requests_total", route="/api/images", method="POST", status="201") >= 3
+            assert metric_sum(samples, "ris_embedder_requests_total", route="/api/search") >= 1
+            assert not [s for s in samples if s[1].get("runner_name") == "image-search"], "BentoML's per-path series of the API"
     finally:
         service.stop()
     # The service used the packaged model and did not import another one into the fresh store.
