@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,11 @@ import yaml
 from bento.auth import hash_key, new_key
 from bento.imaging import content_hash
 from scripts.devstack import free_port
-from tests.conftest import ROOT, run_cli, service_env
+from tests.conftest import ROOT, metric_samples, metric_sum
 
 pytestmark = pytest.mark.container
-IMAGE = os.environ.get("CONTAINER_IMAGE", "localhost/reverse-image-search:latest")
+# The image the cpu overlay runs (the CPU image, no PyTorch), as scripts/container.sh tags it.
+IMAGE = os.environ.get("CONTAINER_IMAGE", "localhost/reverse-image-search-cpu:latest")
 CONTAINERS_CONF = Path(os.environ.get("CONTAINERS_CONF") or Path.home() / ".cache/ris-containers/containers.conf")
 ADMIN_KEY = new_key()
 
@@ -58,20 +60,35 @@ def render(overlay: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
+def local_image(manifest_image: str) -> str:
+    """The image scripts/container.sh built for a manifest's image name (its registry and tag aside)."""
+    return f"localhost/{manifest_image.split('/')[-1].split(':')[0]}:latest"
+
+
 @dataclass
 class Container:
-    """One container of a rendered Deployment, as `podman run` options."""
+    """One container of a rendered Deployment or Job, as `podman run` options."""
 
     name: str
     args: list[str]
     env: dict[str, str]
     options: list[str] = field(default_factory=list)
     port: int = 0
+    image: str = IMAGE
 
     @classmethod
-    def of(cls, docs: list[dict[str, Any]], deployment: str, secrets: dict[str, dict[str, str]], files: Path) -> Container:
-        spec = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == deployment)["spec"]["template"]["spec"]
+    def of(
+        cls,
+        docs: list[dict[str, Any]],
+        workload: str,
+        secrets: dict[str, dict[str, str]],
+        files: Path,
+        claims: dict[str, Path] | None = None,
+        kind: str = "Deployment",
+    ) -> Container:
+        spec = next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == workload)["spec"]["template"]["spec"]
         container = spec["containers"][0]
+        assert local_image(container["image"]) == IMAGE, f"{workload} runs {container['image']}, the test {IMAGE}"
         config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
         env: dict[str, str] = {}
         for source in container.get("envFrom", []):
@@ -108,9 +125,14 @@ class Container:
                     (folder / item["path"]).write_text(secrets[volume["secret"]["secretName"]][item["key"]])
                     os.chmod(folder / item["path"], 0o444)
                 options.append(f"--volume={folder}:{mount['mountPath']}:ro")
+            elif "persistentVolumeClaim" in volume:
+                folder = (claims or {})[volume["persistentVolumeClaim"]["claimName"]]
+                options.append(f"--volume={folder}:{mount['mountPath']}:{'ro' if mount.get('readOnly') else 'rw'}")
             else:
                 raise AssertionError(f"the test cannot mount {volume}")
-        return cls(deployment, list(container.get("args", [])), env, options)
+        if "workingDir" in container:
+            options.append(f"--workdir={container['workingDir']}")
+        return cls(workload, list(container.get("args", [])), env, options)
 
     def start(self) -> float:
         """Start (with this host's addresses and port) and wait until ready; returns the seconds it took."""
@@ -119,7 +141,7 @@ class Container:
         env_args = [f"--env={key}={value}" for key, value in self.env.items()]
         podman("rm", "-f", self.name, check=False)
         started = time.monotonic()
-        podman("run", "-d", "--name", self.name, "--network=host", *self.options, *env_args, IMAGE, *args)
+        podman("run", "-d", "--name", self.name, "--network=host", *self.options, *env_args, self.image, *args)
         probe = "/ready" if self.name == "ris-api" else "/readyz"
         deadline = started + 600
         while time.monotonic() < deadline:
@@ -157,6 +179,7 @@ def deployed(milvus_server, s3_server, tmp_path_factory):
         "ris-api-keys": {"keys": f"ingest:admin:{hash_key(ADMIN_KEY)}\n"},
     }
     files = tmp_path_factory.mktemp("secrets")
+    secrets["ris-ingest-key"] = {"RIS_AUTH_CLIENT_KEY": ADMIN_KEY}
     embedder = Container.of(docs, "ris-embedder", secrets, files)
     api = Container.of(docs, "ris-api", secrets, files)
     here = {"RIS_MILVUS_URI": milvus_server.uri, "RIS_MILVUS_COLLECTION": "deployed", "RIS_S3_ENDPOINT": s3_server.endpoint,
@@ -166,10 +189,7 @@ def deployed(milvus_server, s3_server, tmp_path_factory):
     api.env["RIS_SERVICES_EMBEDDER_URL"] = embedder.url
     cold = {"embedder": embedder.start()}
     cold["api"] = api.start()
-    # The ingest Job's settings: the same ConfigMap and secrets as the API (it writes to Milvus and S3
-    # itself and embeds through the API).
-    job_env = {k: v for k, v in api.env.items() if k.startswith(("RIS_MILVUS_", "RIS_S3_", "RIS_STORE_"))}
-    yield {"api": api, "embedder": embedder, "cold_start_s": cold, "job_env": job_env}
+    yield {"api": api, "embedder": embedder, "cold_start_s": cold, "secrets": secrets, "files": files, "here": here, "docs": docs}
     for container in (api, embedder):
         container.remove()
 
@@ -184,27 +204,90 @@ def test_the_deployed_containers_serve_search_ingest_and_metrics(deployed, photo
         assert status["ready"] and status["milvus_backend"] == "milvus-server" and status["store"]["backend"] == "s3"
         assert client.get("/").status_code == 200
 
-        ingest = run_cli(
-            ["-m", "ingest", str(photo_set["root"]), "--service-url", api.url, "--api-key", ADMIN_KEY, "--no-progress", "--json"],
-            service_env(Path("/tmp/unused"), **deployed["job_env"]),
-        )
-        assert ingest.returncode == 0, ingest.stderr[-3000:] + "\n--- embedder:\n" + deployed["embedder"].logs() + "\n--- api:\n" + api.logs()
-        report = json.loads(ingest.stdout)
-        assert report["rejected"] == [] and report["ingested"] == report["scanned"]
+        reports = run_ingest_job(deployed, photo_set["root"])
+        scanned = sum(1 for path in Path(photo_set["root"]).rglob("*") if path.is_file())
+        # Every pod lists the folder and takes its own share: the shares add up to the folder, once.
+        assert all(r["scanned"] == scanned and r["rejected"] == [] for r in reports), reports
+        assert all(r["ingested"] == scanned - r["other_shards"] > 0 for r in reports), reports
+        assert sum(r["ingested"] for r in reports) == scanned, reports
         for name in ("astronaut", "coffee", "rocket"):
             hits = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"][name])}).json()["hits"]
             assert hits[0]["id"] == content_hash(photo_set["originals"][name])
 
-        # The names and labels the autoscalers query exist in a real scrape (before the operator relabels:
-        # BentoML's `endpoint` becomes `exported_endpoint` there, k8s/overlays/gpu/servicemonitors.yaml).
-        metrics = client.get("/metrics").text
-        assert 'bentoml_service_request_total{' in metrics and 'endpoint="/api/search"' in metrics
-        assert 'runner_name="image-search"' in metrics
-        embedder_metrics = httpx.get(f"{deployed['embedder'].url}/metrics", timeout=30).text
-        assert "bentoml_service_request_in_progress" in embedder_metrics and 'runner_name="embedder"' in embedder_metrics
+        # The series the autoscalers query (k8s/overlays/keda, k8s/monitoring) exist in a real scrape, by
+        # route template: an image read by id adds no series of its own.
+        assert client.get(f"/api/images/{content_hash(photo_set['originals']['coffee'])}/metadata").status_code == 200
+        text = client.get("/metrics").text
+        assert not re.search(r'="[^"]*[0-9a-f]{64}', text), "an image id in a label"
+        samples = metric_samples(text)
+        assert metric_sum(samples, "ris_http_requests_total", route="/api/search", method="POST", status="200") >= 3
+        assert metric_sum(samples, "ris_http_requests_total", route="/api/images/{image_id}/metadata", status="200") >= 1
+        assert any(name == "ris_http_requests_in_progress" and labels.get("route") == "/api/search" for name, labels, _ in samples)
+        assert metric_sum(samples, "ris_embedder_requests_total", route="/api/search") >= 3
+        assert metric_sum(samples, "ris_embedder_requests_total", route="/api/embed") >= 1, "the Job's batches"
+        assert not [s for s in samples if s[1].get("runner_name") == "image-search"], "BentoML's per-path series of the API"
+        embedder = metric_samples(httpx.get(f"{deployed['embedder'].url}/metrics", timeout=30).text)
         # Batches crossed to the embedder as binary .npy files, not as JSON arrays.
-        npy_calls = re.search(r'bentoml_service_request_total\{[^}]*endpoint="/embed_npy"[^}]*http_response_code="200"[^}]*\} (\d+)', embedder_metrics)
-        assert npy_calls and int(npy_calls.group(1)) > 0, "no /embed_npy calls answered 200"
+        assert metric_sum(embedder, "ris_http_requests_total", route="/embed_npy", method="POST", status="200") > 0
+        in_progress = {labels["route"] for name, labels, _ in embedder if name == "ris_http_requests_in_progress"}
+        assert "/embed_npy" in in_progress and "/readyz" not in in_progress, in_progress
+
+
+def run_ingest_job(deployed, folder: Path) -> list[dict[str, Any]]:
+    """k8s/jobs/ingest as the cluster runs it: one container per completion index, all at once, with the
+    Job's args, settings, secrets and security context, the source folder as its volume; their reports."""
+    # Applied beside the overlay: the Job reads the overlay's ConfigMap ris-settings.
+    job = render("jobs/ingest") + [doc for doc in deployed["docs"] if doc["kind"] == "ConfigMap"]
+    spec = next(d for d in job if d["kind"] == "Job")["spec"]
+    # The pods run as uid 1034: a world-readable copy of the folder stands in for the source volume.
+    source = Path(tempfile.mkdtemp(prefix="ris-ingest-source-"))
+    shutil.copytree(folder, source, dirs_exist_ok=True)
+    for path in [source, *source.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    api = deployed["api"]
+    pods = []
+    try:
+        for index in range(spec["completions"]):
+            pod = Container.of(job, "ris-ingest", deployed["secrets"], deployed["files"], {"ris-ingest-source": source}, kind="Job")
+            pod.name = f"ris-ingest-{index}"
+            pod.env.update(deployed["here"], JOB_COMPLETION_INDEX=str(index))  # Kubernetes sets it in Indexed Jobs
+            assert "--service-url=http://ris-api:3000" in pod.args, pod.args  # the API's Service in the cluster
+            pod.args = [f"--service-url={api.url}" if arg.startswith("--service-url=") else arg for arg in pod.args]
+            podman("rm", "-f", pod.name, check=False)
+            podman("run", "-d", "--name", pod.name, "--network=host", *pod.options,
+                   *[f"--env={k}={v}" for k, v in pod.env.items()], pod.image, *pod.args)
+            pods.append(pod)
+        reports = []
+        for pod in pods:
+            code = podman("wait", pod.name, timeout=600).stdout.strip()
+            done = podman("logs", pod.name, check=False)
+            assert code == "0", f"{pod.name} exited {code}:\n{done.stderr[-3000:]}\n--- api:\n{api.logs()}"
+            reports.append(json.loads(done.stdout))
+        return reports
+    finally:
+        for pod in pods:
+            pod.remove()
+        shutil.rmtree(source, ignore_errors=True)
+
+
+def test_the_cpu_image_has_no_torch_and_ships_the_openvino_model():
+    probe = podman("run", "--rm", "--network=none", IMAGE, "python", "-c", IMAGE_PROBE, timeout=300)
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert found["torch"] is None and found["nncf"] is None and found["openvino"], found
+    assert found["models"] and all(name.endswith("-openvino") for name in found["models"]), found
+    size = int(podman("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip())
+    print(f"image {IMAGE}: {size / 1e9:.2f} GB")
+
+
+# What the image holds: the Python packages that matter and the models its bento packages.
+IMAGE_PROBE = """
+import importlib.util, json, os
+models = os.path.join(os.environ["BENTO_PATH"], "models")
+print(json.dumps({
+    **{name: (importlib.util.find_spec(name) or None) and name for name in ("torch", "nncf", "openvino")},
+    "models": sorted(os.listdir(models)) if os.path.isdir(models) else [],
+}))
+"""
 
 
 def test_without_an_embedder_the_api_stays_ready_and_only_upload_search_fails(deployed, photo_set):
@@ -214,10 +297,14 @@ def test_without_an_embedder_the_api_stays_ready_and_only_upload_search_fails(de
         assert client.get(f"/api/images/{original}/metadata").status_code == 200, "ingested by the test before"
         embedder.stop()
         try:
+            demand = metric_sum(metric_samples(client.get("/metrics").text), "ris_embedder_requests_total", route="/api/search")
             started = time.monotonic()
             search = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["coffee"])})
             assert search.status_code == 503 and time.monotonic() - started < 30, search.text
             assert search.headers.get("retry-after")
+            # What wakes an embedder scaled to zero (k8s/overlays/keda): the failed request counts too.
+            after = metric_sum(metric_samples(client.get("/metrics").text), "ris_embedder_requests_total", route="/api/search")
+            assert after >= demand + 1, (demand, after)
             assert client.get("/ready").status_code == 200, "the API pod stays ready: the page and reads keep working"
             assert client.get("/").status_code == 200
             by_id = client.post("/api/search/id", json={"id": original})

@@ -21,11 +21,16 @@ import pytest
 import yaml
 
 from bento.config import setting_fields, settings_from
+from bento.metrics import INTERNAL, LABELS, UNMATCHED
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 BIN = Path(sys.executable).parent
+# The bento's two images (k8s/components/bento-image): CUDA/PyTorch for the GPU embedder, the CPU image
+# (OpenVINO, no PyTorch) for everything else.
 BENTO_IMAGE = "reverse-image-search"
+BENTO_CPU_IMAGE = "reverse-image-search-cpu"
+BENTO_IMAGES = {BENTO_IMAGE, BENTO_CPU_IMAGE}
 
 # Every kustomization a user applies (k8s/secrets is rendered from its examples, see below).
 RENDERED = [
@@ -176,7 +181,8 @@ def test_every_kustomization_is_rendered() -> None:
     components = {
         str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml") if yaml.safe_load(p.read_text())["kind"] == "Component"
     }
-    assert components == {IMAGE_COMPONENT}, "a new Component must be tested through what includes it"
+    # Each is tested through what includes it (the gpu overlays' image test covers cuda-embedder).
+    assert components == {IMAGE_COMPONENT, "overlays/gpu/cuda-embedder"}, "a new Component must be tested through what includes it"
     assert found - {"base", "secrets"} - components == set(RENDERED), "a new kustomization must be added to RENDERED"
 
 
@@ -349,12 +355,16 @@ def test_network_policies_admit_only_the_api_and_ingest_to_milvus_and_minio(
 # --- wiring: settings, ports, probes, images ---------------------------------------------------------
 
 
+def _image_name(image: str) -> str:
+    return image.split("/")[-1].split(":")[0]
+
+
 def _bento_containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return [
         (w["metadata"]["name"], c)
         for w, t in _pod_templates(docs)
         for c in t["spec"]["containers"]
-        if c["image"].split("/")[-1].split(":")[0] == BENTO_IMAGE
+        if _image_name(c["image"]) in BENTO_IMAGES
     ]
 
 
@@ -477,10 +487,15 @@ def test_probes_hit_endpoints_the_bento_serves(rendered: dict[str, list[dict[str
             # Realistic start-up allowance: model load, warm-up, CUDA init, a cold image cache.
             startup = container["startupProbe"]
             assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    # /metrics: BentoML's in the embedder; in the API, BentoML's request metrics and route are off
+    # (service.py: metrics={"enabled": False}) and the app serves its own.
+    api_own = {p for m, p, _ in _service_routes()[0] if m == "GET"}
+    assert "/metrics" in api_own, "service.py serves no GET /metrics (BentoML's is off for the API)"
     for template in ("overlays/gpu", "overlays/keda"):
         for monitor in _find(rendered[template], "ServiceMonitor"):
             for endpoint in monitor["spec"]["endpoints"]:
-                assert endpoint["path"] in routes or monitor["metadata"]["name"] == "ris-milvus"
+                if monitor["metadata"]["name"] != "ris-milvus":
+                    assert endpoint["path"] in api_own and endpoint["path"] in routes, endpoint["path"]
 
 
 def test_embedder_deployment_serves_the_embedder_service(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -491,7 +506,7 @@ def test_embedder_deployment_serves_the_embedder_service(rendered: dict[str, lis
         args = embedder["args"]
         assert args[0] == "start-http-server"
         assert args[args.index("--service-name") + 1] == names["Embedder"]
-    # The in-flight metric rules name BentoML services by their runner_name label.
+    # Queries that name BentoML services (runner_name) must name real ones.
     rules = (K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text()
     scaled = (K8S / "overlays" / "keda" / "scaledobject.yaml").read_text()
     for runner in re.findall(r'runner_name=~?"([^"]+)"', rules + scaled):
@@ -534,28 +549,32 @@ def test_every_deployment_scales_and_has_a_disruption_budget(rendered: dict[str,
 
 def test_images_are_consistent_and_pinned(rendered: dict[str, list[dict[str, Any]]]) -> None:
     # The Jobs are applied on their own next to whichever overlay runs: every rendering must name the
-    # same bento image, from a registry (a bare `reverse-image-search` is pulled from Docker Hub's
-    # library namespace: ImagePullBackOff on a real cluster).
-    images: dict[str, set[str]] = {}
+    # bento images alike, from a registry (a bare `reverse-image-search` is pulled from Docker Hub's
+    # library namespace: ImagePullBackOff on a real cluster). Only a GPU embedder runs the CUDA image.
+    images: dict[str, str] = {}
     for name in WORKLOADS + INGEST:
-        found = {c["image"] for _, c in _bento_containers(rendered[name])}
-        assert found, f"{name}: no container runs the bento image"
-        images[name] = found
-    everywhere = set().union(*images.values())
-    assert len(everywhere) == 1, f"renderings run different bento images: {images}"
-    (image,) = everywhere
-    registry = image.split("/")[0]
-    assert "/" in image and ("." in registry or ":" in registry or registry == "localhost"), f"{image}: no registry host"
-    # One place sets it: the Component, included by base (every overlay) and the ingest Job.
+        found = _bento_containers(rendered[name])
+        assert found, f"{name}: no container runs a bento image"
+        for workload, container in found:
+            gpu = "nvidia.com/gpu" in container.get("resources", {}).get("limits", {})
+            expected = BENTO_IMAGE if gpu else BENTO_CPU_IMAGE
+            assert _image_name(container["image"]) == expected, f"{name}/{workload} runs {container['image']}, not {expected}"
+            assert images.setdefault(expected, container["image"]) == container["image"], f"{name}: another {expected}"
+    assert set(images) == BENTO_IMAGES, f"both images are deployed somewhere: {images}"
+    for image in images.values():
+        registry = image.split("/")[0]
+        assert "/" in image and ("." in registry or ":" in registry or registry == "localhost"), f"{image}: no registry host"
+    # One place sets them: the Component, included by base (every overlay), the gpu overlay (for the image
+    # its cuda-embedder component switches to) and the ingest Job.
     for kustomization in K8S.rglob("kustomization.yaml"):
         where = str(kustomization.parent.relative_to(K8S))
         content = yaml.safe_load(kustomization.read_text())
         names = {i["name"] for i in content.get("images", [])}
         if where == IMAGE_COMPONENT:
-            assert names == {BENTO_IMAGE}
+            assert names == BENTO_IMAGES
         else:
-            assert BENTO_IMAGE not in names, f"k8s/{where} sets the bento image: only k8s/{IMAGE_COMPONENT} may"
-    for includer in ("base", "jobs/ingest"):
+            assert not names & BENTO_IMAGES, f"k8s/{where} sets a bento image: only k8s/{IMAGE_COMPONENT} may"
+    for includer in ("base", "jobs/ingest", "overlays/gpu"):
         content = yaml.safe_load((K8S / includer / "kustomization.yaml").read_text())
         included = {str((K8S / includer / c).resolve().relative_to(K8S)) for c in content.get("components", [])}
         assert IMAGE_COMPONENT in included, f"k8s/{includer} does not include k8s/{IMAGE_COMPONENT}"
@@ -1016,6 +1035,12 @@ def test_statefulsets_are_governed_by_headless_services(rendered: dict[str, list
 # on bentoml_service_* (RunnerTrafficMetricsMiddleware, namespace bentoml_service).
 OPERATOR_TARGET_LABELS = {"namespace", "service", "pod", "container", "endpoint", "job", "instance"}
 BENTOML_LABELS = {"endpoint", "service_name", "service_version", "runner_name", "http_response_code"}
+# The product's metrics (bento/metrics.py) as exposed, a histogram by its series.
+PRODUCT_LABELS = {
+    **{name: set(labels) for name, labels in LABELS.items() if name != "ris_http_request_duration_seconds"},
+    **{f"ris_http_request_duration_seconds_{suffix}": set(LABELS["ris_http_request_duration_seconds"]) for suffix in ("count", "sum")},
+    "ris_http_request_duration_seconds_bucket": {*LABELS["ris_http_request_duration_seconds"], "le"},
+}
 
 
 def _bento_honor_labels(rendered: dict[str, list[dict[str, Any]]]) -> bool:
@@ -1031,55 +1056,112 @@ def _bento_honor_labels(rendered: dict[str, list[dict[str, Any]]]) -> bool:
     return found.pop()
 
 
-def _stored_labels(honor_labels: bool) -> tuple[set[str], str]:
-    """(label names a bentoml_service_* series has in Prometheus, the name of BentoML's request-path label)."""
+def _stored_labels(honor_labels: bool, own: set[str] = BENTOML_LABELS) -> set[str]:
+    """The label names a series with the labels ``own`` has in Prometheus after the scrape."""
     if honor_labels:
-        return OPERATOR_TARGET_LABELS | BENTOML_LABELS, "endpoint"
-    clashes = BENTOML_LABELS & OPERATOR_TARGET_LABELS
-    return OPERATOR_TARGET_LABELS | (BENTOML_LABELS - clashes) | {f"exported_{c}" for c in clashes}, "exported_endpoint"
+        return OPERATOR_TARGET_LABELS | own
+    clashes = own & OPERATOR_TARGET_LABELS
+    return OPERATOR_TARGET_LABELS | (own - clashes) | {f"exported_{c}" for c in clashes}
 
 
-_SELECTOR = re.compile(r"\{([^{}]*)\}")
+def _path_label(honor_labels: bool) -> str:
+    """The name of BentoML's request-path label in Prometheus."""
+    return "endpoint" if honor_labels else "exported_endpoint"
+
+
+_SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*|<<\.Series>>)?\s*\{([^{}]*)\}")
 _MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
 
 
-def _promql_matchers(query: str) -> list[tuple[str, str, str]]:
-    """(label, operator, value) of every label matcher in the query's {...} selectors (template
-    placeholders such as prometheus-adapter's <<.LabelMatchers>> are skipped)."""
+def _promql_selectors(query: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(metric name, [(label, operator, value)...]) of every {...} selector of the query (template
+    placeholders such as prometheus-adapter's <<.LabelMatchers>> are skipped; the metric is "" where the
+    selector names none, <<.Series>> where prometheus-adapter fills it in)."""
     found = []
-    for selector in _SELECTOR.findall(query):
+    for metric, selector in _SELECTOR.findall(query):
+        matchers = []
         for part in selector.split(","):
             if not part.strip() or part.strip().startswith("<<"):
                 continue
             matcher = _MATCHER.fullmatch(part)
             assert matcher, f"cannot parse the matcher {part!r} in {query!r}"
-            found.append(matcher.groups())
+            matchers.append(matcher.groups())
+        found.append((metric, matchers))
     return found
+
+
+def _promql_matchers(query: str) -> list[tuple[str, str, str]]:
+    return [m for _, matchers in _promql_selectors(query) for m in matchers]
 
 
 def test_promql_matcher_parsing() -> None:
     assert _promql_matchers('sum(x{<<.LabelMatchers>>, a=~"b|c", d!="e"}) by (<<.GroupBy>>)') == [("a", "=~", "b|c"), ("d", "!=", "e")]
+    assert _promql_selectors('sum(rate(m_total{a="/x"}[2m])) + sum(<<.Series>>{<<.LabelMatchers>>})') == [
+        ("m_total", [("a", "=", "/x")]), ("<<.Series>>", []),
+    ]
+
+
+def _embedder_routes() -> set[str]:
+    """The routes of service.py's Embedder APIs (BentoML's default route: /<method name>)."""
+    tree = ast.parse((ROOT / "service.py").read_text())
+    (embedder,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Embedder"]
+    return {
+        f"/{node.name}" for node in embedder.body if isinstance(node, ast.FunctionDef)
+        and any(ast.unparse(d.func if isinstance(d, ast.Call) else d) == "bentoml.api" for d in node.decorator_list)
+    }
+
+
+def _queries(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[str, list[tuple[str, str, str]]]]]:
+    """Every autoscaling query (the ScaledObject's triggers, the adapter's rules) as its selectors, by
+    where it is; prometheus-adapter's <<.Series>> is the rule's seriesQuery metric."""
+    scaled = _one(rendered["overlays/keda"], "ScaledObject", "ris-embedder")
+    queries = {f"trigger {t['name']}": _promql_selectors(t["metadata"]["query"]) for t in scaled["spec"]["triggers"]}
+    adapter = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    for index, rule in enumerate(adapter["rules"]["custom"]):
+        ((series, _),) = _promql_selectors(rule["seriesQuery"])
+        assert re.fullmatch(rule["name"]["matches"], series), f"the rule renames {rule['name']['matches']}, not {series}"
+        selectors = _promql_selectors(rule["seriesQuery"]) + _promql_selectors(rule["metricsQuery"])
+        queries[f"adapter rule {index}"] = [(series if metric == "<<.Series>>" else metric, m) for metric, m in selectors]
+    return queries
 
 
 def test_promql_selectors_use_the_label_names_prometheus_stores(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """The operator's scrape adds its own `endpoint` (the port name): with honorLabels false, BentoML's
-    request-path label is stored as `exported_endpoint`. A query filtering paths on `endpoint` matches
-    nothing (KEDA never wakes the embedder) or excludes nothing (probes counted as load)."""
-    stored, path_label = _stored_labels(_bento_honor_labels(rendered))
-    port_names = {e["port"] for m in _find(rendered["overlays/gpu"], "ServiceMonitor") for e in m["spec"]["endpoints"]}
-    queries = [t["metadata"]["query"] for t in _one(rendered["overlays/keda"], "ScaledObject", "ris-embedder")["spec"]["triggers"]]
-    adapter = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())
-    queries += [q for rule in adapter["rules"]["custom"] for q in (rule["seriesQuery"], rule["metricsQuery"])]
-    path_filters = 0
-    for query in queries:
-        for label, _, value in _promql_matchers(query):
-            assert label in stored, f"{label!r} does not exist after the scrape (labels: {sorted(stored)}): {query}"
-            if value.startswith("/"):
-                path_filters += 1
-                assert label == path_label, f"request paths are in {path_label!r}, not {label!r}: {query}"
-            if label == "endpoint" and path_label != "endpoint":
-                assert set(value.split("|")) <= port_names, f"`endpoint` is the scrape port's name here: {query}"
-    assert path_filters >= 3, "the wake-up query, the in-flight query and the adapter rule all filter on paths"
+    """Every autoscaling query reads the product's own metrics (route templates, a bounded label set),
+    with label names as Prometheus stores them: the product's do not clash with the operator's target
+    labels. Filtering paths on BentoML's `endpoint` would compare the port name ("http") with paths:
+    nothing matches (KEDA never wakes the embedder) or nothing is excluded."""
+    honor = _bento_honor_labels(rendered)
+    api_templates = {re.sub(r"\{([^}:]+)(:[^}]*)?\}", r"{\1}", p) for _, p, _ in _service_routes()[0]}
+    api_templates |= {f"{m}/{{path}}" for m in _service_routes()[1] if not m.endswith(".json") and m != "/docs"}
+    embedder_templates = _embedder_routes()
+    assert {"/embed", "/embed_npy"} <= embedder_templates
+    known_routes = {
+        "ris_embedder_requests_total": api_templates | {INTERNAL, UNMATCHED},
+        "ris_http_requests_in_progress": api_templates | embedder_templates | {UNMATCHED},
+    }
+    queries = _queries(rendered)
+    for where, selectors in queries.items():
+        for metric, matchers in selectors:
+            assert metric in PRODUCT_LABELS, f"{where}: {metric or 'a selector without a metric'} is not one of the product's metrics"
+            own = PRODUCT_LABELS[metric]
+            assert not own & OPERATOR_TARGET_LABELS, f"{metric}'s labels {sorted(own & OPERATOR_TARGET_LABELS)} would be renamed"
+            stored = _stored_labels(honor, own)
+            for label, operator, value in matchers:
+                assert label in stored, f"{where}: {label!r} does not exist after the scrape (labels: {sorted(stored)})"
+                assert label != "endpoint" or set(value.split("|")) <= {"http"}, f"{where}: `endpoint` is the scrape port's name"
+                if label == "route":
+                    assert operator in ("=", "=~"), f"{where}: name the routes wanted"
+                    assert set(value.split("|")) <= known_routes[metric], f"{where}: no such route: {value}"
+    # What each query is for.
+    metrics = {where: {m for m, _ in selectors} for where, selectors in queries.items()}
+    assert metrics["trigger api-embedder-requests"] == {"ris_embedder_requests_total"}, "the wake-up counts requests to the embedder"
+    assert metrics["trigger embedder-in-flight"] == {"ris_http_requests_in_progress"}
+    in_flight = dict(_promql_selectors(next(
+        t["metadata"]["query"] for t in _one(rendered["overlays/keda"], "ScaledObject", "ris-embedder")["spec"]["triggers"]
+        if t["name"] == "embedder-in-flight"
+    )))["ris_http_requests_in_progress"]
+    assert {v for label, _, value in in_flight if label == "route" for v in value.split("|")} == {"/embed", "/embed_npy"}
+    assert all(metrics[w] == {"ris_http_requests_in_progress"} for w in metrics if w.startswith("adapter"))
 
 
 def _traffic_timeouts() -> dict[str, float]:
@@ -1344,7 +1426,7 @@ def test_image_ids_in_request_paths_are_rewritten_before_prometheus_stores_them(
     (/api/images/<sha256>, .../thumbnail, .../metadata) is a series of its own. The relabeling must fold
     exactly those into route templates and leave every other route as it is (Prometheus anchors the regex
     and writes $1 for the first group)."""
-    _, path_label = _stored_labels(_bento_honor_labels(rendered))
+    path_label = _path_label(_bento_honor_labels(rendered))
     monitor = _one(rendered["overlays/gpu"], "ServiceMonitor", "ris-bento")
     image_id = "ab" * 32
 
