@@ -20,6 +20,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -62,11 +63,32 @@ _UPRIGHT: dict[int, Image.Transpose] = {
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (cgroup/affinity aware): decode slots, inference threads."""
+    """The CPUs this process may use: decode slots, inference threads and streams. The fewer of its CPU
+    affinity and its cgroup's CPU quota (a Kubernetes `limits.cpu`, rounded up): a 2-CPU pod on a 32-core
+    node that ran 32 threads would spend its quota in a few milliseconds and be throttled for the rest."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return min(cpus, quota) if quota else cpus
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs the cgroup's quota allows, rounded up (cgroup v2 cpu.max, else v1 cfs_quota_us); None without one."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            if quota == "max":
+                return None
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+            if int(quota) <= 0:
+                return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup filesystem (not Linux, a sandbox): no quota to respect
+        return None
 
 
 # Concurrent decodes per process: one per core (decoding is CPU-bound; more only adds memory).

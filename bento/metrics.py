@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from starlette.routing import BaseRoute, Match, Mount
@@ -72,11 +73,45 @@ class _Metrics:
     embedder_requests: Any
 
 
+def forget_dead_processes() -> list[int]:
+    """Drop the live-gauge files of processes that are gone; the pids dropped.
+
+    A worker killed mid-request (out of memory, a crash) leaves its in-progress gauge file behind with a
+    value above zero, and multiprocess "livesum" adds it forever: the autoscalers would see load that is
+    not there (an embedder that never scales to zero). prometheus_client asks for mark_process_dead on
+    each dead worker; nothing in BentoML calls it, so every process does it for its predecessors at start."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return []
+    from prometheus_client import multiprocess
+
+    dead = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            dead.add(int(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True
+
+
 @functools.cache
 def _metrics() -> _Metrics:
     """The metric objects, made once per process on first use (prometheus_client reads
     PROMETHEUS_MULTIPROC_DIR when it is imported; the workers have it from their start)."""
     from prometheus_client import Counter, Gauge, Histogram
+
+    forget_dead_processes()
 
     return _Metrics(
         requests=Counter(
@@ -174,7 +209,7 @@ class RouteTemplates:
         partial: BaseRoute | None = None
         for route in leaf_routes(self.app.router.routes):
             match, _ = route.matches(scope)
-            if match is Match.FULL:
+            if match is Match.FULL and not self.unmatched(route):  # a catch-all takes what nothing else does
                 return self.template(route)
             if match is Match.PARTIAL and partial is None:
                 partial = route

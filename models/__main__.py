@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     export.add_argument("--model", choices=model_choices(), help="overrides RIS_MODEL_NAME")
     export.add_argument(
-        "--fidelity-images", type=Path, metavar="DIR", help="photos to check the conversion on (besides synthetic images)"
+        "--fidelity-images", type=Path, metavar="DIR", required=True,
+        help="typical photos to check the conversion on (8 are sampled; the ingest folder will do)",
     )
     sub.add_parser("show", help="show the model the service would load (imports nothing)")
     args = parser.parse_args(argv)

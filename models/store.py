@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -226,7 +226,7 @@ def _resolve_stored(settings: Settings, import_if_missing: bool) -> StoredModel:
         raise ModelUnavailable(
             f"No exported OpenVINO model for RIS_MODEL_NAME={settings.model.name} in the BentoML model store, and this "
             "installation has no PyTorch to load weights with (the CPU image). Build it from a bento that packages "
-            "one: `python -m models export-openvino`, then `bentoml build -f bentofile.cpu.yaml`."
+            "one: `python -m models export-openvino --fidelity-images DIR`, then `bentoml build -f bentofile.cpu.yaml`."
         )
     if not import_if_missing:
         raise ModelUnavailable(
@@ -242,12 +242,15 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
     stored = resolve_model(settings, import_if_missing)
     backbone = get_backbone(stored.info.backbone)
     choice = choose_runtime(settings.model.runtime, settings.model.precision, settings.model.device, backbone.cpu_auto_precision)
+    choice = replace(choice, streams=settings.model.cpu_streams)
     calibration = _calibration(settings, stored.preprocessing) if choice.precision == "int8" else None
     cache = RuntimeCache(_runtime_cache_dir(settings)) if choice.runtime == "openvino" else None
     key = RuntimeCache.key(stored.info.model_id, stored.preprocessing, choice.precision, calibration) if cache else ""
     runtime: InferenceRuntime | None = cache.load(key, choice) if cache else None
     if runtime is None:
-        exported = stored if stored.kind == "openvino" else _exported_twin(stored) if choice.runtime == "openvino" else None
+        # int8 from the weights where they are here: calibrated and checked on the same photos.
+        twin = choice.runtime == "openvino" and choice.precision != "int8"
+        exported = stored if stored.kind == "openvino" else _exported_twin(stored) if twin else None
         if exported is not None:
             runtime = _runtime_from_export(exported, choice, calibration)
         elif stored.kind == "torch":
@@ -311,14 +314,16 @@ def _runtime_from_export(stored: StoredModel, choice: RuntimeChoice, calibration
     return runtime
 
 
-def export_openvino(settings: Settings, fidelity_images: Path | None = None) -> StoredModel:
+def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
     """Convert the stored weights the settings choose to an OpenVINO model and store it beside them
     (``ris-<backbone>-openvino``): the CPU image ships it and runs without PyTorch.
 
     The conversion is checked here, against PyTorch fp32, on the synthetic probe images and on up to
-    EXPORT_FIDELITY_PHOTOS photos of ``fidelity_images``; those pixels and their fp32 features ship with
-    the model, so every start can check its compiled model again without PyTorch. A no-op when an export
-    of the same weights by the same OpenVINO version is stored."""
+    EXPORT_FIDELITY_PHOTOS photos of ``fidelity_images`` (real photos: a bf16 compilation that drifts on
+    photos can pass on synthetic images); those pixels and their fp32 features ship with the model, so
+    every start can check its compiled model again without PyTorch. A no-op when an export with the same
+    key is stored: the key covers everything that decides the exported model and its check (weights,
+    normalisation, torch/OpenVINO versions, the conversion code, the check's pixels)."""
     import openvino as ov
 
     from models.torch_runtime import convert_to_openvino, reference_features
@@ -326,10 +331,17 @@ def export_openvino(settings: Settings, fidelity_images: Path | None = None) -> 
     stored = _resolve_stored(settings, import_if_missing=True)
     if stored.kind != "torch":
         raise ModelUnavailable("Exporting needs the model's PyTorch weights in the model store (`python -m models import`).")
-    versions = library_versions()
+    preprocessing = stored.preprocessing
+    limits = DecodeLimits(max_bytes=settings.limits.max_upload_bytes, max_pixels=settings.limits.max_image_pixels)
+    photos = calibration_pixels(
+        fidelity_images,
+        lambda data: prepare_image(data, limits, preprocessing, thumbnail_size=None).pixels,
+        limit=EXPORT_FIDELITY_PHOTOS,
+    )
+    pixels = np.concatenate([fidelity_probe(preprocessing.crop), photos])
+    export_key = RuntimeCache.key(stored.info.model_id, preprocessing, "export", pixels)
     for existing in _stored_versions(stored.info.backbone, "openvino"):
-        meta = existing.info.metadata
-        if meta.get("info", {}).get("model_id") == stored.info.model_id and meta.get("converted_with", {}).get("openvino") == versions.get("openvino"):
+        if existing.info.metadata.get("export_key") == export_key:
             logger.info("OpenVINO export of %s already in the store as %s", stored.info.model_id, existing.tag)
             return _describe(existing, stored.info.reason)
 
@@ -339,16 +351,6 @@ def export_openvino(settings: Settings, fidelity_images: Path | None = None) -> 
     module = get_backbone(stored.info.backbone).build()
     module.load_state_dict(torch.load(source.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True), strict=True)
     module.eval()
-    preprocessing = stored.preprocessing
-    pixels = fidelity_probe(preprocessing.crop)
-    if fidelity_images is not None:
-        limits = DecodeLimits(max_bytes=settings.limits.max_upload_bytes, max_pixels=settings.limits.max_image_pixels)
-        photos = calibration_pixels(
-            fidelity_images,
-            lambda data: prepare_image(data, limits, preprocessing, thumbnail_size=None).pixels,
-            limit=EXPORT_FIDELITY_PHOTOS,
-        )
-        pixels = np.concatenate([pixels, photos])
     started = time.monotonic()
     converted = convert_to_openvino(module, preprocessing)
     reference = reference_features(module, preprocessing, pixels)
@@ -358,7 +360,8 @@ def export_openvino(settings: Settings, fidelity_images: Path | None = None) -> 
         **source.info.metadata,
         "format": "openvino",
         "source_tag": str(source.tag),
-        "converted_with": versions,
+        "converted_with": library_versions(),
+        "export_key": export_key,
         "fidelity_min_cosine": worst,
         "fidelity_images": len(pixels),
     }

@@ -8,6 +8,7 @@ Each step runs in its own process with its own model store: "without PyTorch" is
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,10 @@ def test_an_exported_model_serves_without_torch_into_the_same_collections(effici
     cosines = np.sum(vectors * efficientnet.embed(pixels), axis=1)
     assert cosines.min() >= FIDELITY_FLOOR, cosines
 
+    # int8 needs NNCF (and calibration), which an installation without PyTorch does not have: refused at once.
+    int8 = _run(embed, {**env, "RIS_MODEL_PRECISION": "int8", "RIS_MODEL_INT8_CALIBRATION_DIR": str(photo_set["root"])}, without_torch=True)
+    assert int8.returncode != 0 and "needs the nncf package" in int8.stderr
+
     # With PyTorch installed, the OpenVINO runtime compiles the exported twin instead of converting again.
     with_torch = _run(embed, {**env, "RIS_MODEL_RUNTIME": "openvino"})
     _ok(with_torch)
@@ -94,6 +99,11 @@ def test_an_exported_model_serves_without_torch_into_the_same_collections(effici
     np.save(exported / "fidelity-reference.npy", np.roll(reference, 1, axis=0))
     drifted = _run(embed, env, without_torch=True)
     assert drifted.returncode != 0 and "differ from the fp32 reference" in drifted.stderr
+
+    # Another check (other photos) is another export: an export is reused only when everything that
+    # decides it is the same.
+    other = json.loads(_ok(_run([*export[:-1], str(Path(photo_set["root"]) / "coffee")], env)))
+    assert other["store_tag"] != first["store_tag"] and other["model_id"] == first["model_id"]
 
 
 def test_without_torch_only_the_openvino_cpu_path_is_offered(monkeypatch):

@@ -194,3 +194,24 @@ def test_float_greyscale_is_stretched_into_8_bits():
     ramp.putdata([float(x % 64) * 0.5 for x in range(64 * 8)])
     decoded = decode_image(_encode(ramp, "TIFF"), LIMITS).image
     assert decoded.getpixel((0, 0))[0] == 0 and decoded.getpixel((63, 0))[0] == 255
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads, not one
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_as_whole_cpus(tmp_path, files, expected):
+    from bento.imaging import cgroup_cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == expected

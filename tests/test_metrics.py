@@ -104,7 +104,8 @@ def test_failures_are_counted_with_their_status_and_probes_are_not_load(small_ap
     assert client.get("/boom").status_code == 500
     assert _value("ris_http_requests_total", route="/boom", method="GET", status="500") == before + 1
     assert _value("ris_http_request_duration_seconds_count", route="/boom", method="GET") >= 1
-    assert _value("ris_http_requests_in_progress", route="/boom", method="GET") == 0  # decremented after a crash
+    # The gauge exists and went back to 0 after the crash.
+    assert REGISTRY.get_sample_value("ris_http_requests_in_progress", {"route": "/boom", "method": "GET"}) == 0
     assert client.get("/ready").status_code == 200
     assert REGISTRY.get_sample_value("ris_http_requests_in_progress", {"route": "/ready", "method": "GET"}) is None
     assert _value("ris_http_requests_total", route="/ready", method="GET", status="200") >= 1
@@ -153,7 +154,7 @@ def test_a_request_to_an_embedder_that_is_down_still_counts() -> None:
 
 
 def test_the_service_apps_templates() -> None:
-    """service.py's app: image ids fold into templates; the catch-all, unknown paths and methods are `other`."""
+    """service.py's app: image ids fold into templates, a 405 keeps its route's; the catch-all's unknown paths are `other`."""
     import service
 
     def route(method: str, path: str) -> str:
@@ -166,7 +167,9 @@ def test_the_service_apps_templates() -> None:
     assert route("GET", "/api/images/NOT-AN-ID/metadata") == "/api/images/{image_id}/metadata"
     assert route("GET", "/api/images") == route("POST", "/api/images") == "/api/images"
     assert route("POST", "/api/search") == "/api/search" and route("GET", "/metrics") == "/metrics"
-    assert route("GET", f"/api/images/{image_id}/x") == route("PUT", "/api/search") == route("GET", "/etc/passwd") == UNMATCHED
+    # A known path with another method (405) keeps its template; unknown paths are `other`.
+    assert route("PUT", "/api/search") == "/api/search" and route("PATCH", f"/api/images/{image_id}") == "/api/images/{image_id}"
+    assert route("GET", f"/api/images/{image_id}/x") == route("GET", "/etc/passwd") == UNMATCHED and route("BREW", "/") == "/"
     assert route("GET", "/static/app.js") == "/static/{path}"
     assert not [t for t in service.app_routes.all() if SHA256.search(t)]
     assert set(LABELS) == {"ris_http_requests_total", "ris_http_request_duration_seconds", "ris_http_requests_in_progress", "ris_embedder_requests_total"}
@@ -230,3 +233,23 @@ def test_served_metrics_use_route_templates_and_count_embedder_requests(live_ser
     assert metric_sum(after_gallery, "ris_embedder_requests_total") == metric_sum(before, "ris_embedder_requests_total")
     assert metric_sum(after, "ris_embedder_requests_total", route="/api/search") >= metric_sum(before, "ris_embedder_requests_total", route="/api/search") + 1
     assert metric_sum(after, "ris_embedder_requests_total", route="/api/images") == metric_sum(before, "ris_embedder_requests_total", route="/api/images")
+
+
+def test_gauges_of_dead_workers_are_forgotten(tmp_path, monkeypatch) -> None:
+    """A worker killed mid-request leaves a live gauge above zero behind: the next start drops it (and keeps
+    the gauges of processes that are alive, and every counter)."""
+    import os
+    import subprocess
+    import sys
+
+    from bento.metrics import forget_dead_processes
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    files = [f"gauge_livesum_{gone.pid}.db", f"gauge_liveall_{gone.pid}.db", f"gauge_livesum_{os.getpid()}.db",
+             f"counter_{gone.pid}.db"]
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    assert forget_dead_processes() == [gone.pid]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"gauge_livesum_{os.getpid()}.db", f"counter_{gone.pid}.db"])
