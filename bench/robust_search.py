@@ -261,11 +261,10 @@ def search_p50s(uri: str | None, dim: int, view_sets: tuple[str, ...], images: i
     return results[0], results[1]
 
 
-def ingest_rate(folder: Path, views: str, cpu_streams: int = 0) -> float:
+def ingest_rate(folder: Path, views: str) -> float:
     with tempfile.TemporaryDirectory() as work:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RIS_")}
-        env.update({"RIS_DATA_DIR": work, "RIS_MODEL_VIEWS": views, "RIS_MODEL_NAME": "efficientnet-lite0", "BENTOML_DO_NOT_TRACK": "true",
-                    "RIS_MODEL_CPU_STREAMS": str(cpu_streams)})
+        env.update({"RIS_DATA_DIR": work, "RIS_MODEL_VIEWS": views, "RIS_MODEL_NAME": "efficientnet-lite0", "BENTOML_DO_NOT_TRACK": "true"})
         # Load (and convert) the model once outside the timing.
         subprocess.run([sys.executable, "-m", "models", "import"], cwd=ROOT, env=env, check=True, capture_output=True)
         out = subprocess.run(
@@ -293,10 +292,6 @@ def cost_table(quick: bool) -> str:
     rows = []
     base: dict[str, float] = {}
     try:
-        # The product before this work: one vector per image, and OpenVINO running each batch as one stream
-        # on every core (RIS_MODEL_CPU_STREAMS=1); ingest rates are compared with it.
-        before_rate = ingest_rate(folder, "", cpu_streams=1)
-        rows.append(f"| (none), one CPU stream: the product before | 1 | | | | | | | {before_rate:.1f} (1.00x) |")
         for views in RECIPES:
             view_sets = Settings(model={"views": views}).model.view_sets
             vectors = 1 + sum(len(VIEW_SETS[name]) for name in view_sets)
@@ -305,7 +300,7 @@ def cost_table(quick: bool) -> str:
                 **dict(zip(("lite", "lite_small"), search_p50s(None, dim, view_sets, images), strict=True)),
                 **dict(zip(("server", "server_small"), search_p50s(server.uri, dim, view_sets, images), strict=True)),
             }
-            base = base or {**measured, "rate": before_rate}
+            base = base or measured
             ratio = {key: value / base[key if not key.endswith("_small") else key.removesuffix("_small")] for key, value in measured.items()}
             hnsw = vectors * (dim * 4 + 16 * 2 * 4)  # + HNSW links (M=16, two directions, 4-byte ids) per vector
             rows.append(
@@ -318,8 +313,7 @@ def cost_table(quick: bool) -> str:
     return (
         f"Search over {images} images (top 12, 1280-d, HNSW; Milvus Lite file and Milvus 2.3 server), for a 1024x768 query "
         "and a 64x48 one (which also meets the low-res views); ratios to the recipe before. Ingest of "
-        f"{count} 1024x768 JPEGs (`python -m ingest`, EfficientNet-Lite0, default runtime: batches split between "
-        "OpenVINO streams), ratios to the product before (no views, one stream).\n\n"
+        f"{count} 1024x768 JPEGs (`python -m ingest`, EfficientNet-Lite0, default runtime).\n\n"
         "| RIS_MODEL_VIEWS | vectors/image | vector bytes/image | with HNSW links | search p50 Lite | Lite, small query | "
         "search p50 server | server, small query | ingest images/s |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows)

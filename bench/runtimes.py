@@ -37,8 +37,7 @@ from models.runtime import RuntimeUnavailable
 from models.store import load_embedder
 
 LIMITS = DecodeLimits(10**9, 10**9)
-# runtime-precision[-sN]: N = RIS_MODEL_CPU_STREAMS (openvino-fp32-s1: batches as one stream on every core, as before).
-RUNTIMES = ("torch-fp32", "torch-bf16", "openvino-fp32", "openvino-fp32-s1", "openvino-bf16", "openvino-int8")
+RUNTIMES = ("torch-fp32", "torch-bf16", "openvino-fp32", "openvino-bf16", "openvino-int8")
 
 
 @dataclass
@@ -66,7 +65,7 @@ def make_photos(workdir: Path) -> PhotoSet:
 
 
 def load(model: str, label: str, calibration_dir: Path) -> ImageEmbedder:
-    runtime, precision, *streams = label.split("-")
+    runtime, precision = label.split("-")
     settings = Settings(
         data_dir=Path("unused"),
         model={
@@ -75,7 +74,6 @@ def load(model: str, label: str, calibration_dir: Path) -> ImageEmbedder:
             "runtime": runtime,
             "precision": precision,
             "int8_calibration_dir": calibration_dir,
-            "cpu_streams": int(streams[0].removeprefix("s")) if streams else 0,
         },
     )
     return load_embedder(settings)

@@ -88,10 +88,6 @@ class ModelSettings(BaseModel):
     runtime_cache_dir: Path | None = Field(
         None, description="Converted OpenVINO models reused across restarts; empty: `$BENTOML_HOME/ris-runtime-cache`."
     )
-    cpu_streams: int = Field(
-        0, ge=0, le=64,
-        description="OpenVINO: streams a batch is split between, run side by side; `0`: OpenVINO's choice for this CPU, `1`: one stream on every core.",
-    )
 
     views: str = Field(
         "low-res-64",

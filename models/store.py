@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -242,7 +242,6 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
     stored = resolve_model(settings, import_if_missing)
     backbone = get_backbone(stored.info.backbone)
     choice = choose_runtime(settings.model.runtime, settings.model.precision, settings.model.device, backbone.cpu_auto_precision)
-    choice = replace(choice, streams=settings.model.cpu_streams)
     calibration = _calibration(settings, stored.preprocessing) if choice.precision == "int8" else None
     cache = RuntimeCache(_runtime_cache_dir(settings)) if choice.runtime == "openvino" else None
     key = RuntimeCache.key(stored.info.model_id, stored.preprocessing, choice.precision, calibration) if cache else ""

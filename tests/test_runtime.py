@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bento.config import Settings
-from bento.imaging import DecodeLimits, decode_image, usable_cpus
+from bento.imaging import DecodeLimits, decode_image
 from models.pipeline import prepare_image
 from models.runtime import (
     FIDELITY_FLOOR,
@@ -161,19 +161,6 @@ def test_the_fidelity_guard_refuses_a_runtime_that_drifts(lite_reference, photo_
     assert check_fidelity(_Degraded(reference, noise=0.01), pixels, reference(pixels)) >= FIDELITY_FLOOR
     with pytest.raises(RuntimeUnavailable, match="differ from the fp32 reference"):
         check_fidelity(_Degraded(reference, noise=0.5), pixels, reference(pixels))
-
-
-@pytest.mark.skipif(usable_cpus() < 2, reason="streams side by side need two CPUs")
-def test_a_batch_split_between_streams_embeds_as_one_image_at_a_time(bentoml_home, photo_set):
-    split = load_embedder(_settings(model="efficientnet-lite0", runtime="openvino", precision="fp32", cpu_streams=2))
-    single = load_embedder(_settings(model="efficientnet-lite0", runtime="openvino", precision="fp32", cpu_streams=1))
-    assert split.runtime.streams == 2 and "2 streams" in split.device_name
-    assert single.runtime.streams == 1 and not single.runtime._batch_requests
-    pixels = _pixels(split, list(photo_set["originals"].values())[:5])
-    one_by_one = np.concatenate([single.embed(pixels[i : i + 1]) for i in range(len(pixels))])
-    for size in (5, 2, 3):  # uneven splits keep the order
-        assert np.allclose(split.embed(pixels[:size]), one_by_one[:size], atol=1e-4), size
-    assert np.allclose(single.embed(pixels), one_by_one, atol=1e-4)
 
 
 # --- decode-time downscaling ---------------------------------------------------------------------
