@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import yaml
 from bento.auth import hash_key, new_key
 from bento.imaging import content_hash
 from scripts.devstack import free_port
-from tests.conftest import ROOT, metric_samples, metric_sum
+from tests.conftest import ROOT, make_images, metric_samples, metric_sum
 
 pytestmark = pytest.mark.container
 # The image the cpu overlay runs (the CPU image, no PyTorch), as scripts/container.sh tags it.
@@ -233,9 +234,10 @@ def test_the_deployed_containers_serve_search_ingest_and_metrics(deployed, photo
         assert "/embed_npy" in in_progress and "/readyz" not in in_progress, in_progress
 
 
-def run_ingest_job(deployed, folder: Path) -> list[dict[str, Any]]:
+def run_ingest_job(deployed, folder: Path, while_running: Callable[[], object] = lambda: None) -> list[dict[str, Any]]:
     """k8s/jobs/ingest as the cluster runs it: one container per completion index, all at once, with the
-    Job's args, settings, secrets and security context, the source folder as its volume; their reports."""
+    Job's args, settings, secrets and security context, the source folder as its volume; their reports.
+    ``while_running`` is called once every pod has started."""
     # Applied beside the overlay: the Job reads the overlay's ConfigMap ris-settings.
     job = render("jobs/ingest") + [doc for doc in deployed["docs"] if doc["kind"] == "ConfigMap"]
     spec = next(d for d in job if d["kind"] == "Job")["spec"]
@@ -257,6 +259,7 @@ def run_ingest_job(deployed, folder: Path) -> list[dict[str, Any]]:
             podman("run", "-d", "--name", pod.name, "--network=host", *pod.options,
                    *[f"--env={k}={v}" for k, v in pod.env.items()], pod.image, *pod.args)
             pods.append(pod)
+        while_running()
         reports = []
         for pod in pods:
             code = podman("wait", pod.name, timeout=600).stdout.strip()
@@ -290,7 +293,7 @@ print(json.dumps({
 """
 
 
-def test_without_an_embedder_the_api_stays_ready_and_only_upload_search_fails(deployed, photo_set):
+def test_without_an_embedder_the_api_stays_ready_and_only_upload_search_fails(deployed, photo_set, tmp_path):
     api, embedder = deployed["api"], deployed["embedder"]
     original = content_hash(photo_set["originals"]["coffee"])
     with httpx.Client(base_url=api.url, timeout=120) as client:
@@ -311,8 +314,17 @@ def test_without_an_embedder_the_api_stays_ready_and_only_upload_search_fails(de
             assert by_id.status_code == 200 and by_id.json()["hits"][0]["id"] == original
             assert client.get(f"/api/images/{original}").content == photo_set["originals"]["coffee"]
             assert client.get("/api/images", params={"limit": 5}).status_code == 200
+
+            # The ingest Job started while the embedder is down (scaled to zero) rides out its cold start:
+            # its pods retry (the Job's --retry-seconds) until the embedder is back, and lose nothing.
+            later = tmp_path / "later"
+            make_images(later, 8)
+            started = time.monotonic()
+            reports = run_ingest_job(deployed, later, while_running=lambda: (time.sleep(15), podman("start", embedder.name)))
+            assert sum(r["ingested"] for r in reports) == 8 and all(r["rejected"] == [] for r in reports), reports
+            assert time.monotonic() - started > 15, "the pods waited for the embedder"
         finally:
-            podman("start", embedder.name)
+            podman("start", embedder.name, check=False)  # already running when the Job part got there
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             again = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["coffee"])})
