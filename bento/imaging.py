@@ -63,7 +63,7 @@ _UPRIGHT: dict[int, Image.Transpose] = {
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may use: decode slots, inference threads and streams. The fewer of its CPU
+    """The CPUs this process may use: decode slots and inference threads. The fewer of its CPU
     affinity and its cgroup's CPU quota (a Kubernetes `limits.cpu`, rounded up): a 2-CPU pod on a 32-core
     node that ran 32 threads would spend its quota in a few milliseconds and be throttled for the rest."""
     try:
