@@ -107,6 +107,7 @@ from bento.schemas import (
 from bento.storage import Kind, open_image_store
 from bento.vectors import VectorIndex
 from models.pipeline import MAX_PIXELS_BATCH
+from models.runtime import torch_installed
 
 logger = logging.getLogger("ris.service")
 P = ParamSpec("P")
@@ -126,8 +127,10 @@ DEPENDENCY_CONNECTION = {"max_requests": 2**62, "max_age": 10 * 365 * 24 * 3600.
 
 
 def embedder_resources(settings: Settings) -> dict[str, Any]:
-    """One GPU for the embedder when the model is to run on CUDA (or auto and a GPU is present)."""
-    wants_gpu = settings.model.device == "cuda" or (settings.model.device == "auto" and shutil.which("nvidia-smi"))
+    """One GPU for the embedder when the model is to run on CUDA (or auto and a GPU is present, and PyTorch
+    is here to use it: the CPU image, on a GPU node, runs on the CPU and asks for nothing)."""
+    gpu_here = shutil.which("nvidia-smi") and torch_installed()
+    wants_gpu = settings.model.device == "cuda" or (settings.model.device == "auto" and gpu_here)
     return {"gpu": 1} if wants_gpu else {}
 
 
