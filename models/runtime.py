@@ -100,14 +100,11 @@ def choose_runtime(
 
     ``cpu_auto_precision`` is the lowest precision the backbone keeps faithful on CPU (bf16 or fp32)."""
     has_torch = torch_installed()
-    if not has_torch:
-        if device == "cuda" or runtime == "torch":
-            raise RuntimeUnavailable(
-                f"RIS_MODEL_{'DEVICE=cuda' if device == 'cuda' else 'RUNTIME=torch'} needs PyTorch, which this installation "
-                "does not have (the CPU image runs OpenVINO only); use the default (CUDA) image for the GPU or PyTorch."
-            )
-        if not _openvino_cpu_capabilities():
-            raise RuntimeUnavailable("Neither PyTorch nor OpenVINO is installed: nothing can run the model.")
+    if not has_torch and (device == "cuda" or runtime == "torch"):
+        raise RuntimeUnavailable(
+            f"RIS_MODEL_{'DEVICE=cuda' if device == 'cuda' else 'RUNTIME=torch'} needs PyTorch, which this installation "
+            "does not have (the CPU image runs OpenVINO only); use the default (CUDA) image for the GPU or PyTorch."
+        )
     cuda = has_torch and _cuda_available()
     use_cuda = device == "cuda" or (device == "auto" and cuda)
     if device == "cuda" and not cuda:
@@ -121,6 +118,8 @@ def choose_runtime(
         return RuntimeChoice("torch", chosen, "cuda", "CUDA device present: PyTorch with autocast")
 
     capabilities = _openvino_cpu_capabilities()
+    if not capabilities and not has_torch:
+        raise RuntimeUnavailable("Neither PyTorch nor OpenVINO is installed: nothing can run the model.")
     if runtime == "auto":
         if capabilities:
             runtime_name, why = "openvino", "CPU: OpenVINO is the fast CPU path"
@@ -333,10 +332,3 @@ def compile_openvino(model: Any, choice: RuntimeChoice, calibration: np.ndarray 
     if choice.precision == "int8":
         model = _quantise_int8(model, calibration)
     return OpenVINORuntime(model, choice)
-
-
-def fidelity_pixels(preprocessing: Preprocessing, calibration: np.ndarray | None = None) -> np.ndarray:
-    """The images a fast runtime is checked on: calibration photos when there are some, else the probe."""
-    if calibration is not None and len(calibration):
-        return calibration[:8]
-    return fidelity_probe(preprocessing.crop)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import bentoml
 import numpy as np
@@ -43,6 +43,9 @@ from models.runtime import (
     library_versions,
     torch_installed,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -274,24 +277,28 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
     return embedder
 
 
-def _runtime_from_weights(stored: StoredModel, choice: RuntimeChoice, calibration: np.ndarray | None) -> InferenceRuntime:
-    """PyTorch: the weights into the backbone; then PyTorch itself, or a conversion checked against it."""
+def _load_module(stored: StoredModel) -> nn.Module:
+    """The backbone with the stored weights (PyTorch)."""
     import torch
-
-    from models.torch_runtime import build_runtime
 
     module = get_backbone(stored.info.backbone).build()
     state = torch.load(bentoml.models.get(stored.tag).path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True)
     module.load_state_dict(state, strict=True)
-    return build_runtime(module, stored.preprocessing, choice, calibration)
+    return module
+
+
+def _runtime_from_weights(stored: StoredModel, choice: RuntimeChoice, calibration: np.ndarray | None) -> InferenceRuntime:
+    """PyTorch: the weights into the backbone; then PyTorch itself, or a conversion checked against it."""
+    from models.torch_runtime import build_runtime
+
+    return build_runtime(_load_module(stored), stored.preprocessing, choice, calibration)
 
 
 def _exported_twin(stored: StoredModel) -> StoredModel | None:
     """An exported OpenVINO model of the same weights (same model_id), which saves converting them."""
     for model in _stored_versions(stored.info.backbone, "openvino"):
         if model.info.metadata.get("info", {}).get("model_id") == stored.info.model_id:
-            twin = _describe(model, stored.info.reason)
-            return StoredModel(info=stored.info, preprocessing=stored.preprocessing, tag=twin.tag, kind="openvino")
+            return StoredModel(info=stored.info, preprocessing=stored.preprocessing, tag=str(model.tag), kind="openvino")
     return None
 
 
@@ -344,12 +351,8 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
             logger.info("OpenVINO export of %s already in the store as %s", stored.info.model_id, existing.tag)
             return _describe(existing, stored.info.reason)
 
-    import torch
-
     source = bentoml.models.get(stored.tag)
-    module = get_backbone(stored.info.backbone).build()
-    module.load_state_dict(torch.load(source.path_of(WEIGHTS_FILE), map_location="cpu", weights_only=True), strict=True)
-    module.eval()
+    module = _load_module(stored)
     started = time.monotonic()
     converted = convert_to_openvino(module, preprocessing)
     reference = reference_features(module, preprocessing, pixels)

@@ -19,7 +19,7 @@ from models.runtime import (
     RuntimeChoice,
     check_fidelity,
     compile_openvino,
-    fidelity_pixels,
+    fidelity_probe,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ def build_runtime(
         return TorchRuntime(module, preprocessing, choice)
     started = time.monotonic()
     runtime = compile_openvino(convert_to_openvino(module, preprocessing), choice, calibration)
-    probe = fidelity_pixels(preprocessing, calibration)
+    # Checked on the calibration photos where there are some (int8), else on the probe images.
+    probe = calibration[:8] if calibration is not None and len(calibration) else fidelity_probe(preprocessing.crop)
     worst = check_fidelity(runtime, probe, reference_features(module, preprocessing, probe))
     logger.info(
         "%s built in %.1f s; fidelity vs fp32: min cosine %.5f over %d images",

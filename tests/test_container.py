@@ -135,14 +135,20 @@ class Container:
             options.append(f"--workdir={container['workingDir']}")
         return cls(workload, list(container.get("args", [])), env, options)
 
+    def run(self, args: list[str]) -> None:
+        """`podman run -d` with this container's options and environment (a leftover of the name removed)."""
+        env_args = [f"--env={key}={value}" for key, value in self.env.items()]
+        podman("rm", "-f", self.name, check=False)
+        podman("run", "-d", "--name", self.name, "--network=host", *self.options, *env_args, self.image, *args)
+
+    def running(self) -> bool:
+        return podman("inspect", "-f", "{{.State.Running}}", self.name, check=False).stdout.strip() == "true"
+
     def start(self) -> float:
         """Start (with this host's addresses and port) and wait until ready; returns the seconds it took."""
         self.port = self.port or free_port()
-        args = [a if a != "3000" else str(self.port) for a in self.args]
-        env_args = [f"--env={key}={value}" for key, value in self.env.items()]
-        podman("rm", "-f", self.name, check=False)
         started = time.monotonic()
-        podman("run", "-d", "--name", self.name, "--network=host", *self.options, *env_args, self.image, *args)
+        self.run([a if a != "3000" else str(self.port) for a in self.args])
         probe = "/ready" if self.name == "ris-api" else "/readyz"
         deadline = started + 600
         while time.monotonic() < deadline:
@@ -151,8 +157,7 @@ class Container:
                     return time.monotonic() - started
             except httpx.HTTPError:
                 pass
-            state = podman("inspect", "-f", "{{.State.Running}}", self.name, check=False).stdout.strip()
-            assert state == "true", f"{self.name} exited:\n{self.logs()}"
+            assert self.running(), f"{self.name} exited:\n{self.logs()}"
             time.sleep(1)
         raise AssertionError(f"{self.name} not ready in 600 s:\n{self.logs()}")
 
@@ -234,10 +239,12 @@ def test_the_deployed_containers_serve_search_ingest_and_metrics(deployed, photo
         assert "/embed_npy" in in_progress and "/readyz" not in in_progress, in_progress
 
 
-def run_ingest_job(deployed, folder: Path, while_running: Callable[[], object] = lambda: None) -> list[dict[str, Any]]:
+def run_ingest_job(
+    deployed, folder: Path, while_running: Callable[[list[Container]], object] = lambda pods: None
+) -> list[dict[str, Any]]:
     """k8s/jobs/ingest as the cluster runs it: one container per completion index, all at once, with the
     Job's args, settings, secrets and security context, the source folder as its volume; their reports.
-    ``while_running`` is called once every pod has started."""
+    ``while_running`` is called with the pods once every pod has started."""
     # Applied beside the overlay: the Job reads the overlay's ConfigMap ris-settings.
     job = render("jobs/ingest") + [doc for doc in deployed["docs"] if doc["kind"] == "ConfigMap"]
     spec = next(d for d in job if d["kind"] == "Job")["spec"]
@@ -254,12 +261,9 @@ def run_ingest_job(deployed, folder: Path, while_running: Callable[[], object] =
             pod.name = f"ris-ingest-{index}"
             pod.env.update(deployed["here"], JOB_COMPLETION_INDEX=str(index))  # Kubernetes sets it in Indexed Jobs
             assert "--service-url=http://ris-api:3000" in pod.args, pod.args  # the API's Service in the cluster
-            pod.args = [f"--service-url={api.url}" if arg.startswith("--service-url=") else arg for arg in pod.args]
-            podman("rm", "-f", pod.name, check=False)
-            podman("run", "-d", "--name", pod.name, "--network=host", *pod.options,
-                   *[f"--env={k}={v}" for k, v in pod.env.items()], pod.image, *pod.args)
+            pod.run([f"--service-url={api.url}" if arg.startswith("--service-url=") else arg for arg in pod.args])
             pods.append(pod)
-        while_running()
+        while_running(pods)
         reports = []
         for pod in pods:
             code = podman("wait", pod.name, timeout=600).stdout.strip()
@@ -287,7 +291,7 @@ IMAGE_PROBE = """
 import importlib.util, json, os
 models = os.path.join(os.environ["BENTO_PATH"], "models")
 print(json.dumps({
-    **{name: (importlib.util.find_spec(name) or None) and name for name in ("torch", "nncf", "openvino")},
+    **{name: name if importlib.util.find_spec(name) else None for name in ("torch", "nncf", "openvino")},
     "models": sorted(os.listdir(models)) if os.path.isdir(models) else [],
 }))
 """
@@ -319,10 +323,16 @@ def test_without_an_embedder_the_api_stays_ready_and_only_upload_search_fails(de
             # its pods retry (the Job's --retry-seconds) until the embedder is back, and lose nothing.
             later = tmp_path / "later"
             make_images(later, 8)
-            started = time.monotonic()
-            reports = run_ingest_job(deployed, later, while_running=lambda: (time.sleep(15), podman("start", embedder.name)))
+            waited: list[bool] = []
+
+            def embedder_back_after_15_s(pods: list[Container]) -> None:
+                time.sleep(15)
+                waited.extend(pod.running() for pod in pods)  # a pod with no share of the folder is done already
+                podman("start", embedder.name)
+
+            reports = run_ingest_job(deployed, later, while_running=embedder_back_after_15_s)
+            assert any(waited), "no ingest pod was still waiting for the embedder after 15 s"
             assert sum(r["ingested"] for r in reports) == 8 and all(r["rejected"] == [] for r in reports), reports
-            assert time.monotonic() - started > 15, "the pods waited for the embedder"
         finally:
             podman("start", embedder.name, check=False)  # already running when the Job part got there
         deadline = time.monotonic() + 300
