@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -106,7 +106,7 @@ from bento.schemas import (
 )
 from bento.storage import Kind, open_image_store
 from bento.vectors import VectorIndex
-from models.pipeline import MAX_PIXELS_BATCH
+from models.pipeline import MAX_PIXELS_BATCH, expected_pixels
 from models.runtime import torch_installed
 
 logger = logging.getLogger("ris.service")
@@ -170,13 +170,19 @@ class Embedder:
         """(N, crop, crop, 3) uint8 -> (N, dim) float32 unit vectors (callers check the shape first)."""
         return self.embedder.embed(pixels)
 
+    @bentoml.api(**embed_batching_options(DEPLOYMENT))
+    def embed_small(self, pixels: Annotated[np.ndarray, DType("uint8")]) -> Annotated[np.ndarray, DType("float32")]:
+        """The same at the recipe's smaller input side (the low-res view, 112 px): a batch is one array, so
+        each input side has its own batcher (RemoteEmbedder sends each side to its own)."""
+        return self.embedder.embed(pixels)
+
     @bentoml.api
     def embed_npy(self, pixels: Path) -> Annotated[np.ndarray, DType("float32")]:
         """The same for a caller that reaches this service by URL (its own Deployment): BentoML's client
         sends arrays as JSON there (25 MB and ~2.5 s of CPU for 32 images, measured), a file as a binary
         multipart part. A .npy of uint8 pixels, checked as POST /api/embed checks its body (read_npy);
         embedded in one call (the caller's batch), not through the adaptive batcher."""
-        array = read_npy(pixels.read_bytes(), "application/x-npy", self.embedder.preprocessing.crop)
+        array = read_npy(pixels.read_bytes(), "application/x-npy", self.embedder.preprocessing.input_sides)
         return self.embedder.embed(array)
 
     @bentoml.api
@@ -329,11 +335,15 @@ class RemoteEmbedder:
         return self._description
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        count_embedder_request()
         if not DEPLOYMENT.services.embedder_url:  # inside one `bentoml serve`: binary, adaptive batching
+            main_side = pixels.shape[1] == self.describe().preprocessing.crop  # (cached after the first call)
+            count_embedder_request()
             with calling("embedder"):
-                return self._proxy.to_sync.embed(pixels=pixels)
+                if main_side:
+                    return self._proxy.to_sync.embed(pixels=pixels)
+                return self._proxy.to_sync.embed_small(pixels=pixels)
         # By URL: as a .npy file (binary), not as BentoML's JSON arrays.
+        count_embedder_request()
         with tempfile.NamedTemporaryFile(suffix=".npy") as file:
             np.save(file, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
             file.flush()
@@ -664,8 +674,9 @@ async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
-def read_npy(raw: bytes, content_type: str, crop: int) -> np.ndarray:
-    """A .npy of uint8 pixels, checked from its header before anything is allocated (no pickles)."""
+def read_npy(raw: bytes, content_type: str, sides: Sequence[int]) -> np.ndarray:
+    """A .npy of uint8 pixels at one of the recipe's input ``sides``, checked from its header before
+    anything is allocated (no pickles)."""
     if content_type.split(";")[0].strip().lower() not in ("application/x-npy", "application/octet-stream"):
         raise UnsupportedMediaType("POST /api/embed takes a .npy body (Content-Type: application/x-npy).")
     stream = io.BytesIO(raw)
@@ -675,8 +686,9 @@ def read_npy(raw: bytes, content_type: str, crop: int) -> np.ndarray:
         shape, fortran_order, dtype = reader(stream, max_header_size=1024)
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise InvalidRequest(f"The body must be a .npy array: {exc}") from exc
-    expected = f"uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, {crop}, {crop}, 3)"
-    if dtype != np.uint8 or fortran_order or len(shape) != 4 or tuple(shape[1:]) != (crop, crop, 3):
+    expected = f"uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, ...) with images of {expected_pixels(sides)}"
+    square = len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3
+    if dtype != np.uint8 or fortran_order or not square or shape[1] not in sides:
         raise InvalidRequest(f"Expected {expected}, got {dtype} {shape}.")
     if not 0 < shape[0] <= MAX_PIXELS_BATCH:
         raise InvalidRequest(f"Expected {expected}, got {shape[0]} images.")
@@ -917,8 +929,8 @@ class ImageSearch:
     @app.post("/api/embed", response_class=Response)
     async def embed(self, request: Request, principal: Admin) -> Response:
         """Batch embedding for the ingest job (scope `admin`): .npy uint8 pixels in, .npy float32 vectors out."""
-        crop = (await in_thread(self.remote_embedder.describe)).preprocessing.crop
-        pixels = read_npy(await request.body(), request.headers.get("content-type", ""), crop)
+        sides = (await in_thread(self.remote_embedder.describe)).preprocessing.input_sides
+        pixels = read_npy(await request.body(), request.headers.get("content-type", ""), sides)
         vectors, model = await in_thread(self.catalog.embed_pixels, pixels)
         out = io.BytesIO()
         np.save(out, np.asarray(vectors, dtype=np.float32), allow_pickle=False)

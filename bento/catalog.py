@@ -61,7 +61,7 @@ class Embedding(Protocol):
         """The model and its preprocessing recipe (cached by implementations: it never changes)."""
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, crop, crop, 3) uint8 -> (N, dim) float32 unit vectors."""
+        """(N, side, side, 3) uint8 -> (N, dim) float32 unit vectors; side: one of the recipe's input sides."""
 
 
 class VectorStore(Protocol):
@@ -211,7 +211,7 @@ class Catalog:
     def embed_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ModelInfo]:
         """Embed pixels prepared elsewhere (``ingest --service-url``), checked against the model's recipe."""
         description = self.retry.call(self.embedding.describe)
-        check_pixels(pixels, description.preprocessing.crop)
+        check_pixels(pixels, description.preprocessing.input_sides)
         return self._embed(pixels), description.info
 
     # --- adding ------------------------------------------------------------------------------------
@@ -239,12 +239,9 @@ class Catalog:
         fresh = [image for image in images if image.prepared.id not in existing]
         records: dict[str, VectorRecord] = {}
         if fresh:
-            views = [self._views_of(image.prepared) for image in fresh]
-            vectors = self._embed(np.concatenate(views))
-            now, start = int(time.time()), 0
-            for image, image_views in zip(fresh, views, strict=True):
-                own = vectors[start : start + len(image_views)]
-                start += len(image_views)
+            vectors = self._embed_views([self._views_of(image.prepared) for image in fresh])
+            now = int(time.time())
+            for image, own in zip(fresh, vectors, strict=True):
                 records[image.prepared.id] = image.prepared.record(own, image.label, image.source, image.created_at or now)
         # Blobs first (a repair for the existing rows), then the rows that mark the new images added.
         for image in images if write_blobs else ():
@@ -258,10 +255,25 @@ class Catalog:
             for image_id in ids
         ]
 
-    def _views_of(self, prepared: PreparedImage) -> np.ndarray:
+    def _views_of(self, prepared: PreparedImage) -> tuple[np.ndarray, ...]:
         if prepared.views is None:
             raise InvalidRequest("An image to add must be prepared with to_store=True (all its views).")
         return prepared.views
+
+    def _embed_views(self, views: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+        """Every view of every image -> each image's (views, dim) vectors. One embedding call per input
+        side (the main crop, a view's smaller one): an embedder batch holds one shape."""
+        by_side: dict[int, list[tuple[int, int]]] = {}
+        for image, image_views in enumerate(views):
+            for view, pixels in enumerate(image_views):
+                by_side.setdefault(pixels.shape[0], []).append((image, view))
+        dim = self.model().dim
+        vectors = [np.empty((len(image_views), dim), dtype=np.float32) for image_views in views]
+        for places in by_side.values():
+            embedded = self._embed(np.stack([views[image][view] for image, view in places]))
+            for (image, view), vector in zip(places, embedded, strict=True):
+                vectors[image][view] = vector
+        return vectors
 
     # --- reading and removing -----------------------------------------------------------------------
     def metadata(self, image_id: str) -> ImageMetadata:
@@ -317,8 +329,10 @@ class Catalog:
         query_id: str | None,
         timings: Timings | None = None,
         views: list[int] | None = None,
+        extra_vectors: list[list[float]] | None = None,
     ) -> SearchResult:
-        """``views``: the stored views to compare with (default: those every query is compared with)."""
+        """``views``: the stored views to compare with (default: those every query is compared with);
+        ``extra_vectors``: the query embedded at other input sides, searched as well (best per image)."""
         started = time.perf_counter()
         timings = timings or Timings()
         top_k, label = self._checked(options)
@@ -326,6 +340,7 @@ class Catalog:
         query = VectorQuery(
             vector=vector, top_k=top_k, offset=options.offset, label=label, min_score=options.min_score,
             views=recipe.views_for_query(1 << 30, 1 << 30) if views is None else views, margins=recipe.view_margins(),
+            extra_vectors=extra_vectors or [],
         )
         thresholds = self.thresholds()
         hits = [hit.model_copy(update={"verdict": thresholds.verdict(hit.score)}) for hit in self.retry.call(self.vectors.search, query)]
@@ -345,9 +360,11 @@ class Catalog:
         timings.decode_ms = _ms(started)
         embed_started = time.perf_counter()
         vector = self._embed(prepared.pixels[None])[0]
+        # A small query, also at its low-res views' input side (one call per side: a batch is one shape).
+        extra_vectors = [self._embed(pixels[None])[0].tolist() for pixels in prepared.side_pixels.values()]
         timings.embed_ms = _ms(embed_started)
         views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height)
-        return self.search_vector(vector.tolist(), options, prepared.id, timings, views)
+        return self.search_vector(vector.tolist(), options, prepared.id, timings, views, extra_vectors)
 
     def search_stored(self, image_id: str, options: SearchOptions) -> SearchResult:
         """Search with an image of the collection (its stored vector: no decoding, no embedding)."""

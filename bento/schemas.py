@@ -108,6 +108,11 @@ class VectorQuery(BaseModel):
     margins: dict[int, float] = Field(
         default_factory=dict, description="Subtracted from the score of a match through these views (view -> margin)."
     )
+    extra_vectors: list[list[float]] = Field(
+        default_factory=list,
+        max_length=4,
+        description="The query embedded otherwise (at a low-res view's input side), searched like `vector`; each image keeps its best.",
+    )
 
 
 Verdict = Literal["same-image", "near-duplicate", "similar"]

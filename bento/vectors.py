@@ -417,8 +417,9 @@ class VectorIndex:
         return len(records)
 
     def search(self, query: VectorQuery) -> list[VectorHit]:
-        if len(query.vector) != self.model.dim:
-            raise InvalidRequest(f"query vector has {len(query.vector)} dims; the collection holds {self.model.dim}")
+        vectors = [query.vector, *query.extra_vectors]
+        if any(len(vector) != self.model.dim for vector in vectors):
+            raise InvalidRequest(f"a query vector has other than {self.model.dim} dims (the collection's)")
         if query.top_k + query.offset > MAX_WINDOW:
             raise InvalidRequest(f"top_k + offset must be at most {MAX_WINDOW}")
         spec = self._spec or index_spec(self.settings.milvus.index_type)
@@ -441,12 +442,14 @@ class VectorIndex:
             filters.append(MAIN_VIEW if views == [0] else f"view in {views}")
         if filters:
             kwargs["filter"] = " and ".join(filters)
-        results = self._run("search", lambda c, t: c.search(self.settings.milvus.collection, [query.vector], timeout=t, **kwargs))
+        # Every query vector (a small query is also embedded at its low-res views' side) in one request;
+        # each one's window holds every image of the final window, so merging them by image is exact.
+        results = self._run("search", lambda c, t: c.search(self.settings.milvus.collection, vectors, timeout=t, **kwargs))
         # An extra view's match may count for less than a main-view match (its margin): each image keeps its
         # best score after the margins, and the images are ranked by it. (With margins, an image whose only
         # rows in the window are extra views may rank a margin's width too low at the window's tail.)
         best: dict[str, VectorHit] = {}
-        for hit in results[0]:
+        for hit in (hit for rows in results for hit in rows):
             entity = dict(hit["entity"])
             score = float(hit["distance"]) - query.margins.get(int(entity.pop("view")), 0.0)
             if entity["id"] not in best or score > best[entity["id"]].score:

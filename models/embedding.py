@@ -30,8 +30,9 @@ class ImageEmbedder:
         return ModelDescription(info=self.info, preprocessing=self.preprocessing, device=self.device_name)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, crop, crop, 3) uint8 -> (N, dim) float32, each row of unit length."""
-        check_pixels(pixels, self.preprocessing.crop)
+        """(N, side, side, 3) uint8 -> (N, dim) float32, each row of unit length; side: one of the
+        recipe's input sides (the main crop, or a view's smaller one)."""
+        check_pixels(pixels, self.preprocessing.input_sides)
         if len(pixels) == 0:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         features = self.runtime.features(pixels)
@@ -39,7 +40,8 @@ class ImageEmbedder:
         return (features / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 2)) -> None:
-        """Run once per shape class so the first real request does not pay for lazy initialisation."""
-        crop = self.preprocessing.crop
-        for size in batch_sizes:
-            self.embed(np.zeros((size, crop, crop, 3), dtype=np.uint8))
+        """Run once per shape class so the first real request does not pay for lazy initialisation
+        (OpenVINO compiles each input side on its first use)."""
+        for side in self.preprocessing.input_sides:
+            for size in batch_sizes:
+                self.embed(np.zeros((size, side, side, 3), dtype=np.uint8))

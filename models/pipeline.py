@@ -4,7 +4,8 @@ thumbnailed and preprocessed image, ready for the embedder."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -26,8 +27,10 @@ class PreparedImage:
     pixels: np.ndarray  # (crop, crop, 3) uint8, the main view: what a query is embedded from
     thumbnail: bytes | None
     pixel_hash: str  # equal for the same picture in other bytes (other metadata, a lossless re-save)
-    # (vectors_per_image, crop, crop, 3): every view of the recipe, main first (images to store only)
-    views: np.ndarray | None = None
+    # every view of the recipe, main first, each (side, side, 3) at its input side (images to store only)
+    views: tuple[np.ndarray, ...] | None = None
+    # a small query at each smaller input side of the views it meets (Preprocessing.query_sides; queries only)
+    side_pixels: dict[int, np.ndarray] = field(default_factory=dict)
 
     def record(self, vectors: np.ndarray, label: str, source: str, created_at: int) -> VectorRecord:
         """The rows Milvus keeps for this image: its vectors (main view first) and everything shown with a hit."""
@@ -49,11 +52,19 @@ class PreparedImage:
 MAX_PIXELS_BATCH = 1024
 
 
-def check_pixels(pixels: np.ndarray, crop: int) -> None:
-    """The embedder's input contract: (N <= MAX_PIXELS_BATCH, crop, crop, 3) uint8."""
-    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (crop, crop, 3) or len(pixels) > MAX_PIXELS_BATCH:
+def expected_pixels(sides: Sequence[int]) -> str:
+    """The embedder's input contract in words, for its errors."""
+    return " or ".join(f"({side}, {side}, 3)" for side in sides)
+
+
+def check_pixels(pixels: np.ndarray, sides: Sequence[int]) -> None:
+    """The embedder's input contract: (N <= MAX_PIXELS_BATCH, side, side, 3) uint8, one of the recipe's
+    input sides (the main crop, and a smaller one where a view is embedded smaller) per call."""
+    square = pixels.ndim == 4 and pixels.shape[1] == pixels.shape[2] and pixels.shape[3] == 3
+    if pixels.dtype != np.uint8 or not square or pixels.shape[1] not in sides or len(pixels) > MAX_PIXELS_BATCH:
         raise InvalidRequest(
-            f"Expected uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, {crop}, {crop}, 3); got {pixels.dtype} {pixels.shape}."
+            f"Expected uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, ...) with images of {expected_pixels(sides)}; "
+            f"got {pixels.dtype} {pixels.shape}."
         )
 
 
@@ -78,6 +89,7 @@ def prepare_image(
     image = decoded.image
     views = preprocessing.view_pixels(image) if all_views else None
     pixels = views[0] if views is not None else preprocessing.to_pixels(image)
+    sides = {} if all_views else preprocessing.query_sides(decoded.width, decoded.height)
     thumbnail = make_thumbnail(image, thumbnail_size) if thumbnail_size else None
     return PreparedImage(
         id=content_hash(data),
@@ -89,6 +101,7 @@ def prepare_image(
         thumbnail=thumbnail,
         pixel_hash=pixel_hash(image),
         views=views,
+        side_pixels={side: preprocessing.to_pixels(image, side) for side in sides},
     )
 
 

@@ -1,7 +1,8 @@
 """The one preprocessing recipe: decoded RGB image -> fixed-size uint8 pixels -> normalised tensor.
 
 Resizing and cropping run on the CPU beside decoding (service workers, ingest threads); the cheap
-normalisation runs on the embedder's device, so only 224x224x3 bytes per image cross processes.
+normalisation runs on the embedder's device, so only 224x224x3 bytes per image (and 112x112x3 per
+low-res view) cross processes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
     import torch
 
 # Bump when the recipe below changes in a way that changes embeddings. 2: extra stored views per image.
-RECIPE_VERSION = 2
+# 3: a view may be embedded at its own (smaller) input side.
+RECIPE_VERSION = 3
 
 
 # Resizing the short side of a 4000x3 strip to 256 would make a 341,333-pixel-long image (260 MB): the long
@@ -55,6 +57,9 @@ class View(BaseModel):
         None, description="Searched only for queries whose longer side is at most this (None: every query)."
     )
     margin: float = Field(0.0, ge=0, description="Subtracted from a match's score through this view.")
+    input_side: int | None = Field(
+        None, ge=32, description="The model's input side for this view (None: the recipe's crop, as the main view)."
+    )
 
     def apply(self, image: Image.Image) -> Image.Image:
         if self.box is not None:
@@ -82,7 +87,9 @@ def _crops(fraction: float) -> tuple[View, ...]:
 # The sets of extra views RIS_MODEL_VIEWS chooses from (bench/robust_search.py measured each on photos with
 # their hard negatives; the README's "Finding the original" section has the table):
 # - low-res-64: a 64-pixel copy. A tiny thumbnail query found its original first 43 % of the time (the
-#   full-size original is too sharp to look like it); with this view 74 %. One more vector per image.
+#   full-size original is too sharp to look like it); with this view 74 %. One more vector per image, embedded
+#   at a 112-px input: a 64-px copy holds no detail a 224-px input would see (measured: the same recall on
+#   thumbnails), and the forward pass costs a quarter as much (the ingest rate is the price of this view).
 # - crops-60: crops of 60 % of each side at the corners and the centre. A 60 % crop found its original (and
 #   not a stored quarter of the same photo) 45 % of the time; with these views 79 %. Five more vectors.
 VIEW_SETS: dict[str, tuple[View, ...]] = {
@@ -90,7 +97,7 @@ VIEW_SETS: dict[str, tuple[View, ...]] = {
     # keeps its search as cheap as with one vector per image (Milvus Lite scans every row it searches).
     # The margin keeps small crops from meeting other photos' blurry copies first (40 % crops: 0.57 without
     # it, 0.64 with it, as without the view); a true thumbnail matches its copy far above the margin.
-    "low-res-64": (View(name="low-res-64", shrink_to=64, max_query_side=192, margin=0.05),),
+    "low-res-64": (View(name="low-res-64", shrink_to=64, max_query_side=192, margin=0.05, input_side=112),),
     "crops-60": _crops(0.6),
 }
 LOW_RES = VIEW_SETS["low-res-64"][0]
@@ -130,7 +137,7 @@ class Preprocessing(BaseModel):
         """Recorded in the collection: embeddings made with another recipe must not mix."""
         mean = ",".join(f"{v:.4f}" for v in self.mean)
         std = ",".join(f"{v:.4f}" for v in self.std)
-        views = "".join(f"+{view.name}" for view in self.views)
+        views = "".join(f"+{view.name}" + (f"@{view.input_side}" if view.input_side else "") for view in self.views)
         return f"v{RECIPE_VERSION}:bilinear-resize{self.resize}-crop{self.crop}-mean{mean}-std{std}{views}"
 
     def views_for_query(self, width: int, height: int) -> list[int]:
@@ -138,15 +145,31 @@ class Preprocessing(BaseModel):
         side = max(width, height)
         return [0] + [i + 1 for i, view in enumerate(self.views) if view.max_query_side is None or side <= view.max_query_side]
 
+    def query_sides(self, width: int, height: int) -> list[int]:
+        """The smaller input sides of the views a query of this size meets. The query is embedded at each of
+        them too and searched with every vector: a thumbnail meets the low-res copies in their own domain
+        (at the main side alone it looks twice as large as they do)."""
+        return [side for side in self.input_sides[1:] if any(self.view_side(view) == side for view in self.views_for_query(width, height))]
+
     def view_margins(self) -> dict[int, float]:
         return {i + 1: view.margin for i, view in enumerate(self.views) if view.margin}
 
-    def view_pixels(self, image: Image.Image) -> np.ndarray:
-        """(vectors_per_image, crop, crop, 3) uint8: the main view, then each extra view (stored images)."""
-        return np.stack([self.to_pixels(image), *(self.to_pixels(view.apply(image)) for view in self.views)])
+    def view_side(self, view: int) -> int:
+        """The model's input side for view ``view`` (0 = main)."""
+        return self.crop if view == 0 or self.views[view - 1].input_side is None else self.views[view - 1].input_side
 
-    def to_pixels(self, image: Image.Image) -> np.ndarray:
+    @property
+    def input_sides(self) -> tuple[int, ...]:
+        """Every input side the embedder takes for this recipe (its main crop first)."""
+        return tuple(dict.fromkeys(self.view_side(view) for view in range(self.vectors_per_image)))
+
+    def view_pixels(self, image: Image.Image) -> tuple[np.ndarray, ...]:
+        """Every view of a stored image, main first: (side, side, 3) uint8 each, at the view's input side."""
+        return (self.to_pixels(image), *(self.to_pixels(view.apply(image), view.input_side) for view in self.views))
+
+    def to_pixels(self, image: Image.Image, side: int | None = None) -> np.ndarray:
         """RGB PIL image -> (crop, crop, 3) uint8, exactly as torchvision's classification transforms.
+        ``side``: another input side (a view's), resized in the same proportion (256/224 -> 128/112).
 
         Plain Pillow, because that is what torchvision runs for PIL input (resize of the short side with
         PIL's bilinear filter, then a centre crop); a test pins the equality. Keeping torch out of this
@@ -155,18 +178,20 @@ class Preprocessing(BaseModel):
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
         image = _clip_aspect(image)
+        crop = side or self.crop
+        resize = self.resize if crop == self.crop else round(self.resize * crop / self.crop)
         width, height = image.size
         # torchvision: the short side becomes `resize`, the long side int(resize * long / short).
         if width <= height:
-            size = (self.resize, int(self.resize * height / width))
+            size = (resize, int(resize * height / width))
         else:
-            size = (int(self.resize * width / height), self.resize)
+            size = (int(resize * width / height), resize)
         resized = image.resize(size, Image.Resampling.BILINEAR) if size != image.size else image
-        left = int(round((resized.width - self.crop) / 2.0))
-        top = int(round((resized.height - self.crop) / 2.0))
+        left = int(round((resized.width - crop) / 2.0))
+        top = int(round((resized.height - crop) / 2.0))
         if left < 0 or top < 0:
-            raise ValueError(f"resize {self.resize} is smaller than crop {self.crop}")
-        cropped = resized.crop((left, top, left + self.crop, top + self.crop))
+            raise ValueError(f"resize {resize} is smaller than crop {crop}")
+        cropped = resized.crop((left, top, left + crop, top + crop))
         return np.array(cropped, dtype=np.uint8)  # a writable copy torch can wrap
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:

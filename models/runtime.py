@@ -68,7 +68,8 @@ class InferenceRuntime(Protocol):
     choice: RuntimeChoice
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, crop, crop, 3) uint8 -> (N, dim) float32 features (not yet normalised)."""
+        """(N, side, side, 3) uint8 -> (N, dim) float32 features (not yet normalised), for any input side
+        of the recipe (the main crop, a view's smaller one)."""
 
     def describe(self) -> str:
         """A human-readable line: runtime, precision, device, threads."""
@@ -159,7 +160,11 @@ class OpenVINORuntime:
     One stream using every core (LATENCY): a lone query is as fast as it gets, and BentoML's adaptive
     batching supplies the parallelism. Splitting batches between streams (THROUGHPUT) was measured on
     2 cores and gave nothing (EfficientNet-Lite0 fp32: 121-151 images/s either way at batch 32, the end
-    to end ingest pipeline 92 vs 94); it only looked faster while other work competed for the cores."""
+    to end ingest pipeline 92 vs 94); it only looked faster while other work competed for the cores.
+
+    The model's input side is static (a static shape compiles to faster kernels); another side (a view
+    embedded at 112 px) is the same graph reshaped and compiled on its first use (ImageEmbedder.warm_up
+    makes that first use the start)."""
 
     def __init__(self, model: Any, choice: RuntimeChoice) -> None:
         import openvino as ov
@@ -167,22 +172,34 @@ class OpenVINORuntime:
         self.choice = choice
         self.model = model  # kept so it can be written to the runtime cache
         self.threads = usable_cpus()
-        config = {
+        self._config = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": self.threads,
             # int8 graphs keep their non-quantised ops in bf16 where the CPU can (faster, same fidelity).
             "INFERENCE_PRECISION_HINT": "f32" if choice.precision == "fp32" else "bf16",
         }
         if choice.precision == "int8" and "BF16" not in _openvino_cpu_capabilities():
-            config["INFERENCE_PRECISION_HINT"] = "f32"
-        self._compiled = ov.Core().compile_model(model, "CPU", config)
-        self._request = self._compiled.create_infer_request()
-        # One infer request, used by one thread at a time: BentoML may call a sync API from several threads.
+            self._config["INFERENCE_PRECISION_HINT"] = "f32"
+        self._side = int(model.input(0).get_partial_shape()[1].get_length())
+        # One infer request per input side, used by one thread at a time: BentoML may call a sync API from
+        # several threads.
+        self._requests = {self._side: ov.Core().compile_model(model, "CPU", self._config).create_infer_request()}
         self._lock = threading.Lock()
+
+    def _request_for(self, side: int) -> Any:
+        request = self._requests.get(side)
+        if request is None:
+            import openvino as ov
+
+            reshaped = self.model.clone()
+            reshaped.reshape({reshaped.input(0).get_any_name(): ov.PartialShape([-1, side, side, 3])})
+            request = self._requests[side] = ov.Core().compile_model(reshaped, "CPU", self._config).create_infer_request()
+            logger.info("OpenVINO model compiled for %d-px input as well", side)
+        return request
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         with self._lock:
-            result = self._request.infer({0: np.ascontiguousarray(pixels)})
+            result = self._request_for(pixels.shape[1]).infer({0: np.ascontiguousarray(pixels)})
             return np.array(result[0], dtype=np.float32)  # copy: the request reuses its output buffer
 
     def describe(self) -> str:

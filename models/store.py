@@ -28,7 +28,7 @@ from bento.schemas import ModelInfo
 from models.backbones import BACKBONES, WEIGHTS_PROBE_TIMEOUT_S, Backbone, Weights, WeightsUnavailable, get_backbone
 from models.embedding import ImageEmbedder
 from models.pipeline import prepare_image
-from models.preprocess import DEFAULT_VIEW_SETS, Preprocessing
+from models.preprocess import DEFAULT_VIEW_SETS, VIEW_SETS, Preprocessing
 from models.runtime import (
     InferenceRuntime,
     OpenVINORuntime,
@@ -63,6 +63,16 @@ OPENVINO_SUFFIX = "-openvino"
 IR_FILE = "model.xml"
 FIDELITY_PIXELS_FILE = "fidelity-pixels.npy"
 FIDELITY_REFERENCE_FILE = "fidelity-reference.npy"
+# An export ships a check for every smaller input side a view set can use (the low-res view's 112 px),
+# whatever RIS_MODEL_VIEWS it was made with: the views are chosen where it runs.
+EXPORT_OTHER_SIDES = tuple(sorted({view.input_side for views in VIEW_SETS.values() for view in views if view.input_side}))
+
+
+def _fidelity_files(side: int | None) -> tuple[str, str]:
+    """(pixels, reference) file names of the check at ``side`` (None: the main crop)."""
+    if side is None:
+        return FIDELITY_PIXELS_FILE, FIDELITY_REFERENCE_FILE
+    return f"fidelity-pixels-{side}.npy", f"fidelity-reference-{side}.npy"
 # Photos (from --fidelity-images) an export is checked on and ships, beside the synthetic probe images.
 EXPORT_FIDELITY_PHOTOS = 8
 
@@ -310,9 +320,16 @@ def _runtime_from_export(stored: StoredModel, choice: RuntimeChoice, calibration
     started = time.monotonic()
     model = bentoml.models.get(stored.tag)
     runtime = compile_openvino(ov.Core().read_model(model.path_of(IR_FILE)), choice, calibration)
-    pixels = np.load(model.path_of(FIDELITY_PIXELS_FILE), allow_pickle=False)
-    reference = np.load(model.path_of(FIDELITY_REFERENCE_FILE), allow_pickle=False)
-    worst = check_fidelity(runtime, pixels, reference)
+    worst = 1.0
+    for side in (None, *stored.preprocessing.input_sides[1:]):
+        pixels_file, reference_file = (model.path_of(name) for name in _fidelity_files(side))
+        if not os.path.exists(reference_file):
+            raise ModelUnavailable(
+                f"The exported model {stored.tag} ships no check for {side}-px input, which RIS_MODEL_VIEWS needs; "
+                "export it again with this version (`python -m models export-openvino`)."
+            )
+        pixels = np.load(pixels_file, allow_pickle=False)
+        worst = min(worst, check_fidelity(runtime, pixels, np.load(reference_file, allow_pickle=False)))
     logger.info(
         "%s compiled from the exported model %s in %.1f s; fidelity vs fp32: min cosine %.5f over %d images",
         choice.label, stored.tag, time.monotonic() - started, worst, len(pixels),
@@ -345,7 +362,7 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
         limit=EXPORT_FIDELITY_PHOTOS,
     )
     pixels = np.concatenate([fidelity_probe(preprocessing.crop), photos])
-    export_key = RuntimeCache.key(stored.info.model_id, preprocessing, "export", pixels)
+    export_key = RuntimeCache.key(stored.info.model_id, preprocessing, f"export{list(EXPORT_OTHER_SIDES)}", pixels)
     for existing in _stored_versions(stored.info.backbone, "openvino"):
         if existing.info.metadata.get("export_key") == export_key:
             logger.info("OpenVINO export of %s already in the store as %s", stored.info.model_id, existing.tag)
@@ -357,7 +374,14 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
     converted = convert_to_openvino(module, preprocessing)
     reference = reference_features(module, preprocessing, pixels)
     fp32 = RuntimeChoice("openvino", "fp32", "cpu", "export check")
-    worst = check_fidelity(compile_openvino(converted, fp32), pixels, reference)
+    runtime = compile_openvino(converted, fp32)
+    # The main side on the probes and photos; each smaller side (the same graph reshaped where it runs) on
+    # probe images of that side. Each check ships with the model.
+    checks: dict[int | None, tuple[np.ndarray, np.ndarray]] = {None: (pixels, reference)}
+    for side in EXPORT_OTHER_SIDES:
+        probe = fidelity_probe(side)
+        checks[side] = (probe, reference_features(module, preprocessing, probe))
+    worst = min(check_fidelity(runtime, side_pixels, side_reference) for side_pixels, side_reference in checks.values())
     metadata = {
         **source.info.metadata,
         "format": "openvino",
@@ -371,8 +395,10 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
     with bentoml.models.create(name, metadata=metadata, labels={"backbone": stored.info.backbone, "format": "openvino"}) as ref:
         # fp32 weights as they are (compress_to_fp16 would change the embeddings of every image).
         ov.save_model(converted, ref.path_of(IR_FILE), compress_to_fp16=False)
-        np.save(ref.path_of(FIDELITY_PIXELS_FILE), pixels, allow_pickle=False)
-        np.save(ref.path_of(FIDELITY_REFERENCE_FILE), reference.astype(np.float32), allow_pickle=False)
+        for side, (side_pixels, side_reference) in checks.items():
+            pixels_file, reference_file = _fidelity_files(side)
+            np.save(ref.path_of(pixels_file), side_pixels, allow_pickle=False)
+            np.save(ref.path_of(reference_file), side_reference.astype(np.float32), allow_pickle=False)
     exported = _describe(bentoml.models.get(ref.tag), stored.info.reason)
     logger.info(
         "Exported %s to OpenVINO as %s in %.1f s; fidelity vs PyTorch fp32: min cosine %.6f over %d images",

@@ -1,8 +1,11 @@
 """The catalog (bento/catalog.py) in-process, over a real Milvus Lite file and local image store: the
 flows the HTTP API and the ingest job share."""
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from bento.catalog import NewImage, clean_label
 from bento.config import Settings
@@ -47,6 +50,28 @@ def test_add_is_idempotent_and_search_finds_the_original(catalog, photo_set):
     assert by_id.hits[0].image.id == first.id and by_id.hits[0].score == pytest.approx(1.0, abs=1e-3)
 
 
+def test_a_thumbnail_meets_its_original_at_the_low_res_side(catalog, photo_set):
+    """Stored: the main view at 224 px and the 64-px copy at 112 px (two vectors, two embedding calls: one
+    per input side). A 64-px thumbnail query is embedded at both sides; a large query at the main one."""
+    names = ["chelsea", "coffee", "rocket", "astronaut"]
+    before = catalog.embedding.embedded
+    added = catalog.add_many([NewImage(catalog.prepare(photo_set["originals"][n], to_store=True), n, f"{n}.jpg") for n in names])
+    assert catalog.embedding.embedded - before == 2 * len(names)
+    searched = []
+    search = catalog.vectors.search
+    catalog.vectors.search = lambda query: searched.append(query) or search(query)
+    for name, image in zip(names, added, strict=True):
+        thumbnail = Image.open(io.BytesIO(photo_set["originals"][name])).convert("RGB")
+        thumbnail.thumbnail((64, 64), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        thumbnail.save(out, format="JPEG", quality=90)
+        hits = catalog.search_image(out.getvalue(), SearchOptions(top_k=2)).hits
+        assert hits[0].image.id == image.id and hits[0].score > 0.85, (name, hits)
+        assert len(searched[-1].extra_vectors) == 1 and searched[-1].views == [0, 1]
+    catalog.search_image(photo_set["originals"]["chelsea"], SearchOptions(top_k=2))
+    assert searched[-1].extra_vectors == [] and searched[-1].views == [0], "a large query meets the main views only"
+
+
 def test_a_lost_original_is_repaired_without_embedding_again(catalog, photo_set):
     data = photo_set["originals"]["rocket"]
     added = catalog.add(data, "rocket", "rocket.jpg")
@@ -86,8 +111,12 @@ def test_rules_are_enforced_once_for_every_caller(catalog, photo_set):
 def test_embed_pixels_checks_the_models_recipe(catalog):
     vectors, model = catalog.embed_pixels(np.zeros((2, 224, 224, 3), dtype=np.uint8))
     assert vectors.shape == (2, 1280) and model.backbone == "efficientnet-lite0"
-    with pytest.raises(InvalidRequest, match="224, 224, 3"):
-        catalog.embed_pixels(np.zeros((1, 100, 100, 3), dtype=np.uint8))
+    # The low-res view's input side is the recipe's too (the remote ingest sends those views as well).
+    small, _ = catalog.embed_pixels(np.zeros((2, 112, 112, 3), dtype=np.uint8))
+    assert small.shape == (2, 1280) and np.allclose(np.linalg.norm(small, axis=1), 1, atol=1e-4)
+    for shape in ((1, 100, 100, 3), (1, 112, 224, 3), (1, 113, 113, 3), (1, 112, 112, 4)):
+        with pytest.raises(InvalidRequest, match=r"\(224, 224, 3\) or \(112, 112, 3\)"):
+            catalog.embed_pixels(np.zeros(shape, dtype=np.uint8))
     with pytest.raises(InvalidRequest):
         catalog.embed_pixels(np.zeros((1, 224, 224, 3), dtype=np.float32))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bento.imaging import DecodeLimits
+from bento.imaging import DecodeLimits, decode_image
 from models.pipeline import prepare_image
 from models.runtime import FIDELITY_FLOOR, RuntimeUnavailable, choose_runtime
 from tests.conftest import ROOT, run_cli, service_env
@@ -30,6 +30,8 @@ from bento.config import get_settings
 from models.store import load_embedder
 embedder = load_embedder(get_settings(), import_if_missing=False)
 np.save(sys.argv[2], embedder.embed(np.load(sys.argv[1])))
+if len(sys.argv) > 4:  # pixels at the low-res view's side
+    np.save(sys.argv[4], embedder.embed(np.load(sys.argv[3])))
 import service  # the whole bento's entry module
 print(json.dumps({
     "info": embedder.info.model_dump(),
@@ -58,7 +60,11 @@ def test_an_exported_model_serves_without_torch_into_the_same_collections(effici
     limits = DecodeLimits(10**8, 10**8)
     pixels = np.stack([prepare_image(photo_set["originals"][n], limits, efficientnet.preprocessing, None).pixels for n in names])
     np.save(tmp_path / "pixels.npy", pixels)
-    embed = ["-c", EMBED, str(tmp_path / "pixels.npy"), str(tmp_path / "vectors.npy")]
+    decoded = [decode_image(photo_set["originals"][n], limits).image for n in names]
+    small = np.stack([efficientnet.preprocessing.view_pixels(image)[1] for image in decoded])
+    assert small.shape[1:] == (112, 112, 3)
+    np.save(tmp_path / "small.npy", small)
+    embed = ["-c", EMBED, str(tmp_path / "pixels.npy"), str(tmp_path / "vectors.npy"), str(tmp_path / "small.npy"), str(tmp_path / "small-vectors.npy")]
 
     # The guard first: PyTorch's `import torch` really fails in these processes.
     assert "ModuleNotFoundError: import of torch halted" in _run(["-c", "import torch"], env, without_torch=True).stderr
@@ -76,6 +82,7 @@ def test_an_exported_model_serves_without_torch_into_the_same_collections(effici
     exported = home / "models" / "ris-efficientnet-lite0-openvino" / first["store_tag"].split(":")[1]
     shipped = np.load(exported / "fidelity-pixels.npy")
     assert len(shipped) == 4 + 8, "the probe images and 8 of the photos are checked and shipped"
+    assert np.load(exported / "fidelity-pixels-112.npy").shape == (4, 112, 112, 3), "and the low-res view's side"
 
     served = json.loads(_ok(_run(embed, env, without_torch=True)))
     assert served["torch_modules"] == []
@@ -83,6 +90,8 @@ def test_an_exported_model_serves_without_torch_into_the_same_collections(effici
     assert served["info"]["model_id"] == efficientnet.info.model_id
     vectors = np.load(tmp_path / "vectors.npy")
     cosines = np.sum(vectors * efficientnet.embed(pixels), axis=1)
+    assert cosines.min() >= FIDELITY_FLOOR, cosines
+    cosines = np.sum(np.load(tmp_path / "small-vectors.npy") * efficientnet.embed(small), axis=1)
     assert cosines.min() >= FIDELITY_FLOOR, cosines
 
     # int8 needs NNCF (and calibration), which an installation without PyTorch does not have: refused at once.
@@ -94,11 +103,14 @@ def test_an_exported_model_serves_without_torch_into_the_same_collections(effici
     _ok(with_torch)
     assert "compiled from the exported model" in with_torch.stderr and "built in" not in with_torch.stderr
 
-    # A compiled model that computes otherwise than PyTorch did at build time is refused at start.
-    reference = np.load(exported / "fidelity-reference.npy")
-    np.save(exported / "fidelity-reference.npy", np.roll(reference, 1, axis=0))
-    drifted = _run(embed, env, without_torch=True)
-    assert drifted.returncode != 0 and "differ from the fp32 reference" in drifted.stderr
+    # A compiled model that computes otherwise than PyTorch did at build time is refused at start, at
+    # either input side.
+    for name in ("fidelity-reference.npy", "fidelity-reference-112.npy"):
+        reference = np.load(exported / name)
+        np.save(exported / name, np.roll(reference, 1, axis=0))
+        drifted = _run(embed, env, without_torch=True)
+        assert drifted.returncode != 0 and "differ from the fp32 reference" in drifted.stderr, name
+        np.save(exported / name, reference)
 
     # Another check (other photos) is another export: an export is reused only when everything that
     # decides it is the same.

@@ -109,6 +109,12 @@ def test_openvino_matches_the_fp32_reference_on_real_photos(lite_reference, phot
     pixels = _pixels(lite_reference, blobs)
     cosines = _cosines(fast.embed(pixels), lite_reference.embed(pixels))
     assert cosines.min() >= FIDELITY_FLOOR, dict(zip(names * 2, cosines.round(4), strict=True))
+    # The low-res view's smaller input side: the same graph reshaped, just as faithful.
+    pre = lite_reference.preprocessing
+    small = np.stack([pre.view_pixels(decode_image(b, LIMITS).image)[1] for b in blobs])
+    assert small.shape[1:] == (112, 112, 3)
+    cosines = _cosines(fast.embed(small), lite_reference.embed(small))
+    assert cosines.min() >= FIDELITY_FLOOR, dict(zip(names * 2, cosines.round(4), strict=True))
 
     # No loss of near-duplicate recall@1 against originals embedded by the reference (mixed runtimes).
     originals = lite_reference.embed(_pixels(lite_reference, [photo_set["originals"][n] for n in names]))

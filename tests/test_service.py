@@ -3,6 +3,7 @@
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -188,6 +189,30 @@ def test_embed_endpoint_for_remote_ingest(client):
     wrong = io.BytesIO()
     np.save(wrong, np.zeros((1, 100, 100, 3), dtype=np.uint8))
     assert client.post("/api/embed", content=wrong.getvalue(), headers={"Content-Type": "application/x-npy"}).status_code == 400
+
+
+def test_embed_takes_both_input_sides_at_once(client):
+    """The main crop and the low-res view's 112-px side, sent together: each side has its own adaptive
+    batcher in the embedder (one batch is one array), so concurrent requests of both sides never meet."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    bodies = []
+    for i in range(12):
+        side = 224 if i % 2 else 112
+        body = io.BytesIO()
+        np.save(body, rng.integers(0, 256, size=(1 + i % 3, side, side, 3), dtype=np.uint8))
+        bodies.append(body.getvalue())
+
+    def post(body: bytes) -> httpx.Response:
+        return client.post("/api/embed", content=body, headers={"Content-Type": "application/x-npy"})
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(post, bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies), [r.text[:200] for r in responses]
+    for i, response in enumerate(responses):
+        vectors = np.load(io.BytesIO(response.content))
+        assert vectors.shape == (1 + i % 3, 1280) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
 
 
 def test_restart_keeps_the_data(backend, efficientnet, photo_set):

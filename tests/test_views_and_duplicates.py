@@ -67,6 +67,38 @@ def test_each_image_appears_once_with_its_best_view(index):
     assert index.count() == 11
 
 
+def test_extra_query_vectors_are_searched_like_the_main_one(index):
+    """A small query is also embedded at its low-res views' input side: both vectors are searched over the
+    same views in one request, and each image appears once with its best score (margins applied)."""
+    rng = np.random.default_rng(3)
+    main_query, extra = _unit(rng.normal(size=(2, DIM)))
+    noise = lambda: _unit(rng.normal(size=(VIEWS, DIM)))  # noqa: E731
+    through_view_2 = noise()
+    through_view_2[2] = extra  # found by the extra vector through view 2 (score 1 - its margin)
+    through_main = noise()
+    through_main[0] = extra  # and through a main view (no margin)
+    nearby = noise()
+    nearby[0] = _unit(main_query + rng.normal(scale=0.1, size=DIM))  # the main vector's best match
+    others = [noise() for _ in range(9)]
+    records = [_image(i, v) for i, v in enumerate([through_view_2, through_main, nearby, *others])]
+    index.upsert(records)
+    plain = VectorQuery(vector=main_query.tolist(), top_k=3, views=[0, 2], margins={2: 0.05})
+    assert index.search(plain)[0].image.id == records[2].id
+    assert not {records[0].id, records[1].id} & {h.image.id for h in index.search(plain)}
+    hits = index.search(plain.model_copy(update={"extra_vectors": [extra.tolist()]}))
+    assert [h.image.id for h in hits] == [records[1].id, records[0].id, records[2].id]
+    assert [h.score for h in hits[:2]] == pytest.approx([1.0, 0.95], abs=1e-4)
+    # The views searched are the query's: without view 2, the extra vector finds only the main-view twin.
+    main_only = index.search(VectorQuery(vector=main_query.tolist(), top_k=3, views=[0], extra_vectors=[extra.tolist()]))
+    assert [h.image.id for h in main_only[:2]] == [records[1].id, records[2].id]
+    assert records[0].id not in {h.image.id for h in main_only}
+    # Paging over the merged hits: page two continues page one.
+    everything = index.search(plain.model_copy(update={"extra_vectors": [extra.tolist()], "top_k": 8}))
+    page = index.search(plain.model_copy(update={"extra_vectors": [extra.tolist()], "top_k": 4, "offset": 4}))
+    assert [h.image.id for h in page] == [h.image.id for h in everything[4:8]]
+    assert len({h.image.id for h in everything}) == 8
+
+
 def test_min_score_drops_weaker_hits(index):
     rng = np.random.default_rng(1)
     query = _unit(rng.normal(size=DIM))
@@ -97,13 +129,46 @@ def test_the_low_res_view_is_a_small_copy():
     recipe = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
     image = Image.effect_noise((640, 480), 60).convert("RGB")
     views = recipe.view_pixels(image)
-    assert views.shape == (recipe.vectors_per_image, 224, 224, 3) and recipe.views == (LOW_RES,)
+    assert recipe.views == (LOW_RES,) and len(views) == recipe.vectors_per_image
+    # The main view at the model's crop; the low-res copy at its own, smaller input side (a quarter of the
+    # compute), resized in the same proportion as the main view (256/224 -> 128/112).
+    assert views[0].shape == (224, 224, 3) and views[1].shape == (112, 112, 3)
+    assert recipe.input_sides == (224, 112) and recipe.view_side(1) == 112
     assert np.array_equal(views[0], recipe.to_pixels(image))
+    small = LOW_RES.apply(image)
+    assert small.size == (64, 48)
+    resized = small.resize((170, 128), Image.Resampling.BILINEAR).crop((29, 8, 141, 120))
+    assert np.array_equal(views[1], np.asarray(resized))
     # The low-res copy has lost the fine grain: far less high-frequency energy than the main view.
     def grain(pixels: np.ndarray) -> float:
         return float(np.abs(np.diff(pixels.astype(np.float32), axis=1)).mean())
     assert grain(views[1]) < 0.5 * grain(views[0])
-    assert "low-res-64" in recipe.version
+    assert "low-res-64@112" in recipe.version and recipe.version.startswith("v3:")
+
+
+def test_a_small_query_is_also_prepared_at_the_low_res_side():
+    """A thumbnail query meets the stored low-res copies in their own domain: its pixels at their 112-px side
+    are what the stored copy of its original looks like there; a large query has no such pixels."""
+    from bento.imaging import DecodeLimits
+    from models.pipeline import prepare_image
+
+    recipe = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    limits = DecodeLimits(max_bytes=10**7, max_pixels=10**8)
+    photo = Image.effect_mandelbrot((640, 480), (-2, -1.2, 1, 1.2), 60).convert("RGB")
+    thumbnail = photo.copy()
+    thumbnail.thumbnail((64, 64), Image.Resampling.LANCZOS)
+    small = prepare_image(_png(thumbnail), limits, recipe, None)
+    assert small.views is None and set(small.side_pixels) == {112}
+    stored_low_res = recipe.view_pixels(photo)[1]
+    assert np.array_equal(small.side_pixels[112], stored_low_res)
+    assert prepare_image(_png(photo), limits, recipe, None).side_pixels == {}
+    assert prepare_image(_png(photo), limits, recipe, None, all_views=True).side_pixels == {}
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def _jpeg(image: Image.Image, **params) -> bytes:
