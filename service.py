@@ -928,9 +928,15 @@ class ImageSearch:
 
     @app.post("/api/embed", response_class=Response)
     async def embed(self, request: Request, principal: Admin) -> Response:
-        """Batch embedding for the ingest job (scope `admin`): .npy uint8 pixels in, .npy float32 vectors out."""
-        sides = (await in_thread(self.remote_embedder.describe)).preprocessing.input_sides
-        pixels = read_npy(await request.body(), request.headers.get("content-type", ""), sides)
+        """Batch embedding for the ingest job (scope `admin`): .npy uint8 pixels in, .npy float32 vectors out.
+        ``X-Recipe-Version``, where sent (the ingest client does), must be the serving recipe's: pixels
+        prepared by another version of the recipe (an older client that embeds a view at another side)
+        would be accepted by their shape alone and stored as wrong vectors."""
+        recipe = (await in_thread(self.remote_embedder.describe)).preprocessing
+        pixels = read_npy(await request.body(), request.headers.get("content-type", ""), recipe.input_sides)
+        sent = request.headers.get("x-recipe-version")
+        if sent is not None and sent != recipe.version:
+            raise ModelMismatch(f"These pixels were prepared with recipe {sent[:200]!r}; this service embeds {recipe.version!r}.")
         vectors, model = await in_thread(self.catalog.embed_pixels, pixels)
         out = io.BytesIO()
         np.save(out, np.asarray(vectors, dtype=np.float32), allow_pickle=False)

@@ -442,8 +442,9 @@ class VectorIndex:
             filters.append(MAIN_VIEW if views == [0] else f"view in {views}")
         if filters:
             kwargs["filter"] = " and ".join(filters)
-        # Every query vector (a small query is also embedded at its low-res views' side) in one request;
-        # each one's window holds every image of the final window, so merging them by image is exact.
+        # Every query vector (a small query is also embedded at its low-res views' side) in one request.
+        # An image of the final window has its best row in the window of the vector that scored it best,
+        # so merging the windows by image finds every such image with its best score.
         results = self._run("search", lambda c, t: c.search(self.settings.milvus.collection, vectors, timeout=t, **kwargs))
         # An extra view's match may count for less than a main-view match (its margin): each image keeps its
         # best score after the margins, and the images are ranked by it. (With margins, an image whose only

@@ -54,7 +54,10 @@ class RemoteEmbedding:
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         body = io.BytesIO()
         np.save(body, pixels, allow_pickle=False)
-        response = self._request("POST", "/api/embed", content=body.getvalue(), headers={"Content-Type": "application/x-npy"})
+        # The recipe the pixels were prepared with, as this client's code reads the service's description:
+        # a service that embeds otherwise refuses them (409) instead of storing wrong vectors.
+        headers = {"Content-Type": "application/x-npy", "X-Recipe-Version": self._description.preprocessing.version}
+        response = self._request("POST", "/api/embed", content=body.getvalue(), headers=headers)
         served = response.headers.get("X-Model-Id", "")
         if served and served != self._description.info.model_id:
             raise ModelMismatch(f"The service switched models mid-run ({self._description.info.model_id} -> {served}).")

@@ -89,7 +89,7 @@ def prepare_image(
     image = decoded.image
     views = preprocessing.view_pixels(image) if all_views else None
     pixels = views[0] if views is not None else preprocessing.to_pixels(image)
-    sides = {} if all_views else preprocessing.query_sides(decoded.width, decoded.height)
+    sides = [] if all_views else preprocessing.query_sides(decoded.width, decoded.height)
     thumbnail = make_thumbnail(image, thumbnail_size) if thumbnail_size else None
     return PreparedImage(
         id=content_hash(data),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     import torch
@@ -108,8 +108,9 @@ class Preprocessing(BaseModel):
     """The recipe; a typed value that crosses processes (model-store metadata, the embedder's description).
 
     ``resize``/``crop``/``mean``/``std`` come from the backbone's weights; ``views`` are the product's: one
-    more vector per extra view for every stored image (RIS_MODEL_VIEWS). Queries are embedded once, from
-    the main view, and meet each image's best view."""
+    more vector per extra view for every stored image (RIS_MODEL_VIEWS). A query is embedded from its
+    main view (and, when small, at the low-res views' side too: ``query_sides``) and meets each image's
+    best view."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -118,6 +119,14 @@ class Preprocessing(BaseModel):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     views: tuple[View, ...] = (LOW_RES,)
+
+    @model_validator(mode="after")
+    def _one_smaller_side(self) -> Preprocessing:
+        # The embedder batches each input side apart, with one batcher for the main crop and one for a
+        # smaller side (service.py: embed, embed_small): a second smaller side would share the latter.
+        if len(self.input_sides) > 2:
+            raise ValueError(f"the views may use one input side besides the crop's; got {self.input_sides}")
+        return self
 
     @classmethod
     def of_backbone(cls, normalisation: dict[str, object], view_sets: Sequence[str] = DEFAULT_VIEW_SETS) -> Preprocessing:

@@ -225,9 +225,11 @@ class RuntimeCache:
     @staticmethod
     def key(model_id: str, preprocessing: Preprocessing, precision: str, calibration: np.ndarray | None) -> str:
         h = hashlib.sha256()
-        # The normalisation is inside the converted model; the stored views are not (they change no runtime).
+        # The normalisation is inside the converted model; the views are not, but their input sides decide
+        # which sides the fidelity check covered before the entry was written.
         normalisation = json.dumps(preprocessing.normalisation(), sort_keys=True)
-        for part in (model_id, normalisation, precision, json.dumps(library_versions(), sort_keys=True)):
+        sides = json.dumps(preprocessing.input_sides)
+        for part in (model_id, normalisation, sides, precision, json.dumps(library_versions(), sort_keys=True)):
             h.update(part.encode() + b"\0")
         for source in _CONVERSION_SOURCES:
             h.update(source.read_bytes())

@@ -23,7 +23,7 @@ from bentoml.exceptions import NotFound as BentoNotFound
 
 from bento.config import ModelSettings, Settings
 from bento.errors import ModelUnavailable
-from bento.imaging import DecodeLimits
+from bento.imaging import DecodeLimits, decode_image
 from bento.schemas import ModelInfo
 from models.backbones import BACKBONES, WEIGHTS_PROBE_TIMEOUT_S, Backbone, Weights, WeightsUnavailable, get_backbone
 from models.embedding import ImageEmbedder
@@ -63,9 +63,11 @@ OPENVINO_SUFFIX = "-openvino"
 IR_FILE = "model.xml"
 FIDELITY_PIXELS_FILE = "fidelity-pixels.npy"
 FIDELITY_REFERENCE_FILE = "fidelity-reference.npy"
-# An export ships a check for every smaller input side a view set can use (the low-res view's 112 px),
-# whatever RIS_MODEL_VIEWS it was made with: the views are chosen where it runs.
-EXPORT_OTHER_SIDES = tuple(sorted({view.input_side for views in VIEW_SETS.values() for view in views if view.input_side}))
+# Photos (from --fidelity-images) an export is checked on and ships, beside the synthetic probe images.
+EXPORT_FIDELITY_PHOTOS = 8
+# An export ships a check for every smaller input side a view set can use (the low-res view's 112 px:
+# side -> that view), whatever RIS_MODEL_VIEWS it was made with: the views are chosen where it runs.
+EXPORT_OTHER_SIDES = {view.input_side: view for views in VIEW_SETS.values() for view in views if view.input_side}
 
 
 def _fidelity_files(side: int | None) -> tuple[str, str]:
@@ -73,8 +75,11 @@ def _fidelity_files(side: int | None) -> tuple[str, str]:
     if side is None:
         return FIDELITY_PIXELS_FILE, FIDELITY_REFERENCE_FILE
     return f"fidelity-pixels-{side}.npy", f"fidelity-reference-{side}.npy"
-# Photos (from --fidelity-images) an export is checked on and ships, beside the synthetic probe images.
-EXPORT_FIDELITY_PHOTOS = 8
+
+
+def _ships_checks(model: bentoml.Model, preprocessing: Preprocessing) -> bool:
+    """Whether an exported model ships the fidelity check of every input side this recipe uses."""
+    return all(os.path.exists(model.path_of(_fidelity_files(side)[1])) for side in preprocessing.input_sides[1:])
 
 
 @dataclass
@@ -307,8 +312,12 @@ def _runtime_from_weights(stored: StoredModel, choice: RuntimeChoice, calibratio
 def _exported_twin(stored: StoredModel) -> StoredModel | None:
     """An exported OpenVINO model of the same weights (same model_id), which saves converting them."""
     for model in _stored_versions(stored.info.backbone, "openvino"):
-        if model.info.metadata.get("info", {}).get("model_id") == stored.info.model_id:
-            return StoredModel(info=stored.info, preprocessing=stored.preprocessing, tag=str(model.tag), kind="openvino")
+        if model.info.metadata.get("info", {}).get("model_id") != stored.info.model_id:
+            continue
+        if not _ships_checks(model, stored.preprocessing):  # an export older than the recipe's input sides
+            logger.warning("The exported model %s lacks a check for an input side of the recipe; converting the weights instead", model.tag)
+            continue
+        return StoredModel(info=stored.info, preprocessing=stored.preprocessing, tag=str(model.tag), kind="openvino")
     return None
 
 
@@ -320,19 +329,20 @@ def _runtime_from_export(stored: StoredModel, choice: RuntimeChoice, calibration
     started = time.monotonic()
     model = bentoml.models.get(stored.tag)
     runtime = compile_openvino(ov.Core().read_model(model.path_of(IR_FILE)), choice, calibration)
-    worst = 1.0
+    if not _ships_checks(model, stored.preprocessing):
+        raise ModelUnavailable(
+            f"The exported model {stored.tag} ships no fidelity check for an input side RIS_MODEL_VIEWS needs "
+            f"({stored.preprocessing.input_sides}); export it again with this version (`python -m models export-openvino`)."
+        )
+    worst, checked = 1.0, 0
     for side in (None, *stored.preprocessing.input_sides[1:]):
         pixels_file, reference_file = (model.path_of(name) for name in _fidelity_files(side))
-        if not os.path.exists(reference_file):
-            raise ModelUnavailable(
-                f"The exported model {stored.tag} ships no check for {side}-px input, which RIS_MODEL_VIEWS needs; "
-                "export it again with this version (`python -m models export-openvino`)."
-            )
         pixels = np.load(pixels_file, allow_pickle=False)
         worst = min(worst, check_fidelity(runtime, pixels, np.load(reference_file, allow_pickle=False)))
+        checked += len(pixels)
     logger.info(
         "%s compiled from the exported model %s in %.1f s; fidelity vs fp32: min cosine %.5f over %d images",
-        choice.label, stored.tag, time.monotonic() - started, worst, len(pixels),
+        choice.label, stored.tag, time.monotonic() - started, worst, checked,
     )
     return runtime
 
@@ -362,7 +372,18 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
         limit=EXPORT_FIDELITY_PHOTOS,
     )
     pixels = np.concatenate([fidelity_probe(preprocessing.crop), photos])
-    export_key = RuntimeCache.key(stored.info.model_id, preprocessing, f"export{list(EXPORT_OTHER_SIDES)}", pixels)
+    # At each smaller side: the probe images and the same photos as that side's view sees them.
+    other_pixels = {
+        side: np.concatenate([fidelity_probe(side), calibration_pixels(
+            fidelity_images,
+            lambda data, view=view, side=side: preprocessing.to_pixels(view.apply(decode_image(data, limits).image), side),
+            limit=EXPORT_FIDELITY_PHOTOS,
+        )])
+        for side, view in EXPORT_OTHER_SIDES.items()
+    }
+    export_key = RuntimeCache.key(
+        stored.info.model_id, preprocessing, "export", np.concatenate([pixels.ravel(), *(p.ravel() for p in other_pixels.values())])
+    )
     for existing in _stored_versions(stored.info.backbone, "openvino"):
         if existing.info.metadata.get("export_key") == export_key:
             logger.info("OpenVINO export of %s already in the store as %s", stored.info.model_id, existing.tag)
@@ -375,12 +396,11 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
     reference = reference_features(module, preprocessing, pixels)
     fp32 = RuntimeChoice("openvino", "fp32", "cpu", "export check")
     runtime = compile_openvino(converted, fp32)
-    # The main side on the probes and photos; each smaller side (the same graph reshaped where it runs) on
-    # probe images of that side. Each check ships with the model.
+    # The main side and each smaller side (the same graph reshaped where it runs), on probes and photos.
+    # Each check ships with the model.
     checks: dict[int | None, tuple[np.ndarray, np.ndarray]] = {None: (pixels, reference)}
-    for side in EXPORT_OTHER_SIDES:
-        probe = fidelity_probe(side)
-        checks[side] = (probe, reference_features(module, preprocessing, probe))
+    for side, side_pixels in other_pixels.items():
+        checks[side] = (side_pixels, reference_features(module, preprocessing, side_pixels))
     worst = min(check_fidelity(runtime, side_pixels, side_reference) for side_pixels, side_reference in checks.values())
     metadata = {
         **source.info.metadata,

@@ -82,7 +82,7 @@ def test_an_exported_model_serves_without_torch_into_the_same_collections(effici
     exported = home / "models" / "ris-efficientnet-lite0-openvino" / first["store_tag"].split(":")[1]
     shipped = np.load(exported / "fidelity-pixels.npy")
     assert len(shipped) == 4 + 8, "the probe images and 8 of the photos are checked and shipped"
-    assert np.load(exported / "fidelity-pixels-112.npy").shape == (4, 112, 112, 3), "and the low-res view's side"
+    assert np.load(exported / "fidelity-pixels-112.npy").shape == (4 + 8, 112, 112, 3), "and at the low-res view's side"
 
     served = json.loads(_ok(_run(embed, env, without_torch=True)))
     assert served["torch_modules"] == []
@@ -111,6 +111,15 @@ def test_an_exported_model_serves_without_torch_into_the_same_collections(effici
         drifted = _run(embed, env, without_torch=True)
         assert drifted.returncode != 0 and "differ from the fp32 reference" in drifted.stderr, name
         np.save(exported / name, reference)
+    # An export without the low-res side's check (made before the recipe had one): refused without PyTorch,
+    # passed over for a conversion of the weights with it.
+    (exported / "fidelity-reference-112.npy").rename(tmp_path / "kept.npy")
+    old = _run(embed, env, without_torch=True)
+    assert old.returncode != 0 and "ships no fidelity check" in old.stderr
+    converted = _run(embed, {**env, "RIS_MODEL_RUNTIME": "openvino"})
+    _ok(converted)
+    assert "lacks a check" in converted.stderr and "built in" in converted.stderr
+    (tmp_path / "kept.npy").rename(exported / "fidelity-reference-112.npy")
 
     # Another check (other photos) is another export: an export is reused only when everything that
     # decides it is the same.

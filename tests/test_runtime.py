@@ -208,8 +208,9 @@ def _embed_api_config(**env: str) -> str:
     import sys
 
     code = (
-        "from service import Embedder; m = Embedder.apis['embed']; "
-        "print(m.batchable, m.max_batch_size, m.max_latency_ms, Embedder.config['runner_connection']['max_requests'])"
+        "from service import Embedder; m, s = Embedder.apis['embed'], Embedder.apis['embed_small']; "
+        "same = (s.batchable, s.max_batch_size, s.max_latency_ms) == (m.batchable, m.max_batch_size, m.max_latency_ms); "
+        "print(m.batchable, m.max_batch_size, m.max_latency_ms, Embedder.config['runner_connection']['max_requests'], same)"
     )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RIS_")}
     done = subprocess.run(
@@ -221,8 +222,9 @@ def _embed_api_config(**env: str) -> str:
 
 
 def test_batching_settings_reach_the_embedder_api():
-    batchable, size, latency, recycle = _embed_api_config().split()
+    batchable, size, latency, recycle, same = _embed_api_config().split()
     assert (batchable, size, latency) == ("True", "32", "3000"), "the measured defaults (README: Adaptive batching)"
+    assert same == "True", "the low-res side's batcher (embed_small) is configured as the main one"
     assert int(recycle) >= 10**6, "callers must not recycle their connection to the embedder every 100 requests"
     assert _embed_api_config(RIS_BATCHING_MAX_BATCH_SIZE="8", RIS_BATCHING_MAX_LATENCY_MS="500").split()[:3] == ["True", "8", "500"]
     assert _embed_api_config(RIS_BATCHING_MAX_BATCH_SIZE="1").split()[0] == "False", "a batch of one is batching off"
@@ -263,6 +265,8 @@ def test_runtime_cache_is_reused_verified_and_keyed_by_everything_that_changes_o
     assert RuntimeCache.key("efficientnet-lite0@other", pre, "fp32", None) != key
     assert RuntimeCache.key(fresh.info.model_id, pre, "bf16", None) != key
     assert RuntimeCache.key(fresh.info.model_id, pre, "fp32", pixels) != key
+    # The input sides decide which sides an entry was checked at before it was written.
+    assert RuntimeCache.key(fresh.info.model_id, pre.model_copy(update={"views": ()}), "fp32", None) != key
 
     # A damaged entry is rebuilt, not trusted.
     (entries[0] / "model.xml").write_text("<not a model/>")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from bento.imaging import content_hash
 from ingest.demo import encode
+from models.preprocess import Preprocessing
 from tests.conftest import ServiceProcess, png_header_claiming
 
 pytestmark = pytest.mark.slow
@@ -189,6 +190,14 @@ def test_embed_endpoint_for_remote_ingest(client):
     wrong = io.BytesIO()
     np.save(wrong, np.zeros((1, 100, 100, 3), dtype=np.uint8))
     assert client.post("/api/embed", content=wrong.getvalue(), headers={"Content-Type": "application/x-npy"}).status_code == 400
+    # Pixels prepared with another recipe (e.g. an older client's) are refused, not embedded.
+    recipe = client.get("/api/model").json()["preprocessing"]
+    served = Preprocessing.model_validate(recipe).version
+    for sent, status in ((served, 200), ("v2:bilinear-resize256-crop224+low-res-64", 409)):
+        headers = {"Content-Type": "application/x-npy", "X-Recipe-Version": sent}
+        response = client.post("/api/embed", content=body.getvalue(), headers=headers)
+        assert response.status_code == status, response.text
+    assert response.json()["error"] == "model_mismatch"
 
 
 def test_embed_takes_both_input_sides_at_once(client):

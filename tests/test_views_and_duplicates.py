@@ -165,6 +165,17 @@ def test_a_small_query_is_also_prepared_at_the_low_res_side():
     assert prepare_image(_png(photo), limits, recipe, None, all_views=True).side_pixels == {}
 
 
+def test_a_recipe_has_at_most_one_smaller_input_side():
+    """Each input side has its own batcher in the embedder: the main crop's and one smaller side's."""
+    from pydantic import ValidationError
+
+    base = {"resize": 256, "crop": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    other = LOW_RES.model_copy(update={"name": "low-res-96", "input_side": 96})
+    assert Preprocessing(**base, views=(LOW_RES, LOW_RES.model_copy(update={"name": "again"}))).input_sides == (224, 112)
+    with pytest.raises(ValidationError, match="one input side besides"):
+        Preprocessing(**base, views=(LOW_RES, other))
+
+
 def _png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
