@@ -106,7 +106,7 @@ from bento.schemas import (
 )
 from bento.storage import Kind, open_image_store
 from bento.vectors import VectorIndex
-from models.pipeline import MAX_PIXELS_BATCH, expected_pixels
+from models.pipeline import MAX_PIXELS_BATCH, check_pixel_shape
 from models.runtime import torch_installed
 
 logger = logging.getLogger("ris.service")
@@ -686,12 +686,9 @@ def read_npy(raw: bytes, content_type: str, sides: Sequence[int]) -> np.ndarray:
         shape, fortran_order, dtype = reader(stream, max_header_size=1024)
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise InvalidRequest(f"The body must be a .npy array: {exc}") from exc
-    expected = f"uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, ...) with images of {expected_pixels(sides)}"
-    square = len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3
-    if dtype != np.uint8 or fortran_order or not square or shape[1] not in sides:
-        raise InvalidRequest(f"Expected {expected}, got {dtype} {shape}.")
-    if not 0 < shape[0] <= MAX_PIXELS_BATCH:
-        raise InvalidRequest(f"Expected {expected}, got {shape[0]} images.")
+    if fortran_order:
+        raise InvalidRequest("The .npy array must be in C order.")
+    check_pixel_shape(dtype, shape, sides, at_least=1)
     if len(raw) - stream.tell() != math.prod(shape):
         raise InvalidRequest(f"The .npy header says {shape} but the body holds {len(raw) - stream.tell()} bytes of pixels.")
     return np.frombuffer(raw, dtype=np.uint8, offset=stream.tell()).reshape(shape)

@@ -52,19 +52,19 @@ class PreparedImage:
 MAX_PIXELS_BATCH = 1024
 
 
-def expected_pixels(sides: Sequence[int]) -> str:
-    """The embedder's input contract in words, for its errors."""
-    return " or ".join(f"({side}, {side}, 3)" for side in sides)
-
-
 def check_pixels(pixels: np.ndarray, sides: Sequence[int]) -> None:
     """The embedder's input contract: (N <= MAX_PIXELS_BATCH, side, side, 3) uint8, one of the recipe's
     input sides (the main crop, and a smaller one where a view is embedded smaller) per call."""
-    square = pixels.ndim == 4 and pixels.shape[1] == pixels.shape[2] and pixels.shape[3] == 3
-    if pixels.dtype != np.uint8 or not square or pixels.shape[1] not in sides or len(pixels) > MAX_PIXELS_BATCH:
+    check_pixel_shape(pixels.dtype, pixels.shape, sides)
+
+
+def check_pixel_shape(dtype: np.dtype, shape: tuple[int, ...], sides: Sequence[int], at_least: int = 0) -> None:
+    """The same contract from a dtype and shape (a .npy header, before anything is allocated)."""
+    square = len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3
+    if dtype != np.uint8 or not square or shape[1] not in sides or not at_least <= shape[0] <= MAX_PIXELS_BATCH:
+        expected = " or ".join(f"({side}, {side}, 3)" for side in sides)
         raise InvalidRequest(
-            f"Expected uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, ...) with images of {expected_pixels(sides)}; "
-            f"got {pixels.dtype} {pixels.shape}."
+            f"Expected uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, ...) with images of {expected}; got {dtype} {shape}."
         )
 
 

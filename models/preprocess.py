@@ -158,7 +158,7 @@ class Preprocessing(BaseModel):
         """The smaller input sides of the views a query of this size meets. The query is embedded at each of
         them too and searched with every vector: a thumbnail meets the low-res copies in their own domain
         (at the main side alone it looks twice as large as they do)."""
-        return [side for side in self.input_sides[1:] if any(self.view_side(view) == side for view in self.views_for_query(width, height))]
+        return sorted({self.view_side(view) for view in self.views_for_query(width, height)} - {self.crop})
 
     def view_margins(self) -> dict[int, float]:
         return {i + 1: view.margin for i, view in enumerate(self.views) if view.margin}
@@ -188,7 +188,7 @@ class Preprocessing(BaseModel):
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
         image = _clip_aspect(image)
         crop = side or self.crop
-        resize = self.resize if crop == self.crop else round(self.resize * crop / self.crop)
+        resize = round(self.resize * crop / self.crop)
         width, height = image.size
         # torchvision: the short side becomes `resize`, the long side int(resize * long / short).
         if width <= height:

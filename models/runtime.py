@@ -286,20 +286,27 @@ def calibration_pixels(
     """Up to ``limit`` images of a folder (recursively, in a stable order) as (N, crop, crop, 3) uint8.
 
     Files that are not decodable images are skipped."""
+    return calibration_views(folder, lambda data: (to_pixels(data),), limit)[0]
+
+
+def calibration_views(
+    folder: Path, to_views: Callable[[bytes], tuple[np.ndarray, ...]], limit: int = CALIBRATION_IMAGES
+) -> tuple[np.ndarray, ...]:
+    """The same, each image read and decoded once into several views (one stacked array per view)."""
     if not folder.is_dir():
         raise RuntimeUnavailable(f"The int8 calibration folder {folder} does not exist.")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
     # Spread the sample over the whole folder (class folders sort together) instead of its first classes.
     step = max(1, len(paths) // limit)
-    pixels = []
+    views = []
     for path in paths[::step][:limit]:
         try:
-            pixels.append(to_pixels(path.read_bytes()))
+            views.append(to_views(path.read_bytes()))
         except (SearchError, OSError) as exc:  # not a decodable image: calibration only needs typical content
             logger.debug("calibration: skipping %s: %s", path, exc)
-    if not pixels:
+    if not views:
         raise RuntimeUnavailable(f"No decodable images in the int8 calibration folder {folder}.")
-    return np.stack(pixels)
+    return tuple(np.stack(column) for column in zip(*views, strict=True))
 
 
 def check_fidelity(runtime: InferenceRuntime, pixels: np.ndarray, reference: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from bentoml.exceptions import NotFound as BentoNotFound
 
 from bento.config import ModelSettings, Settings
 from bento.errors import ModelUnavailable
-from bento.imaging import DecodeLimits, decode_image
+from bento.imaging import DecodeLimits
 from bento.schemas import ModelInfo
 from models.backbones import BACKBONES, WEIGHTS_PROBE_TIMEOUT_S, Backbone, Weights, WeightsUnavailable, get_backbone
 from models.embedding import ImageEmbedder
@@ -36,6 +36,7 @@ from models.runtime import (
     RuntimeChoice,
     RuntimeUnavailable,
     calibration_pixels,
+    calibration_views,
     check_fidelity,
     choose_runtime,
     compile_openvino,
@@ -65,9 +66,9 @@ FIDELITY_PIXELS_FILE = "fidelity-pixels.npy"
 FIDELITY_REFERENCE_FILE = "fidelity-reference.npy"
 # Photos (from --fidelity-images) an export is checked on and ships, beside the synthetic probe images.
 EXPORT_FIDELITY_PHOTOS = 8
-# An export ships a check for every smaller input side a view set can use (the low-res view's 112 px:
-# side -> that view), whatever RIS_MODEL_VIEWS it was made with: the views are chosen where it runs.
-EXPORT_OTHER_SIDES = {view.input_side: view for views in VIEW_SETS.values() for view in views if view.input_side}
+# An export ships a check for every smaller input side a view set can use (the low-res view's 112 px),
+# whatever RIS_MODEL_VIEWS it was made with: the views are chosen where it runs. One view per side.
+EXPORT_SIDE_VIEWS = tuple({view.input_side: view for views in VIEW_SETS.values() for view in views if view.input_side}.values())
 
 
 def _fidelity_files(side: int | None) -> tuple[str, str]:
@@ -366,20 +367,18 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
         raise ModelUnavailable("Exporting needs the model's PyTorch weights in the model store (`python -m models import`).")
     preprocessing = stored.preprocessing
     limits = DecodeLimits(max_bytes=settings.limits.max_upload_bytes, max_pixels=settings.limits.max_image_pixels)
-    photos = calibration_pixels(
+    # The probe images and the photos at the main side and at each smaller side, as the one pipeline
+    # prepares an image to store (a recipe with one view per smaller side).
+    check_recipe = preprocessing.model_copy(update={"views": EXPORT_SIDE_VIEWS})
+    photos = calibration_views(
         fidelity_images,
-        lambda data: prepare_image(data, limits, preprocessing, thumbnail_size=None).pixels,
+        lambda data: prepare_image(data, limits, check_recipe, thumbnail_size=None, all_views=True).views,
         limit=EXPORT_FIDELITY_PHOTOS,
     )
-    pixels = np.concatenate([fidelity_probe(preprocessing.crop), photos])
-    # At each smaller side: the probe images and the same photos as that side's view sees them.
+    pixels = np.concatenate([fidelity_probe(preprocessing.crop), photos[0]])
     other_pixels = {
-        side: np.concatenate([fidelity_probe(side), calibration_pixels(
-            fidelity_images,
-            lambda data, view=view, side=side: preprocessing.to_pixels(view.apply(decode_image(data, limits).image), side),
-            limit=EXPORT_FIDELITY_PHOTOS,
-        )])
-        for side, view in EXPORT_OTHER_SIDES.items()
+        view.input_side: np.concatenate([fidelity_probe(view.input_side), side_photos])
+        for view, side_photos in zip(EXPORT_SIDE_VIEWS, photos[1:], strict=True)
     }
     export_key = RuntimeCache.key(
         stored.info.model_id, preprocessing, "export", np.concatenate([pixels.ravel(), *(p.ravel() for p in other_pixels.values())])
