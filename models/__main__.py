@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from bento.config import get_settings
-from models.backbones import model_choices
+from models.backbones import backbones_of, get_backbone, model_choices
 from models.store import export_openvino, import_model, resolve_model
 
 
@@ -19,8 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import the backbone chosen by the settings into the model store")
-    imp.add_argument("--model", choices=model_choices(), help="overrides RIS_MODEL_NAME")
+    # The stored models of both roles: the similarity models and Meta's SSCD (the packaged copy models are
+    # read from their package at every start and never stored: their licence).
+    stored_copy_models = tuple(backbone.name for backbone in backbones_of("copy"))
+    imp.add_argument(
+        "--model", choices=(*model_choices(), *stored_copy_models),
+        help="overrides RIS_MODEL_NAME (a copy model, sscd-resnet50: RIS_MODEL_COPY_NAME)",
+    )
     imp.add_argument("--resnet50-weights", help="overrides RIS_MODEL_RESNET50_WEIGHTS (name, .pth path, or random)")
+    imp.add_argument(
+        "--sscd-weights",
+        help="overrides RIS_MODEL_SSCD_WEIGHTS (disc_mixup, disc_large, a Meta .torchvision.pt/.torchscript.pt path, or random)",
+    )
     export = sub.add_parser(
         "export-openvino", help="convert the stored weights to an OpenVINO model (for the CPU image, which has no PyTorch)"
     )
@@ -34,13 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     overrides = {}
+    role = "similarity"
     if getattr(args, "model", None):
-        overrides["name"] = args.model
-    if getattr(args, "resnet50_weights", None):
-        overrides["resnet50_weights"] = args.resnet50_weights
+        role = get_backbone(args.model).role if args.model != "auto" else "similarity"
+        overrides["copy_name" if role == "copy" else "name"] = args.model
+    for option in ("resnet50_weights", "sscd_weights"):
+        if getattr(args, option, None):
+            overrides[option] = getattr(args, option)
     settings = get_settings().but(model=overrides)
     if args.command == "import":
-        stored = import_model(settings)
+        stored = import_model(settings, role)
     elif args.command == "export-openvino":
         stored = export_openvino(settings, args.fidelity_images)
     else:

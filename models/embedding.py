@@ -6,7 +6,9 @@ import logging
 
 import numpy as np
 
+from bento.errors import ModelUnavailable
 from bento.schemas import ModelDescription, ModelInfo
+from models.backbones import Role
 from models.pipeline import check_pixels
 from models.preprocess import Preprocessing
 from models.runtime import InferenceRuntime
@@ -29,9 +31,16 @@ class ImageEmbedder:
     def describe(self) -> ModelDescription:
         return ModelDescription(info=self.info, preprocessing=self.preprocessing, device=self.device_name)
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def describe_copy(self) -> ModelDescription | None:
+        """One model alone is the catalog's Embedding port without a copy model."""
+        return None
+
+    def embed(self, pixels: np.ndarray, role: Role = "similarity") -> np.ndarray:
         """(N, side, side, 3) uint8 -> (N, dim) float32, each row of unit length; side: one of the
-        recipe's input sides (the main crop, or a view's smaller one)."""
+        recipe's input sides (the main crop, or a view's smaller one). ``role``: the port's; one model
+        alone serves only "similarity"."""
+        if role != "similarity":
+            raise ModelUnavailable("This embedding has no copy model.")
         check_pixels(pixels, self.preprocessing.input_sides)
         if len(pixels) == 0:
             return np.zeros((0, self.info.dim), dtype=np.float32)
@@ -45,3 +54,32 @@ class ImageEmbedder:
         for side in self.preprocessing.input_sides:
             for size in batch_sizes:
                 self.embed(np.zeros((size, side, side, 3), dtype=np.uint8))
+
+
+class Embedders:
+    """The catalog's ``Embedding`` port in one process: the similarity model, and the copy model (None when
+    RIS_MODEL_COPY_NAME=none). The Embedder service holds one of these; so do the ingest job and the tools."""
+
+    def __init__(self, similarity: ImageEmbedder, copy: ImageEmbedder | None) -> None:
+        self.similarity = similarity
+        self.copy = copy
+
+    def model(self, role: Role) -> ImageEmbedder:
+        model = self.similarity if role == "similarity" else self.copy
+        if model is None:
+            raise ModelUnavailable("No copy model serves (RIS_MODEL_COPY_NAME=none).")
+        return model
+
+    def describe(self) -> ModelDescription:
+        return self.similarity.describe()
+
+    def describe_copy(self) -> ModelDescription | None:
+        return self.copy.describe() if self.copy is not None else None
+
+    def embed(self, pixels: np.ndarray, role: Role = "similarity") -> np.ndarray:
+        return self.model(role).embed(pixels)  # each model embeds for its own role
+
+    def warm_up(self) -> None:
+        for model in (self.similarity, self.copy):
+            if model is not None:
+                model.warm_up()

@@ -31,6 +31,10 @@ class PreparedImage:
     views: tuple[np.ndarray, ...] | None = None
     # a small query at each smaller input side of the views it meets (Preprocessing.query_sides; queries only)
     side_pixels: dict[int, np.ndarray] = field(default_factory=dict)
+    # the copy model's input (the whole image at its side; None without a copy model) and, for an image to
+    # store, every view of the copy recipe (main first)
+    copy_pixels: np.ndarray | None = None
+    copy_views: tuple[np.ndarray, ...] | None = None
 
     def record(self, vectors: np.ndarray, label: str, source: str, created_at: int) -> VectorRecord:
         """The rows Milvus keeps for this image: its vectors (main view first) and everything shown with a hit."""
@@ -48,12 +52,19 @@ class PreparedImage:
             store.put(self.id, "thumbnail", self.thumbnail)
 
 
-# The most images one embedding call may carry (the /api/embed batches of the remote ingest client).
+# The most images, and pixel bytes, one embedding call may carry (the /api/embed batches of the remote ingest
+# client): 1024 images at 224 px; fewer at the copy model's 288 px.
 MAX_PIXELS_BATCH = 1024
+MAX_PIXELS_BYTES = MAX_PIXELS_BATCH * 224 * 224 * 3
+
+
+def max_batch(side: int) -> int:
+    """The most images of ``side`` x ``side`` one embedding call may carry."""
+    return min(MAX_PIXELS_BATCH, MAX_PIXELS_BYTES // (side * side * 3))
 
 
 def check_pixels(pixels: np.ndarray, sides: Sequence[int]) -> None:
-    """The embedder's input contract: (N <= MAX_PIXELS_BATCH, side, side, 3) uint8, one of the recipe's
+    """The embedder's input contract: (N <= max_batch(side), side, side, 3) uint8, one of the recipe's
     input sides (the main crop, and a smaller one where a view is embedded smaller) per call."""
     check_pixel_shape(pixels.dtype, pixels.shape, sides)
 
@@ -61,11 +72,9 @@ def check_pixels(pixels: np.ndarray, sides: Sequence[int]) -> None:
 def check_pixel_shape(dtype: np.dtype, shape: tuple[int, ...], sides: Sequence[int], at_least: int = 0) -> None:
     """The same contract from a dtype and shape (a .npy header, before anything is allocated)."""
     square = len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3
-    if dtype != np.uint8 or not square or shape[1] not in sides or not at_least <= shape[0] <= MAX_PIXELS_BATCH:
-        expected = " or ".join(f"({side}, {side}, 3)" for side in sides)
-        raise InvalidRequest(
-            f"Expected uint8 pixels of shape (N<={MAX_PIXELS_BATCH}, ...) with images of {expected}; got {dtype} {shape}."
-        )
+    if dtype != np.uint8 or not square or shape[1] not in sides or not at_least <= shape[0] <= max_batch(shape[1]):
+        expected = " or ".join(f"(N<={max_batch(side)}, {side}, {side}, 3)" for side in sides)
+        raise InvalidRequest(f"Expected uint8 pixels of shape {expected}; got {dtype} {shape}.")
 
 
 # Large JPEGs decode at a reduced DCT scale that keeps the shorter side >= this x the model's resize size:
@@ -82,15 +91,20 @@ def prepare_image(
     draft_scale: float = DRAFT_SCALE,
     *,
     all_views: bool = False,
+    copy: Preprocessing | None = None,
 ) -> PreparedImage:
     """Raise an InvalidImage/ImageTooLarge/UnsupportedImageFormat error for bad input. ``all_views`` for an
-    image to store (every view of the recipe); a query needs only the main view."""
-    decoded = decode_image(data, limits, draft_min_side(preprocessing.resize, draft_scale))
+    image to store (every view of the recipe); a query needs only the main view. ``copy``: the copy model's
+    recipe, whose pixels are made from the same decoded image (one decode for both models)."""
+    largest = max(preprocessing.resize, copy.resize if copy is not None else 0)
+    decoded = decode_image(data, limits, draft_min_side(largest, draft_scale))
     image = decoded.image
     views = preprocessing.view_pixels(image) if all_views else None
     pixels = views[0] if views is not None else preprocessing.to_pixels(image)
     sides = [] if all_views else preprocessing.query_sides(decoded.width, decoded.height)
     thumbnail = make_thumbnail(image, thumbnail_size) if thumbnail_size else None
+    copy_views = copy.view_pixels(image) if copy is not None and all_views else None
+    copy_pixels = (copy_views[0] if copy_views is not None else copy.to_pixels(image)) if copy is not None else None
     return PreparedImage(
         id=content_hash(data),
         data=data,
@@ -102,6 +116,8 @@ def prepare_image(
         pixel_hash=pixel_hash(image),
         views=views,
         side_pixels={side: preprocessing.to_pixels(image, side) for side in sides},
+        copy_pixels=copy_pixels,
+        copy_views=copy_views,
     )
 
 

@@ -8,7 +8,7 @@ low-res view) cross processes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
@@ -29,7 +29,12 @@ RECIPE_VERSION = 3
 MAX_ASPECT = 8
 
 
-NORMALISATION = ("resize", "crop", "mean", "std")
+NORMALISATION = ("resize", "crop", "mean", "std", "fit")
+# How an image becomes the model's square input: "centre-crop" (short side to ``resize``, then the centre
+# ``crop`` square, as torchvision's classification transforms) or "square" (the whole image squashed to
+# ``crop`` x ``crop``, aspect not kept: nothing of the picture is cut off, as SSCD recommends for copy
+# detection, and every image has one shape so that batches form).
+Fit = Literal["centre-crop", "square"]
 
 
 def _clip_aspect(image: Image.Image) -> Image.Image:
@@ -118,6 +123,7 @@ class Preprocessing(BaseModel):
     crop: int  # the model's input side
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    fit: Fit = "centre-crop"
     views: tuple[View, ...] = (LOW_RES,)
 
     @model_validator(mode="after")
@@ -132,7 +138,8 @@ class Preprocessing(BaseModel):
     def of_backbone(cls, normalisation: dict[str, object], view_sets: Sequence[str] = DEFAULT_VIEW_SETS) -> Preprocessing:
         """The product's recipe around a backbone's normalisation (what the model store records)."""
         views = tuple(view for name in view_sets for view in VIEW_SETS[name])
-        return cls.model_validate({**{key: normalisation[key] for key in NORMALISATION}, "views": views})
+        # "fit" is absent from models stored before it existed: they were all centre-crop models.
+        return cls.model_validate({**{key: normalisation[key] for key in NORMALISATION if key in normalisation}, "views": views})
 
     def normalisation(self) -> dict[str, object]:
         return self.model_dump(include=set(NORMALISATION))
@@ -147,7 +154,8 @@ class Preprocessing(BaseModel):
         mean = ",".join(f"{v:.4f}" for v in self.mean)
         std = ",".join(f"{v:.4f}" for v in self.std)
         views = "".join(f"+{view.name}" + (f"@{view.input_side}" if view.input_side else "") for view in self.views)
-        return f"v{RECIPE_VERSION}:bilinear-resize{self.resize}-crop{self.crop}-mean{mean}-std{std}{views}"
+        fit = f"square{self.crop}" if self.fit == "square" else f"resize{self.resize}-crop{self.crop}"
+        return f"v{RECIPE_VERSION}:bilinear-{fit}-mean{mean}-std{std}{views}"
 
     def views_for_query(self, width: int, height: int) -> list[int]:
         """Which stored views (0 = main) a query of this size is compared with."""
@@ -186,8 +194,12 @@ class Preprocessing(BaseModel):
         whole image instead of the centre crop was measured and did not pay: bench/robust_search.py.)"""
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
-        image = _clip_aspect(image)
         crop = side or self.crop
+        if self.fit == "square":
+            # The whole picture: a crop of it, a thumbnail and a re-encoded copy all squash to what it does.
+            squashed = image.resize((crop, crop), Image.Resampling.BILINEAR) if image.size != (crop, crop) else image
+            return np.array(squashed, dtype=np.uint8)
+        image = _clip_aspect(image)
         resize = round(self.resize * crop / self.crop)
         width, height = image.size
         # torchvision: the short side becomes `resize`, the long side int(resize * long / short).

@@ -54,7 +54,7 @@ class RuntimeUnavailable(ModelUnavailable):
 
 @dataclass(frozen=True)
 class RuntimeChoice:
-    runtime: Literal["torch", "openvino"]
+    runtime: Literal["torch", "openvino", "onnxruntime"]
     precision: Literal["fp32", "fp16", "bf16", "int8"]
     device: str  # "cpu" or "cuda"
     reason: str

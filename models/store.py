@@ -25,8 +25,25 @@ from bento.config import ModelSettings, Settings
 from bento.errors import ModelUnavailable
 from bento.imaging import DecodeLimits
 from bento.schemas import ModelInfo
-from models.backbones import BACKBONES, WEIGHTS_PROBE_TIMEOUT_S, Backbone, Weights, WeightsUnavailable, get_backbone
-from models.embedding import ImageEmbedder
+from models.backbones import (
+    WEIGHTS_PROBE_TIMEOUT_S,
+    Backbone,
+    Role,
+    Weights,
+    WeightsUnavailable,
+    backbones_of,
+    get_backbone,
+)
+from models.embedding import Embedders, ImageEmbedder
+from models.packaged import (
+    PACKAGE,
+    PACKAGED,
+    PackagedModel,
+    build_packaged_runtime,
+    choose_packaged_runtime,
+    packaged_installed,
+)
+from models.packaged import PREPROCESSING as PACKAGED_PREPROCESSING
 from models.pipeline import prepare_image
 from models.preprocess import DEFAULT_VIEW_SETS, VIEW_SETS, Preprocessing
 from models.runtime import (
@@ -83,6 +100,19 @@ def _ships_checks(model: bentoml.Model, preprocessing: Preprocessing) -> bool:
     return all(os.path.exists(model.path_of(_fidelity_files(side)[1])) for side in preprocessing.input_sides[1:])
 
 
+def role_setting(role: Role) -> str:
+    """The environment variable that names a role's model."""
+    return "RIS_MODEL_NAME" if role == "similarity" else "RIS_MODEL_COPY_NAME"
+
+
+def role_name(settings: ModelSettings, role: Role) -> str:
+    return settings.name if role == "similarity" else settings.copy_name
+
+
+def role_views(settings: ModelSettings, role: Role) -> tuple[str, ...]:
+    return settings.view_sets if role == "similarity" else settings.copy_view_sets
+
+
 @dataclass
 class StoredModel:
     info: ModelInfo
@@ -130,10 +160,9 @@ def _describe(model: bentoml.Model, reason: str | None = None, view_sets: Sequen
 
 def _measured_thresholds(backbone_name: str, views: str) -> dict[str, float | None]:
     """The verdict thresholds measured for this backbone and views (none where they were not measured)."""
-    measured = get_backbone(backbone_name).thresholds.get(views)
-    if measured is None:
-        return {"same_image_score": None, "near_duplicate_score": None}
-    return {"same_image_score": measured[0], "near_duplicate_score": measured[1]}
+    backbone = get_backbone(backbone_name)
+    measured = backbone.thresholds.get(views) or (None, None)
+    return {"same_image_score": measured[0], "near_duplicate_score": measured[1], "similar_score": backbone.similar_floor}
 
 
 def _stored_match(
@@ -147,15 +176,16 @@ def _stored_match(
     return None
 
 
-def _find_stored(settings: ModelSettings, kinds: Sequence[Kind] = ("torch",)) -> StoredModel | None:
+def _find_stored(settings: ModelSettings, kinds: Sequence[Kind] = ("torch",), role: Role = "similarity") -> StoredModel | None:
     """The newest stored model of the first of ``kinds`` that satisfies the settings, without touching
     the network."""
-    if settings.name != "auto":
-        backbone = get_backbone(settings.name)
+    name = role_name(settings, role)
+    if name != "auto":
+        backbone = get_backbone(name)
         found = _stored_match(backbone, backbone.weights_request(settings), pretrained_only=False, kinds=kinds)
-        return _describe(found, f"requested explicitly (RIS_MODEL_NAME={settings.name})") if found else None
+        return _describe(found, f"requested explicitly ({role_setting(role)}={name})") if found else None
     passed_over: list[str] = []
-    for backbone in BACKBONES:
+    for backbone in backbones_of(role):
         request = backbone.weights_request(settings)
         found = None if backbone.auto_refusal(request) else _stored_match(backbone, request, pretrained_only=True, kinds=kinds)
         if found is not None:
@@ -170,14 +200,15 @@ def _find_stored(settings: ModelSettings, kinds: Sequence[Kind] = ("torch",)) ->
     return None
 
 
-def _obtain(settings: ModelSettings) -> tuple[Backbone, Weights, str]:
+def _obtain(settings: ModelSettings, role: Role = "similarity") -> tuple[Backbone, Weights, str]:
     """(backbone, weights, reason) following the selection rules in the module docstring."""
-    if settings.name != "auto":
-        backbone = get_backbone(settings.name)
+    name = role_name(settings, role)
+    if name != "auto":
+        backbone = get_backbone(name)
         weights = backbone.obtain_weights(backbone.weights_request(settings), WEIGHTS_PROBE_TIMEOUT_S)
-        return backbone, weights, f"requested explicitly (RIS_MODEL_NAME={settings.name})"
+        return backbone, weights, f"requested explicitly ({role_setting(role)}={name})"
     skipped: list[str] = []
-    for backbone in BACKBONES:
+    for backbone in backbones_of(role):
         request = backbone.weights_request(settings)
         why = backbone.auto_refusal(request)
         if why is None:
@@ -195,9 +226,9 @@ def _obtain(settings: ModelSettings) -> tuple[Backbone, Weights, str]:
     raise ModelUnavailable(f"auto: no backbone's weights can be had here: {'; '.join(skipped)}")
 
 
-def import_model(settings: Settings) -> StoredModel:
+def import_model(settings: Settings, role: Role = "similarity") -> StoredModel:
     """Put the chosen backbone into the BentoML model store (no-op when identical weights are stored)."""
-    backbone, weights, reason = _obtain(settings.model)
+    backbone, weights, reason = _obtain(settings.model, role)
     backbone_name = backbone.name
     digest = weights.digest
     model_id = f"{backbone_name}@{digest}"
@@ -217,7 +248,9 @@ def import_model(settings: Settings) -> StoredModel:
     )
     metadata = {
         # What the code decides at load time (recipe views, thresholds) is not frozen into the store.
-        "info": info.model_dump(exclude={"store_tag", "vectors_per_image", "same_image_score", "near_duplicate_score"}),
+        "info": info.model_dump(
+            exclude={"store_tag", "vectors_per_image", "same_image_score", "near_duplicate_score", "similar_score"}
+        ),
         "weights_request": backbone.weights_request(settings.model),
         "preprocessing": weights.preprocessing.normalisation(),
     }
@@ -230,37 +263,38 @@ def import_model(settings: Settings) -> StoredModel:
     return stored
 
 
-def resolve_model(settings: Settings, import_if_missing: bool = True) -> StoredModel:
-    """The model to serve, with the recipe the settings ask for (RIS_MODEL_VIEWS)."""
-    stored = _resolve_stored(settings, import_if_missing)
+def resolve_model(settings: Settings, import_if_missing: bool = True, role: Role = "similarity") -> StoredModel:
+    """The model to serve, with the recipe the settings ask for (RIS_MODEL_VIEWS / RIS_MODEL_COPY_VIEWS)."""
+    stored = _resolve_stored(settings, import_if_missing, role)
     model = bentoml.models.get(stored.tag)
-    return _describe(model, stored.info.reason, settings.model.view_sets)
+    return _describe(model, stored.info.reason, role_views(settings.model, role))
 
 
-def _resolve_stored(settings: Settings, import_if_missing: bool) -> StoredModel:
-    stored = _find_stored(settings.model, _loadable_kinds())
+def _resolve_stored(settings: Settings, import_if_missing: bool, role: Role = "similarity") -> StoredModel:
+    stored = _find_stored(settings.model, _loadable_kinds(), role)
     if stored is not None:
         return stored
+    setting = f"{role_setting(role)}={role_name(settings.model, role)}"
     if not torch_installed():
         raise ModelUnavailable(
-            f"No exported OpenVINO model for RIS_MODEL_NAME={settings.model.name} in the BentoML model store, and this "
+            f"No exported OpenVINO model for {setting} in the BentoML model store, and this "
             "installation has no PyTorch to load weights with (the CPU image). Build it from a bento that packages "
             "one: `python -m models export-openvino --fidelity-images DIR`, then `bentoml build -f bentofile.cpu.yaml`."
         )
     if not import_if_missing:
-        raise ModelUnavailable(
-            f"No model for RIS_MODEL_NAME={settings.model.name} in the BentoML model store; run `python -m models import`."
-        )
-    logger.info("No suitable model in the BentoML model store yet; importing one now")
-    return import_model(settings)
+        raise ModelUnavailable(f"No model for {setting} in the BentoML model store; run `python -m models import`.")
+    logger.info("No suitable %s model in the BentoML model store yet; importing one now", role)
+    return import_model(settings, role)
 
 
-def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEmbedder:
-    """Load the chosen model from the BentoML model store onto the configured device."""
+def load_embedder(settings: Settings, import_if_missing: bool = True, role: Role = "similarity") -> ImageEmbedder:
+    """Load the chosen model of ``role`` from the BentoML model store onto the configured device."""
     started = time.monotonic()
-    stored = resolve_model(settings, import_if_missing)
+    stored = resolve_model(settings, import_if_missing, role)
     backbone = get_backbone(stored.info.backbone)
-    choice = choose_runtime(settings.model.runtime, settings.model.precision, settings.model.device, backbone.cpu_auto_precision)
+    # RIS_MODEL_PRECISION is the similarity model's (int8 needs its calibration photos); the copy model's is auto.
+    precision = settings.model.precision if role == "similarity" else "auto"
+    choice = choose_runtime(settings.model.runtime, precision, settings.model.device, backbone.cpu_auto_precision)
     calibration = _calibration(settings, stored.preprocessing) if choice.precision == "int8" else None
     cache = RuntimeCache(_runtime_cache_dir(settings)) if choice.runtime == "openvino" else None
     key = RuntimeCache.key(stored.info.model_id, stored.preprocessing, choice.precision, calibration) if cache else ""
@@ -290,6 +324,71 @@ def load_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEm
         choice.reason,
         time.monotonic() - started,
     )
+    return embedder
+
+
+def load_embedders(settings: Settings, import_if_missing: bool = True) -> Embedders:
+    """Both roles' models: the similarity model and the copy model (RIS_MODEL_NAME, RIS_MODEL_COPY_NAME)."""
+    return Embedders(load_embedder(settings, import_if_missing), load_copy_embedder(settings, import_if_missing))
+
+
+def load_copy_embedder(settings: Settings, import_if_missing: bool = True) -> ImageEmbedder | None:
+    """The copy-detection model (RIS_MODEL_COPY_NAME), or None when it is `none`.
+
+    ``auto``: Meta's SSCD ResNet-50 where it runs on a GPU and its weights are in the model store (or can be
+    had); on a CPU the packaged distilled student (measured on 2 cores: the same recall@1 within 0.002 of the
+    int8 ResNet-50 at 2-3x its images/s, README "Models"); Meta's weights on the CPU where the package is
+    missing."""
+    name = settings.model.copy_name
+    if name == "none":
+        return None
+    if name in PACKAGED:
+        return _packaged_embedder(settings, PACKAGED[name], f"requested explicitly (RIS_MODEL_COPY_NAME={name})")
+    if name != "auto":
+        return load_embedder(settings, import_if_missing, role="copy")
+    gpu = settings.model.device == "cuda" or (settings.model.device == "auto" and torch_installed() and _cuda_here())
+    if gpu or not packaged_installed():
+        try:
+            return load_embedder(settings, import_if_missing, role="copy")
+        except ModelUnavailable as exc:
+            if not packaged_installed():
+                raise
+            why = f"auto: Meta's SSCD weights unavailable ({exc.message}); the packaged student serves, on the CPU"
+            logger.warning(why)
+            return _packaged_embedder(settings, PACKAGED["sscd-distilled"], why)
+    return _packaged_embedder(
+        settings, PACKAGED["sscd-distilled"], "auto: on a CPU the packaged distilled SSCD is as accurate as the ResNet-50 and faster"
+    )
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _packaged_embedder(settings: Settings, model: PackagedModel, reason: str) -> ImageEmbedder:
+    """A packaged ONNX copy model, read from the installed package (never stored: its licence)."""
+    started = time.monotonic()
+    choice = choose_packaged_runtime(model, "auto")
+    runtime = build_packaged_runtime(model, choice)
+    views = settings.model.copy_view_sets
+    preprocessing = Preprocessing.of_backbone(PACKAGED_PREPROCESSING.normalisation(), views)
+    measured = model.thresholds.get(",".join(views))
+    info = ModelInfo(
+        backbone=model.name,
+        model_id=f"{model.name}@{model.digest()}",
+        dim=model.dim,
+        preprocessing=preprocessing.version,
+        vectors_per_image=preprocessing.vectors_per_image,
+        same_image_score=measured[0] if measured else None,
+        near_duplicate_score=measured[1] if measured else None,
+        weights=f"{model.title}: {model.path().name} from the installed {PACKAGE} {model.package_version()} (unmodified)",
+        pretrained=True,
+        reason=reason,
+    )
+    embedder = ImageEmbedder(runtime, info, preprocessing)
+    logger.info("Copy model %s (%s) with %s, loaded in %.1f s", info.model_id, reason, embedder.device_name, time.monotonic() - started)
     return embedder
 
 

