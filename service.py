@@ -82,6 +82,7 @@ from bento.metrics import (
 from bento.retry import FAIL_FAST
 from bento.schemas import (
     MAX_LABEL_LENGTH,
+    CopyModel,
     DeleteResponse,
     ErrorResponse,
     GalleryPage,
@@ -97,6 +98,7 @@ from bento.schemas import (
     SearchById,
     SearchByUrl,
     SearchHit,
+    SearchMode,
     SearchOptions,
     SearchResponse,
     StatusResponse,
@@ -105,8 +107,9 @@ from bento.schemas import (
     VectorRecord,
 )
 from bento.storage import Kind, open_image_store
-from bento.vectors import VectorIndex
-from models.pipeline import MAX_PIXELS_BATCH, check_pixel_shape
+from bento.vectors import VectorIndex, copy_collection
+from models.backbones import Role
+from models.pipeline import MAX_PIXELS_BYTES, check_pixel_shape
 from models.runtime import torch_installed
 
 logger = logging.getLogger("ris.service")
@@ -154,13 +157,16 @@ def embed_batching_options(settings: Settings) -> dict[str, Any]:
     runner_connection=DEPENDENCY_CONNECTION,
 )
 class Embedder:
-    """Embeds preprocessed pixels. Loads the model from the BentoML model store and warms it up."""
+    """Embeds preprocessed pixels with the similarity model and the copy model (each API batches one model at
+    one input side). Loads the models (the model store; the installed package of a packaged copy model) and
+    warms them up."""
 
     def __init__(self) -> None:
-        from models.store import load_embedder
+        from models.store import load_embedders
 
-        self.embedder = load_embedder(get_settings())
-        self.embedder.warm_up()
+        self.embedders = load_embedders(get_settings())
+        self.embedder = self.embedders.similarity
+        self.embedders.warm_up()
 
     # The dtypes are declared: reached by URL (its own Deployment), BentoML's client sends arrays as JSON
     # lists, which arrive as int64 without them (found running the two containers; inside one `bentoml
@@ -176,19 +182,30 @@ class Embedder:
         each input side has its own batcher (RemoteEmbedder sends each side to its own)."""
         return self.embedder.embed(pixels)
 
+    @bentoml.api(**embed_batching_options(DEPLOYMENT))
+    def embed_copy(self, pixels: Annotated[np.ndarray, DType("uint8")]) -> Annotated[np.ndarray, DType("float32")]:
+        """The copy model: (N, side, side, 3) uint8 at its recipe's side (288: the whole image) -> (N, 512)."""
+        return self.embedders.embed(pixels, "copy")
+
     @bentoml.api
-    def embed_npy(self, pixels: Path) -> Annotated[np.ndarray, DType("float32")]:
+    def embed_npy(self, pixels: Path, role: Role = "similarity") -> Annotated[np.ndarray, DType("float32")]:
         """The same for a caller that reaches this service by URL (its own Deployment): BentoML's client
         sends arrays as JSON there (25 MB and ~2.5 s of CPU for 32 images, measured), a file as a binary
         multipart part. A .npy of uint8 pixels, checked as POST /api/embed checks its body (read_npy);
         embedded in one call (the caller's batch), not through the adaptive batcher."""
-        array = read_npy(pixels.read_bytes(), "application/x-npy", self.embedder.preprocessing.input_sides)
-        return self.embedder.embed(array)
+        model = self.embedders.model(role)
+        array = read_npy(pixels.read_bytes(), "application/x-npy", model.preprocessing.input_sides)
+        return model.embed(array)
 
     @bentoml.api
     def describe(self) -> ModelDescription:
-        """The serving model and its preprocessing recipe (callers prepare pixels with it)."""
+        """The similarity model and its preprocessing recipe (callers prepare pixels with it)."""
         return self.embedder.describe()
+
+    @bentoml.api
+    def describe_copy(self) -> CopyModel:
+        """The copy model and its recipe (description null: none serves)."""
+        return CopyModel(description=self.embedders.describe_copy())
 
 
 # BentoML's own routes next to a service's APIs: probes and scrapes, not load.
@@ -211,23 +228,30 @@ class VectorSearch:
 
     def __init__(self) -> None:
         self.settings = get_settings()
-        self._index: VectorIndex | None = None
-        # Readiness probes and first requests arrive together; only one of them may open the index
+        self._indexes: dict[Role, VectorIndex] | None = None
+        # Readiness probes and first requests arrive together; only one of them may open the indexes
         # (a second opener of a Milvus Lite file would find it locked).
         self._index_lock = threading.Lock()
         # Opening the index asks the embedder which model serves: a request the scale-to-zero trigger sees.
         start_embedder_requests([INTERNAL])
 
-    def _vectors(self) -> VectorIndex:
+    def _vectors(self, role: Role = "similarity") -> VectorIndex:
+        """The similarity collection, or the copy collection (the same Milvus connection settings)."""
         with self._index_lock:
-            if self._index is None:
-                model = RemoteEmbedder(self.embedder).describe().info
-                self._index = VectorIndex(self.settings, model)
-            return self._index
+            if self._indexes is None:
+                embedder = RemoteEmbedder(self.embedder)
+                indexes: dict[Role, VectorIndex] = {"similarity": VectorIndex(self.settings, embedder.describe().info)}
+                copy = embedder.describe_copy()
+                if copy is not None:
+                    indexes["copy"] = VectorIndex(self.settings, copy.info, copy_collection(self.settings.milvus.collection))
+                self._indexes = indexes
+            if role not in self._indexes:
+                raise InvalidRequest("No copy model serves here, so there is no copy collection.")
+            return self._indexes[role]
 
-    def _reply(self, operation: Callable[[VectorIndex], Any]) -> Reply:
+    def _reply(self, operation: Callable[[VectorIndex], Any], role: Role = "similarity") -> Reply:
         try:
-            return Reply.of(operation(self._vectors()))
+            return Reply.of(operation(self._vectors(role)))
         except SearchError as exc:
             return Reply.failed(exc)
 
@@ -235,48 +259,51 @@ class VectorSearch:
         health = self.health()
         if not health.ok and health.error is not None:
             logger.warning("vector search not ready: %s", health.error.message)
+        if health.ok:  # the gallery's listing, read from the start (a no-op once read)
+            self._vectors().start_listing()
         return health.ok
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        if self._index is not None:
-            self._index.close()
+        for index in (self._indexes or {}).values():
+            index.close()
+
+    # Each API works on the similarity collection or, with role="copy", on the copy collection.
+    @bentoml.api
+    def search(self, query: VectorQuery, role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: index.search(query), role)
 
     @bentoml.api
-    def search(self, query: VectorQuery) -> Reply:
-        return self._reply(lambda index: index.search(query))
+    def upsert(self, records: list[VectorRecord], role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: index.upsert(records), role)
 
     @bentoml.api
-    def upsert(self, records: list[VectorRecord]) -> Reply:
-        return self._reply(lambda index: index.upsert(records))
+    def get(self, ids: list[str], role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: index.get(ids), role)
 
     @bentoml.api
-    def get(self, ids: list[str]) -> Reply:
-        return self._reply(lambda index: index.get(ids))
+    def get_vector(self, image_id: str, role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: index.get_vector(image_id), role)
 
     @bentoml.api
-    def get_vector(self, image_id: str) -> Reply:
-        return self._reply(lambda index: index.get_vector(image_id))
+    def existing_ids(self, ids: list[str], role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: sorted(index.existing_ids(ids)), role)
 
     @bentoml.api
-    def existing_ids(self, ids: list[str]) -> Reply:
-        return self._reply(lambda index: sorted(index.existing_ids(ids)))
+    def delete(self, ids: list[str], role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: index.delete(ids), role)
 
     @bentoml.api
-    def delete(self, ids: list[str]) -> Reply:
-        return self._reply(lambda index: index.delete(ids))
+    def info(self, role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: index.info(), role)
 
     @bentoml.api
-    def info(self) -> Reply:
-        return self._reply(lambda index: index.info())
+    def rebuild_index(self, spec: IndexSpec, role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: index.rebuild_index(spec), role)
 
     @bentoml.api
-    def rebuild_index(self, spec: IndexSpec) -> Reply:
-        return self._reply(lambda index: index.rebuild_index(spec))
-
-    @bentoml.api
-    def duplicates(self, query: DuplicateQuery) -> Reply:
-        return self._reply(lambda index: index.duplicates(query))
+    def duplicates(self, query: DuplicateQuery, role: Role = "similarity") -> Reply:
+        return self._reply(lambda index: index.duplicates(query), role)
 
     @bentoml.api
     def browse(self, query: BrowseQuery) -> Reply:
@@ -287,10 +314,10 @@ class VectorSearch:
         return self._reply(lambda index: index.labels())
 
     @bentoml.api
-    def health(self) -> Health:
+    def health(self, role: Role = "similarity") -> Health:
         """Never raises: what /api/status and readiness show when the vector store is down."""
         try:
-            self._vectors().ping()
+            self._vectors(role).ping()
         except SearchError as exc:
             return Health(ok=False, error=exc.to_payload())
         return Health(ok=True)
@@ -325,6 +352,7 @@ class RemoteEmbedder:
     def __init__(self, proxy: Any) -> None:
         self._proxy = proxy
         self._description: ModelDescription | None = None
+        self._copy: CopyModel | None = None
 
     def describe(self) -> ModelDescription:
         if self._description is None:
@@ -334,11 +362,21 @@ class RemoteEmbedder:
             self._description = ModelDescription.model_validate(answer, from_attributes=True)
         return self._description
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        if not DEPLOYMENT.services.embedder_url:  # inside one `bentoml serve`: binary, adaptive batching
-            main_side = pixels.shape[1] == self.describe().preprocessing.crop  # (cached after the first call)
+    def describe_copy(self) -> ModelDescription | None:
+        if self._copy is None:
             count_embedder_request()
             with calling("embedder"):
+                answer = self._proxy.to_sync.describe_copy()
+            self._copy = CopyModel.model_validate(answer, from_attributes=True)
+        return self._copy.description
+
+    def embed(self, pixels: np.ndarray, role: Role = "similarity") -> np.ndarray:
+        if not DEPLOYMENT.services.embedder_url:  # inside one `bentoml serve`: binary, adaptive batching
+            main_side = role == "copy" or pixels.shape[1] == self.describe().preprocessing.crop  # (cached)
+            count_embedder_request()
+            with calling("embedder"):
+                if role == "copy":
+                    return self._proxy.to_sync.embed_copy(pixels=pixels)
                 if main_side:
                     return self._proxy.to_sync.embed(pixels=pixels)
                 return self._proxy.to_sync.embed_small(pixels=pixels)
@@ -348,15 +386,17 @@ class RemoteEmbedder:
             np.save(file, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
             file.flush()
             with calling("embedder"):
-                vectors = self._proxy.to_sync.embed_npy(pixels=Path(file.name))
+                vectors = self._proxy.to_sync.embed_npy(pixels=Path(file.name), role=role)
         return np.asarray(vectors, dtype=np.float32)
 
 
 class RemoteVectors:
-    """The ``VectorStore`` port over the VectorSearch service (blocking: call from a worker thread)."""
+    """The ``VectorStore`` port over the VectorSearch service (blocking: call from a worker thread), on the
+    similarity collection or (``role="copy"``) the copy collection."""
 
-    def __init__(self, proxy: Any) -> None:
+    def __init__(self, proxy: Any, role: Role = "similarity") -> None:
         self._proxy = proxy
+        self._role = role
 
     def _call(self, kind: Any, call: Callable[[Any], Any]) -> Any:
         with calling("vector-search"):
@@ -368,39 +408,39 @@ class RemoteVectors:
 
     def ping(self) -> None:
         with calling("vector-search"):
-            health = Health.model_validate(self._proxy.to_sync.health(), from_attributes=True)
+            health = Health.model_validate(self._proxy.to_sync.health(role=self._role), from_attributes=True)
         if health.error is not None:
             raise health.error.to_exception()
 
     def existing_ids(self, ids: list[str]) -> set[str]:
-        return self._call(set[str], lambda client: client.existing_ids(ids=ids))
+        return self._call(set[str], lambda client: client.existing_ids(ids=ids, role=self._role))
 
     def get(self, ids: list[str]) -> list[ImageMetadata]:
-        return self._call(list[ImageMetadata], lambda client: client.get(ids=ids))
+        return self._call(list[ImageMetadata], lambda client: client.get(ids=ids, role=self._role))
 
     def get_vector(self, image_id: str) -> list[float] | None:
-        return self._call(list[float] | None, lambda client: client.get_vector(image_id=image_id))
+        return self._call(list[float] | None, lambda client: client.get_vector(image_id=image_id, role=self._role))
 
     def upsert(self, records: list[VectorRecord]) -> int:
-        return self._call(int, lambda client: client.upsert(records=records))
+        return self._call(int, lambda client: client.upsert(records=records, role=self._role))
 
     def search(self, query: VectorQuery) -> list[VectorHit]:
-        return self._call(list[VectorHit], lambda client: client.search(query=query))
+        return self._call(list[VectorHit], lambda client: client.search(query=query, role=self._role))
 
     def delete(self, ids: list[str]) -> int:
-        return self._call(int, lambda client: client.delete(ids=ids))
+        return self._call(int, lambda client: client.delete(ids=ids, role=self._role))
 
     def count(self) -> int:
         return self.info().count
 
     def info(self) -> IndexInfo:
-        return self._call(IndexInfo, lambda client: client.info())
+        return self._call(IndexInfo, lambda client: client.info(role=self._role))
 
     def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
-        return self._call(IndexInfo, lambda client: client.rebuild_index(spec=spec))
+        return self._call(IndexInfo, lambda client: client.rebuild_index(spec=spec, role=self._role))
 
     def duplicates(self, query: DuplicateQuery) -> DuplicatePage:
-        return self._call(DuplicatePage, lambda client: client.duplicates(query=query))
+        return self._call(DuplicatePage, lambda client: client.duplicates(query=query, role=self._role))
 
     def browse(self, query: BrowseQuery) -> BrowsePage:
         return self._call(BrowsePage, lambda client: client.browse(query=query))
@@ -470,7 +510,7 @@ def error_response(error: SearchError, reveal: bool = True) -> JSONResponse:
 
 JSON_BODY_LIMIT = 64 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
-EMBED_BODY_LIMIT = MAX_PIXELS_BATCH * 224 * 224 * 3 + 4096  # the largest .npy /api/embed accepts
+EMBED_BODY_LIMIT = MAX_PIXELS_BYTES + 4096  # the largest .npy /api/embed accepts
 
 
 def body_limit(method: str, path: str, settings: Settings) -> tuple[int, ErrorResponse]:
@@ -717,6 +757,9 @@ class ImageSearch:
             self.settings.store.thumbnail_size,
             FAIL_FAST,  # a request answers 503 at once; only a dropped connection is retried
             self.settings.store.serve_location,
+            self.settings.verdict,
+            # used where the embedder says a copy model serves (asked lazily: it may be scaled to zero now)
+            RemoteVectors(self.vectors, "copy"),
         )
         self.fetcher = UrlFetcher(self.settings.fetch, self.settings.limits.max_upload_bytes)
         self.client_limits = ClientLimits(self.settings.limits.expensive_per_minute)
@@ -744,7 +787,7 @@ class ImageSearch:
         }
 
     def _hit(self, hit: VectorHit) -> SearchHit:
-        return SearchHit(**self._card(hit.image), score=round(hit.score, 6), verdict=hit.verdict)
+        return SearchHit(**self._card(hit.image), score=round(hit.score, 6), verdict=hit.verdict, match=hit.match)
 
     def _response(self, result: SearchResult) -> SearchResponse:
         return SearchResponse(**result.model_dump(exclude={"hits"}), hits=[self._hit(hit) for hit in result.hits])
@@ -772,6 +815,7 @@ class ImageSearch:
         self,
         _: Searcher,
         file: Annotated[UploadFile, File(description="The query image.")],
+        mode: Annotated[SearchMode, Form(description="both (copies first, then similar images), copies, or similar.")] = "both",
         top_k: Annotated[int | None, Form(ge=1)] = None,
         offset: Annotated[int, Form(ge=0)] = 0,
         label: Annotated[str | None, Form(max_length=MAX_LABEL_LENGTH)] = None,
@@ -779,7 +823,7 @@ class ImageSearch:
     ) -> SearchResponse:
         """Search with an uploaded image (multipart form)."""
         data = await _read_upload(file, self.settings.limits.max_upload_bytes)
-        options = SearchOptions(top_k=top_k, offset=offset, label=label or None, min_score=min_score)
+        options = SearchOptions(mode=mode, top_k=top_k, offset=offset, label=label or None, min_score=min_score)
         return self._response(await in_thread(self.catalog.search_image, data, options))
 
     @app.post("/api/search/url", response_model=SearchResponse)
@@ -883,6 +927,7 @@ class ImageSearch:
         """Count, model, index, backends. Answers even when Milvus is down (ready=false). Where the
         backends are (URIs, paths, error details) is shown to `admin` keys only."""
         description = await in_thread(self.remote_embedder.describe)
+        copy = await in_thread(self.catalog.copy_model)
         info, problems = await in_thread(self.catalog.problems)
         settings = self.settings
         admin = "admin" in principal.scopes
@@ -900,6 +945,8 @@ class ImageSearch:
             count=info.count if info else -1,
             model=description.info,
             device=description.device,
+            copy_model=copy.info if copy else None,
+            copy_device=copy.device if copy else None,
             index=info.index if info else IndexSpec(index_type=settings.milvus.index_type),
             metric=info.metric if info else "COSINE",
             collection=settings.milvus.collection,
@@ -918,23 +965,33 @@ class ImageSearch:
         """(Re)build the vector index (scope `admin`): FLAT, IVF_FLAT, IVF_SQ8, HNSW; one at a time (409)."""
         return await in_thread(self.catalog.rebuild_index, spec)
 
-    @app.get("/api/model", response_model=ModelDescription)
-    async def model(self, _: Searcher) -> ModelDescription:
-        """The serving model and preprocessing recipe (the ingest job's --service-url reads this)."""
-        return await in_thread(self.remote_embedder.describe)
+    @app.get("/api/model", response_model=ModelDescription, responses={404: {"model": ErrorResponse}})
+    async def model(self, _: Searcher, role: Role = "similarity") -> ModelDescription:
+        """A serving model and its preprocessing recipe (the ingest job's --service-url reads this): the
+        similarity model, or with role=copy the copy model (404: none serves)."""
+        if role == "similarity":
+            return await in_thread(self.remote_embedder.describe)
+        copy = await in_thread(self.catalog.copy_model)
+        if copy is None:
+            raise NotFound("No copy model serves here (RIS_MODEL_COPY_NAME=none).")
+        return copy
 
     @app.post("/api/embed", response_class=Response)
-    async def embed(self, request: Request, principal: Admin) -> Response:
-        """Batch embedding for the ingest job (scope `admin`): .npy uint8 pixels in, .npy float32 vectors out.
+    async def embed(self, request: Request, principal: Admin, role: Role = "similarity") -> Response:
+        """Batch embedding for the ingest job (scope `admin`): .npy uint8 pixels in, .npy float32 vectors out,
+        by the similarity model or (role=copy) the copy model.
         ``X-Recipe-Version``, where sent (the ingest client does), must be the serving recipe's: pixels
         prepared by another version of the recipe (an older client that embeds a view at another side)
         would be accepted by their shape alone and stored as wrong vectors."""
-        recipe = (await in_thread(self.remote_embedder.describe)).preprocessing
+        description = await in_thread(self.remote_embedder.describe) if role == "similarity" else await in_thread(self.catalog.copy_model)
+        if description is None:
+            raise NotFound("No copy model serves here (RIS_MODEL_COPY_NAME=none).")
+        recipe = description.preprocessing
         pixels = read_npy(await request.body(), request.headers.get("content-type", ""), recipe.input_sides)
         sent = request.headers.get("x-recipe-version")
         if sent is not None and sent != recipe.version:
             raise ModelMismatch(f"These pixels were prepared with recipe {sent[:200]!r}; this service embeds {recipe.version!r}.")
-        vectors, model = await in_thread(self.catalog.embed_pixels, pixels)
+        vectors, model = await in_thread(self.catalog.embed_pixels, pixels, role)
         out = io.BytesIO()
         np.save(out, np.asarray(vectors, dtype=np.float32), allow_pickle=False)
         return Response(out.getvalue(), media_type="application/x-npy", headers={"X-Model-Id": model.model_id})

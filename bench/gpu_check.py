@@ -2,8 +2,8 @@
 
 ``python bench/gpu_check.py [--batches 1,32,128] [--concurrency 32] [--seconds 20] [--photos N] [--smoke]``
 
-- Part A, the embedder alone: ``load_embedder`` (ResNet-50; random-init weights unless RIS_MODEL_RESNET50_WEIGHTS
-  names real ones; device auto, so CUDA when torch sees one, with the runtime the service would pick there:
+- Part A, each role's embedder alone: ``load_embedder`` (the similarity ResNet-50 and the copy model, Meta's
+  SSCD ResNet-50; random-init weights unless RIS_MODEL_RESNET50_WEIGHTS / RIS_MODEL_SSCD_WEIGHTS name real ones; device auto, so CUDA when torch sees one, with the runtime the service would pick there:
   fp16 autocast + channels-last) at each batch size: images/s, ms per batch and, on CUDA, the peak of
   ``torch.cuda.max_memory_allocated``. Then fidelity: real photos (ingest.demo.photos(), prepared as the
   service prepares uploads) through that runtime and through PyTorch fp32 on the CPU; the smallest cosine
@@ -87,7 +87,13 @@ def device_line() -> str:
 
 
 def part_a(plan: Plan, settings, photo_bytes: list[bytes]) -> list[str]:
-    """Embedder throughput per batch size and fidelity to CPU fp32; returns the failures."""
+    """Both roles' embedders (the similarity ResNet-50 and the copy model, Meta's SSCD ResNet-50): throughput
+    per batch size and fidelity to CPU fp32; returns the failures."""
+    print("## A. Embedder alone\n")
+    return [failure for role in ("similarity", "copy") for failure in _embedder_alone(plan, settings, photo_bytes, role)]
+
+
+def _embedder_alone(plan: Plan, settings, photo_bytes: list[bytes], role: str) -> list[str]:
     import torch
     from runtimes import LIMITS, timed
 
@@ -96,11 +102,11 @@ def part_a(plan: Plan, settings, photo_bytes: list[bytes]) -> list[str]:
     from models.store import load_embedder
 
     started = time.perf_counter()
-    embedder = load_embedder(settings)
+    embedder = load_embedder(settings, role=role)
     load_s = time.perf_counter() - started
     cuda = embedder.runtime.choice.device == "cuda"
     crop = embedder.preprocessing.crop
-    print(f"## A. Embedder alone: {embedder.device_name}, {embedder.info.model_id}, loaded in {load_s:.1f} s\n")
+    print(f"### {role}: {embedder.device_name}, {embedder.info.model_id}, loaded in {load_s:.1f} s\n")
     print("| batch | images/s | ms per batch | peak GPU memory MiB |")
     print("| ---: | ---: | ---: | ---: |")
     for batch in plan.batches:
@@ -111,7 +117,7 @@ def part_a(plan: Plan, settings, photo_bytes: list[bytes]) -> list[str]:
         memory = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if cuda else "-"
         print(f"| {batch} | {batch / seconds:.1f} | {seconds * 1000:.1f} | {memory} |")
 
-    reference = load_embedder(settings.but(model={"device": "cpu", "runtime": "torch", "precision": "fp32"}))
+    reference = load_embedder(settings.but(model={"device": "cpu", "runtime": "torch", "precision": "fp32"}), role=role)
     pixels = np.stack([prepare_image(data, LIMITS, embedder.preprocessing, None).pixels for data in photo_bytes])
     cosines = np.sum(embedder.embed(pixels) * reference.embed(pixels), axis=1)
     worst = float(cosines.min())
@@ -121,7 +127,7 @@ def part_a(plan: Plan, settings, photo_bytes: list[bytes]) -> list[str]:
         f"min cosine {worst:.5f}, mean {float(cosines.mean()):.5f} (floor {FIDELITY_FLOOR}): {verdict}\n"
     )
     if verdict != "ok":
-        return [f"fidelity: min cosine {worst:.5f} < {FIDELITY_FLOOR}"]
+        return [f"{role} fidelity: min cosine {worst:.5f} < {FIDELITY_FLOOR}"]
     return []
 
 
@@ -178,15 +184,24 @@ def main() -> int:
     os.environ.setdefault("BENTOML_HOME", str(work / "bentoml"))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ.setdefault("RIS_MODEL_RESNET50_WEIGHTS", "random")
+    # Both models of the design card on the GPU: the copy model is Meta's SSCD ResNet-50 (random-init unless
+    # RIS_MODEL_SSCD_WEIGHTS names real ones), which the services of part B batch beside ResNet-50.
+    os.environ.setdefault("RIS_MODEL_COPY_NAME", "sscd-resnet50")
+    os.environ.setdefault("RIS_MODEL_SSCD_WEIGHTS", "random")
     from bento.config import Settings
 
     settings = Settings(
         data_dir=work / "data",
-        model={"name": "resnet50", "resnet50_weights": os.environ["RIS_MODEL_RESNET50_WEIGHTS"]},
+        model={
+            "name": "resnet50",
+            "resnet50_weights": os.environ["RIS_MODEL_RESNET50_WEIGHTS"],
+            "copy_name": os.environ["RIS_MODEL_COPY_NAME"],
+            "sscd_weights": os.environ["RIS_MODEL_SSCD_WEIGHTS"],
+        },
     )
     photo_bytes = [encode(image) for _, _, image in photos()][: plan.photos]
 
-    print(f"# GPU check: ResNet-50 (weights: {settings.model.resnet50_weights})\n")
+    print(f"# GPU check: ResNet-50 (weights: {settings.model.resnet50_weights}) and SSCD ResNet-50 (weights: {settings.model.sscd_weights})\n")
     print(f"device: {device_line()}\n")
     started = time.perf_counter()
     failures = part_a(plan, settings, photo_bytes)

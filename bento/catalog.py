@@ -3,17 +3,21 @@
 It owns the rules (image ids are content hashes, what a label may be, what "present" means, how search
 options are bounded) and the write order, and reaches its three dependencies through small ports:
 
-- ``Embedding``: pixels -> unit vectors (the local model, the Embedder service, or a running service's
-  HTTP API for ``ingest --service-url``);
-- ``VectorStore``: the Milvus collection (``bento.vectors.VectorIndex`` in-process, or the VectorSearch
-  service through its RPC adapter);
+- ``Embedding``: pixels -> unit vectors, by two models: the similarity model ("what looks like this?") and
+  the copy model ("where is this picture, or an edited copy of it?"; none where RIS_MODEL_COPY_NAME=none).
+  In-process models, the Embedder service, or a running service's HTTP API for ``ingest --service-url``;
+- ``VectorStore``: a Milvus collection (``bento.vectors.VectorIndex`` in-process, or the VectorSearch
+  service through its RPC adapter): one for the similarity vectors (with every image's metadata, the
+  listing and the gallery), one for the copy vectors (``copies``), joined by the image id;
 - ``ImageStore``: originals and thumbnails (``bento.storage``).
 
-**Write order.** An image's blobs (original, thumbnail) are stored BEFORE its vector row, and only a row
-marks an image as added: a crash in between leaves a blob that the next add reuses, never a hit without
-an image. An image is *complete* when its row and its original exist; an add of an image whose row
-exists repairs its blobs without re-embedding. Ids are content hashes and rows are upserts, so nothing is
-ever duplicated.
+**Write order.** An image's blobs (original, thumbnail) are stored first, then its copy rows, then its
+similarity rows (extra views first, the main row last): only the similarity main row marks an image as
+added, so a crash in between leaves blobs and rows that the next add reuses, never a hit without an image.
+An image is *complete* when its similarity row, its copy row and its original exist; an add of an image
+whose similarity row exists repairs its blobs and a missing copy row (embedding only that). Removal runs
+the other way (copy rows, similarity rows, blobs). Ids are content hashes and rows are upserts, so nothing
+is ever duplicated.
 
 Every dependency call runs under one retry policy (bento/retry.py), chosen by the caller: the HTTP API
 fails fast (503), the ingest job rides out outages for as long as it is told.
@@ -21,6 +25,7 @@ fails fast (503), the ingest job rides out outages for as long as it is told.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,8 +45,10 @@ from bento.schemas import (
     ImageMetadata,
     IndexInfo,
     IndexSpec,
+    Match,
     ModelDescription,
     ModelInfo,
+    SearchMode,
     SearchOptions,
     Thresholds,
     Timings,
@@ -51,17 +58,24 @@ from bento.schemas import (
 )
 from bento.storage import ImageStore, Kind, validate_image_id
 from bento.vectors import MAX_WINDOW
-from models.pipeline import MAX_PIXELS_BATCH, PreparedImage, check_pixels, prepare_image
+from models.backbones import Role
+from models.pipeline import PreparedImage, check_pixels, max_batch, prepare_image
+
+logger = logging.getLogger(__name__)
 
 
 class Embedding(Protocol):
     """Where vectors come from."""
 
     def describe(self) -> ModelDescription:
-        """The model and its preprocessing recipe (cached by implementations: it never changes)."""
+        """The similarity model and its preprocessing recipe (cached by implementations: it never changes)."""
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, side, side, 3) uint8 -> (N, dim) float32 unit vectors; side: one of the recipe's input sides."""
+    def describe_copy(self) -> ModelDescription | None:
+        """The copy model and its recipe, or None when no copy model serves (cached likewise)."""
+
+    def embed(self, pixels: np.ndarray, role: Role = "similarity") -> np.ndarray:
+        """(N, side, side, 3) uint8 -> (N, dim) float32 unit vectors of ``role``'s model; side: one of that
+        model's recipe's input sides."""
 
 
 class VectorStore(Protocol):
@@ -133,12 +147,14 @@ class Added(BaseModel):
 
 class SearchResult(BaseModel):
     query_id: str | None
+    mode: SearchMode = "both"
     hits: list[VectorHit]
     top_k: int
     offset: int
     label: str | None
     min_score: float | None = None
     model: str
+    copy_model: str | None = None
     timings: Timings
 
 
@@ -157,8 +173,11 @@ class Catalog:
         retry: RetryPolicy = FAIL_FAST,
         serve_location: bool = False,
         verdict: VerdictSettings | None = None,
+        copies: VectorStore | None = None,
     ) -> None:
+        """``copies``: the copy vectors' store, required when the embedding has a copy model."""
         self.vectors = vectors
+        self.copies = copies
         self.store = store
         self.embedding = embedding
         self.limits = limits
@@ -172,54 +191,80 @@ class Catalog:
     def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:
         """A catalog that opens Milvus and the image store itself (the ingest job, tools, tests)."""
         from bento.storage import open_image_store
-        from bento.vectors import VectorIndex
+        from bento.vectors import VectorIndex, copy_collection
 
         vectors = VectorIndex(settings, retry.call(embedding.describe).info)
+        copy_model = retry.call(embedding.describe_copy)
+        copies = VectorIndex(settings, copy_model.info, copy_collection(settings.milvus.collection)) if copy_model else None
         return cls(
             vectors, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry,
-            settings.store.serve_location, settings.verdict,
+            settings.store.serve_location, settings.verdict, copies,
         )
 
     def close(self) -> None:
-        """Release what the catalog opened (the Milvus connection of an in-process vector index)."""
+        """Release what the catalog opened (the Milvus connections of in-process vector indexes)."""
         self.vectors.close()
+        if self.copies is not None:
+            self.copies.close()
 
-    # --- the model ----------------------------------------------------------------------------------
+    # --- the models ---------------------------------------------------------------------------------
     def model(self) -> ModelInfo:
         return self.retry.call(self.embedding.describe).info
 
+    def copy_model(self) -> ModelDescription | None:
+        """The copy model, when one serves (and the catalog has a store for its collection)."""
+        if self.copies is None:
+            return None
+        return self.retry.call(self.embedding.describe_copy)
+
+    def _copies(self) -> VectorStore | None:
+        """The copy vectors' store, when a copy model serves."""
+        return self.copies if self.copy_model() is not None else None
+
     def prepare(self, data: bytes, *, to_store: bool) -> PreparedImage:
         """Check, decode and preprocess untrusted bytes (InvalidImage / ImageTooLarge / ... on bad input).
-        ``to_store``: with the thumbnail and every view of the recipe (an image to add), else the query view."""
+        ``to_store``: with the thumbnail and every view of the recipes (an image to add), else the query views.
+        Pixels for the copy model too where one serves (one decode for both)."""
         preprocessing = self.retry.call(self.embedding.describe).preprocessing
+        copy = self.copy_model()
         return prepare_image(
-            data, self.decode_limits, preprocessing, self.thumbnail_size if to_store else None, all_views=to_store
+            data, self.decode_limits, preprocessing, self.thumbnail_size if to_store else None, all_views=to_store,
+            copy=copy.preprocessing if copy else None,
         )
 
-    def _embed(self, pixels: np.ndarray) -> np.ndarray:
-        """In calls of at most MAX_PIXELS_BATCH images (a batch of images times their views may be more)."""
-        if len(pixels) <= MAX_PIXELS_BATCH:
-            return self.retry.call(self.embedding.embed, pixels)
-        return np.concatenate(
-            [self.retry.call(self.embedding.embed, pixels[i : i + MAX_PIXELS_BATCH]) for i in range(0, len(pixels), MAX_PIXELS_BATCH)]
-        )
+    def _embed(self, pixels: np.ndarray, role: Role = "similarity") -> np.ndarray:
+        """In calls of at most max_batch images (a batch of images times their views may be more)."""
+        step = max_batch(pixels.shape[1])
+        if len(pixels) <= step:
+            return self.retry.call(self.embedding.embed, pixels, role)
+        return np.concatenate([self.retry.call(self.embedding.embed, pixels[i : i + step], role) for i in range(0, len(pixels), step)])
 
     def thresholds(self) -> Thresholds:
-        """The verdict thresholds: the settings' where given, else those measured for the model."""
-        return Thresholds.of(self.verdict_settings.same_image, self.verdict_settings.near_duplicate, self.model())
+        """The verdict thresholds: the settings' where given, else those measured for the models (same image and
+        near duplicate: the copy model's where one serves)."""
+        settings, similarity = self.verdict_settings, self.model()
+        copy = self.copy_model()
+        if copy is None:
+            return Thresholds.of(settings.same_image, settings.near_duplicate, similarity, settings.similar)
+        return Thresholds.of(settings.same_image, settings.near_duplicate, copy.info, settings.similar, similarity)
 
-    def embed_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, ModelInfo]:
-        """Embed pixels prepared elsewhere (``ingest --service-url``), checked against the model's recipe."""
-        description = self.retry.call(self.embedding.describe)
+    def embed_pixels(self, pixels: np.ndarray, role: Role = "similarity") -> tuple[np.ndarray, ModelInfo]:
+        """Embed pixels prepared elsewhere (``ingest --service-url``), checked against that model's recipe."""
+        description = self.retry.call(self.embedding.describe) if role == "similarity" else self.copy_model()
+        if description is None:
+            raise InvalidRequest("No copy model serves here (RIS_MODEL_COPY_NAME=none).")
         check_pixels(pixels, description.preprocessing.input_sides)
-        return self._embed(pixels), description.info
+        return self._embed(pixels, role), description.info
 
     # --- adding ------------------------------------------------------------------------------------
     def complete_ids(self, ids: list[str]) -> set[str]:
-        """Ids whose vector row AND original exist: nothing left to do for them."""
+        """Ids whose vector rows (similarity and copy) AND original exist: nothing left to do for them."""
         if not ids:
             return set()
         rows = self.retry.call(self.vectors.existing_ids, ids)
+        copies = self._copies()
+        if copies is not None and rows:
+            rows &= self.retry.call(copies.existing_ids, sorted(rows))
         return {image_id for image_id in rows if self.retry.call(self.store.exists, image_id, "original")}
 
     def add(self, data: bytes, label: str | None, source: str) -> Added:
@@ -228,8 +273,9 @@ class Catalog:
         return self.add_many([image])[0]
 
     def add_many(self, images: Sequence[NewImage], *, write_blobs: bool = True) -> list[Added]:
-        """Add prepared images (distinct ids) in the write order; one embedding call for the new ones.
-        ``write_blobs=False`` where the store already holds them (a re-embed from the stored originals)."""
+        """Add prepared images (distinct ids) in the write order; one embedding call per model and input side
+        for the new ones. ``write_blobs=False`` where the store already holds them (a re-embed from the stored
+        originals)."""
         if not images:
             return []
         ids = [image.prepared.id for image in images]
@@ -237,40 +283,73 @@ class Catalog:
             raise InvalidRequest("add_many takes distinct images; drop duplicate files first.")
         existing = {meta.id: meta for meta in self.retry.call(self.vectors.get, ids)}
         fresh = [image for image in images if image.prepared.id not in existing]
+        now = int(time.time())
         records: dict[str, VectorRecord] = {}
         if fresh:
             vectors = self._embed_views([self._views_of(image.prepared) for image in fresh])
-            now = int(time.time())
             for image, own in zip(fresh, vectors, strict=True):
                 records[image.prepared.id] = image.prepared.record(own, image.label, image.source, image.created_at or now)
-        # Blobs first (a repair for the existing rows), then the rows that mark the new images added.
+        copies = self._copies()
+        copy_records = self._copy_records(copies, images, existing, records) if copies is not None else []
+        # Blobs first (a repair for the existing rows), then the copy rows, then the rows that mark the new
+        # images added.
         for image in images if write_blobs else ():
             self.retry.call(image.prepared.store_blobs, self.store)
+        if copies is not None and copy_records:
+            self.retry.call(copies.upsert, copy_records)
         if records:
             self.retry.call(self.vectors.upsert, list(records.values()))
         return [
             Added(id=image_id, created=False, image=existing[image_id])
             if image_id in existing
-            else Added(id=image_id, created=True, image=ImageMetadata(**records[image_id].model_dump(exclude={"vector"})))
+            else Added(id=image_id, created=True, image=ImageMetadata(**records[image_id].model_dump(exclude={"vector", "views"})))
             for image_id in ids
         ]
+
+    def _copy_records(
+        self, copies: VectorStore, images: Sequence[NewImage], existing: dict[str, ImageMetadata], records: dict[str, VectorRecord]
+    ) -> list[VectorRecord]:
+        """The copy rows to write: every new image's, and those an existing image lacks (a repair: an image
+        added before its copy model, or a crash between its two writes). Embedded by the copy model only."""
+        present = self.retry.call(copies.existing_ids, sorted(existing)) if existing else set()
+        missing = [image for image in images if image.prepared.id not in present]
+        if not missing:
+            return []
+        vectors = self._embed_views([self._copy_views_of(image.prepared) for image in missing], "copy")
+        now = int(time.time())
+        copy_records = []
+        for image, own in zip(missing, vectors, strict=True):
+            meta = existing.get(image.prepared.id)
+            if meta is None:  # a new image: the same metadata as its similarity rows
+                record = records[image.prepared.id]
+                meta = ImageMetadata(**record.model_dump(exclude={"vector", "views"}))
+            copy_records.append(
+                image.prepared.record(own, meta.label, meta.source, meta.created_at or now)
+            )
+        return copy_records
 
     def _views_of(self, prepared: PreparedImage) -> tuple[np.ndarray, ...]:
         if prepared.views is None:
             raise InvalidRequest("An image to add must be prepared with to_store=True (all its views).")
         return prepared.views
 
-    def _embed_views(self, views: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    def _copy_views_of(self, prepared: PreparedImage) -> tuple[np.ndarray, ...]:
+        if prepared.copy_views is None:
+            raise InvalidRequest("An image to add must be prepared with the copy model's recipe too (all its views).")
+        return prepared.copy_views
+
+    def _embed_views(self, views: list[tuple[np.ndarray, ...]], role: Role = "similarity") -> list[np.ndarray]:
         """Every view of every image -> each image's (views, dim) vectors. One embedding call per input
         side (the main crop, a view's smaller one): an embedder batch holds one shape."""
         by_side: dict[int, list[tuple[int, int]]] = {}
         for image, image_views in enumerate(views):
             for view, pixels in enumerate(image_views):
                 by_side.setdefault(pixels.shape[0], []).append((image, view))
-        dim = self.model().dim
+        copy = self.copy_model() if role == "copy" else None
+        dim = copy.info.dim if copy is not None else self.model().dim
         vectors = [np.empty((len(image_views), dim), dtype=np.float32) for image_views in views]
         for places in by_side.values():
-            embedded = self._embed(np.stack([views[image][view] for image, view in places]))
+            embedded = self._embed(np.stack([views[image][view] for image, view in places]), role)
             for (image, view), vector in zip(places, embedded, strict=True):
                 vectors[image][view] = vector
         return vectors
@@ -302,8 +381,12 @@ class Catalog:
         return self.store.presigned_url(image_id, kind)
 
     def remove(self, image_id: str) -> None:
-        """Remove an image: its row first (no hit may point at a missing image), then its blobs."""
+        """Remove an image in the reverse of the write order: its copy rows, its similarity rows (no hit may
+        point at a missing image), then its blobs."""
         validate_image_id(image_id)
+        copies = self._copies()
+        if copies is not None:
+            self.retry.call(copies.delete, [image_id])
         removed = self.retry.call(self.vectors.delete, [image_id])
         had_blob = self.retry.call(self.store.exists, image_id, "original")
         self.retry.call(self.store.delete, image_id)
@@ -317,63 +400,109 @@ class Catalog:
         if top_k > self.limits.max_top_k:
             raise InvalidRequest(f"top_k is at most {self.limits.max_top_k}.")
         # Milvus returns at most MAX_WINDOW rows, and an image may take one row per stored view.
-        deepest = MAX_WINDOW // self.model().vectors_per_image
+        copy = self.copy_model()
+        most_views = max(self.model().vectors_per_image, copy.info.vectors_per_image if copy else 1)
+        deepest = MAX_WINDOW // most_views
         if top_k + options.offset > deepest:
             raise InvalidRequest(f"top_k + offset is at most {deepest}.")
         return top_k, clean_label(options.label) if options.label else None
 
     def search_vector(
         self,
-        vector: list[float],
+        vector: list[float] | None,
         options: SearchOptions,
         query_id: str | None,
         timings: Timings | None = None,
         views: list[int] | None = None,
         extra_vectors: list[list[float]] | None = None,
+        copy_vector: list[float] | None = None,
     ) -> SearchResult:
-        """``views``: the stored views to compare with (default: those every query is compared with);
-        ``extra_vectors``: the query embedded at other input sides, searched as well (best per image)."""
+        """One page of the answer to both questions (``options.mode``): the copies (copy-model hits at or above
+        the near-duplicate threshold, best first), then the similar images (similarity-model hits, best first),
+        each image once. ``vector``: the similarity query (None: no similar list); ``views``: the stored views
+        to compare it with (default: those every query is compared with); ``extra_vectors``: the query embedded
+        at other input sides, searched as well (best per image); ``copy_vector``: the copy query (None: no
+        copies list).
+
+        Paging is exact: a page of the joined list needs at most offset + top_k copies, and at most that many
+        similar hits once the copies (at most as many) are left out of them."""
         started = time.perf_counter()
         timings = timings or Timings()
         top_k, label = self._checked(options)
-        recipe = self.retry.call(self.embedding.describe).preprocessing
-        query = VectorQuery(
-            vector=vector, top_k=top_k, offset=options.offset, label=label, min_score=options.min_score,
-            views=recipe.views_for_query(1 << 30, 1 << 30) if views is None else views, margins=recipe.view_margins(),
-            extra_vectors=extra_vectors or [],
-        )
+        window = options.offset + top_k
         thresholds = self.thresholds()
-        hits = [hit.model_copy(update={"verdict": thresholds.verdict(hit.score)}) for hit in self.retry.call(self.vectors.search, query)]
+        copy_store = self._copies()
+        copies: list[VectorHit] = []
+        if copy_vector is not None and copy_store is not None:
+            query = VectorQuery(vector=copy_vector, top_k=window, label=label, min_score=options.min_score)
+            for hit in self.retry.call(copy_store.search, query):
+                verdict = thresholds.copy_verdict(hit.score)
+                if verdict is not None:
+                    copies.append(hit.model_copy(update={"verdict": verdict, "match": "copy"}))
+        similar: list[VectorHit] = []
+        if vector is not None:
+            recipe = self.retry.call(self.embedding.describe).preprocessing
+            query = VectorQuery(
+                vector=vector, top_k=window, label=label, min_score=options.min_score,
+                views=recipe.views_for_query(1 << 30, 1 << 30) if views is None else views, margins=recipe.view_margins(),
+                extra_vectors=extra_vectors or [],
+            )
+            found = {hit.image.id for hit in copies}
+            match: Match = "similar"
+            for hit in self.retry.call(self.vectors.search, query):
+                if hit.image.id in found:
+                    continue
+                verdict = thresholds.similar_verdict(hit.score) if copy_store is not None else thresholds.verdict(hit.score)
+                similar.append(hit.model_copy(update={"verdict": verdict, "match": match}))
+        hits = [*copies, *similar][options.offset : window]
         timings.search_ms = _ms(started)
         timings.total_ms = round(timings.decode_ms + timings.embed_ms + timings.search_ms, 2)
+        copy = self.copy_model()
         return SearchResult(
-            query_id=query_id, hits=hits, top_k=top_k, offset=options.offset, label=label, min_score=options.min_score,
-            model=self.model().model_id, timings=timings,
+            query_id=query_id, mode=options.mode, hits=hits, top_k=top_k, offset=options.offset, label=label,
+            min_score=options.min_score, model=self.model().model_id, copy_model=copy.info.model_id if copy else None,
+            timings=timings,
         )
+
+    def _modes(self, options: SearchOptions) -> tuple[bool, bool]:
+        """(search copies, search similar) for the search's mode; copies only where a copy model serves."""
+        serves = self._copies() is not None
+        if options.mode == "copies" and not serves:
+            raise InvalidRequest("mode=copies needs a copy model, and none serves here (RIS_MODEL_COPY_NAME=none).")
+        return options.mode != "similar" and serves, options.mode != "copies"
 
     def search_image(self, data: bytes, options: SearchOptions) -> SearchResult:
         """Search with the bytes of an image (an upload, a fetched URL)."""
         self._checked(options)
+        want_copies, want_similar = self._modes(options)
         started = time.perf_counter()
         timings = Timings()
         prepared = self.prepare(data, to_store=False)
         timings.decode_ms = _ms(started)
         embed_started = time.perf_counter()
-        vector = self._embed(prepared.pixels[None])[0]
-        # A small query, also at its low-res views' input side (one call per side: a batch is one shape).
-        extra_vectors = [self._embed(pixels[None])[0].tolist() for pixels in prepared.side_pixels.values()]
+        vector, extra_vectors, views, copy_vector = None, None, None, None
+        if want_similar:
+            vector = self._embed(prepared.pixels[None])[0].tolist()
+            # A small query, also at its low-res views' input side (one call per side: a batch is one shape).
+            extra_vectors = [self._embed(pixels[None])[0].tolist() for pixels in prepared.side_pixels.values()]
+            views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height)
+        if want_copies and prepared.copy_pixels is not None:
+            copy_vector = self._embed(prepared.copy_pixels[None], "copy")[0].tolist()
         timings.embed_ms = _ms(embed_started)
-        views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height)
-        return self.search_vector(vector.tolist(), options, prepared.id, timings, views, extra_vectors)
+        return self.search_vector(vector, options, prepared.id, timings, views, extra_vectors, copy_vector)
 
     def search_stored(self, image_id: str, options: SearchOptions) -> SearchResult:
-        """Search with an image of the collection (its stored vector: no decoding, no embedding)."""
+        """Search with an image of the collection (its stored vectors: no decoding, no embedding)."""
         validate_image_id(image_id)
         self._checked(options)
+        want_copies, want_similar = self._modes(options)
         vector = self.retry.call(self.vectors.get_vector, image_id)
         if vector is None:
             raise NotFound(f"No image with id {image_id}.")
-        return self.search_vector(vector, options, image_id)
+        copy_vector = self.retry.call(self.copies.get_vector, image_id) if want_copies and self.copies is not None else None
+        if want_copies and copy_vector is None:  # its copy row is missing (added before the copy model): re-add repairs it
+            logger.warning("image %s has no copy vector; searching its similar images only", image_id)
+        return self.search_vector(vector if want_similar else None, options, image_id, copy_vector=copy_vector)
 
     # --- the collection ----------------------------------------------------------------------------
     def problems(self) -> tuple[IndexInfo | None, list[str]]:
@@ -384,6 +513,9 @@ class Catalog:
         try:
             self.vectors.ping()
             info = self.vectors.info()
+            copies = self._copies()
+            if copies is not None:
+                copies.ping()
         except SearchError as exc:
             problems.append(exc.message)
         try:
@@ -393,10 +525,16 @@ class Catalog:
         return info, problems
 
     def rebuild_index(self, spec: IndexSpec) -> IndexInfo:
-        return self.vectors.rebuild_index(spec)
+        """Rebuild the vector index of the similarity collection and, where there is one, the copy collection."""
+        info = self.vectors.rebuild_index(spec)
+        copies = self._copies()
+        if copies is not None:
+            copies.rebuild_index(spec)
+        return info
 
     def duplicates(self, offset: int, limit: int, refresh: bool = False) -> DuplicatePage:
-        """A page of the collection's duplicate groups (exact, then near by the near-duplicate threshold)."""
+        """A page of the collection's duplicate groups (exact, then near by the near-duplicate threshold), on the
+        copy vectors where a copy model serves (it is made for this question), else the similarity vectors."""
         threshold = self.thresholds().near_duplicate
         if threshold is None:
             raise InvalidRequest(
@@ -404,7 +542,7 @@ class Catalog:
                 "ingest.evaluate on your photos shows the score distributions to choose it from)."
             )
         query = DuplicateQuery(near_threshold=threshold, offset=offset, limit=limit, refresh=refresh)
-        return self.retry.call(self.vectors.duplicates, query)
+        return self.retry.call((self._copies() or self.vectors).duplicates, query)
 
     def browse(self, offset: int, limit: int, label: str | None) -> BrowsePage:
         """A page of the collection, newest first, optionally of one label ("" = images without one)."""

@@ -95,6 +95,21 @@ class ModelSettings(BaseModel):
         "(finds crops; 5 vectors), or empty. Changing it needs `python -m ingest.reembed`.",
     )
 
+    copy_name: str = Field(
+        "auto",
+        description="Copy-detection model (finds the original and edited copies): `auto` (GPU: Meta's SSCD ResNet-50; CPU: "
+        "the packaged `sscd-distilled`), `sscd-resnet50`, `sscd-distilled`, `sscd-int8`, or `none`.",
+    )
+    sscd_weights: str = Field(
+        "disc_mixup",
+        description="Meta's SSCD weights: `disc_mixup` (downloaded from Meta), a local `.torchvision.pt`/`.torchscript.pt` path, or `random` (tests only).",
+    )
+    copy_views: str = Field(
+        "",
+        description="Extra copy vectors stored per image: `crops-60` (the source outranks its own crops; 5 vectors) or empty. "
+        "Changing it needs `python -m ingest.reembed`.",
+    )
+
     @field_validator("name")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
@@ -104,7 +119,20 @@ class ModelSettings(BaseModel):
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_choices())}")
         return name
 
-    @field_validator("views")
+    @field_validator("copy_name")
+    @classmethod
+    def _known_copy_model(cls, name: str) -> str:
+        from models.backbones import model_choices
+
+        if name not in model_choices("copy"):
+            raise ValueError(f"unknown copy model {name!r}; choose one of {', '.join(model_choices('copy'))}")
+        return name
+
+    @property
+    def copy_view_sets(self) -> tuple[str, ...]:
+        return tuple(name for name in self.copy_views.split(",") if name)
+
+    @field_validator("views", "copy_views")
     @classmethod
     def _known_views(cls, views: str) -> str:
         from models.preprocess import VIEW_SETS
@@ -250,13 +278,17 @@ class LimitsSettings(BaseModel):
 
 
 class VerdictSettings(BaseModel):
-    """When a hit is called the same image or a near duplicate (unset: the thresholds measured for the backbone)."""
+    """When a hit is called the same image, a near duplicate or similar (unset: the thresholds measured for the
+    models). Same image and near duplicate are copy-model scores where a copy model serves."""
 
     same_image: float | None = Field(
-        None, ge=-1, le=1, description="Score from which a hit is the same image (default: the backbone's measured threshold)."
+        None, ge=-1, le=1, description="Score from which a hit is the same image (default: the copy model's measured threshold, or the similarity model's without one)."
     )
     near_duplicate: float | None = Field(
         None, ge=-1, le=1, description="Score from which a hit is a near duplicate (an edited copy; default: measured)."
+    )
+    similar: float | None = Field(
+        None, ge=-1, le=1, description="Similarity score below which a hit is `unrelated` rather than `similar` (default: measured)."
     )
 
 

@@ -183,6 +183,14 @@ class CollectionListing:
         self._generation = 0  # bumped by invalidate: a scan started before it is thrown away
         self._last_scan_s = 0.0
 
+    def start(self) -> None:
+        """Read the listing in the background now, unless it is read or being read: a service calls this once
+        its collection is ready, so that the writes it takes from then on are kept for the listing (before a
+        first snapshot nothing is kept, and a first scan begun just after a write may not see it yet)."""
+        with self._lock:
+            if self._snapshot is None:
+                self._start_scan()
+
     # --- writes made through this process ---------------------------------------------------------------
     def upserted(self, images: Iterable[ListedImage]) -> None:
         images = list(images)

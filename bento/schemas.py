@@ -25,6 +25,7 @@ class ModelInfo(BaseModel):
     vectors_per_image: int = Field(1, ge=1, description="Vectors stored per image: the main view and the extra views.")
     same_image_score: float | None = Field(None, description="Measured score from which a hit is the same image.")
     near_duplicate_score: float | None = Field(None, description="Measured score from which a hit is a near duplicate.")
+    similar_score: float | None = Field(None, description="Measured score below which a hit is unrelated (similarity models).")
     weights: str = Field(description="Where the weights came from.")
     pretrained: bool
     reason: str = Field("", description="Why this backbone was chosen (for `auto`).")
@@ -40,6 +41,12 @@ class ModelDescription(BaseModel):
     info: ModelInfo
     preprocessing: Preprocessing
     device: str
+
+
+class CopyModel(BaseModel):
+    """The embedder's answer to "which copy model serves?" (``description`` None: none)."""
+
+    description: ModelDescription | None = None
 
 
 class Health(BaseModel):
@@ -115,36 +122,63 @@ class VectorQuery(BaseModel):
     )
 
 
-Verdict = Literal["same-image", "near-duplicate", "similar"]
+Verdict = Literal["same-image", "near-duplicate", "similar", "unrelated"]
+# Which question a hit answers: "copy" (the copy model found the picture itself or an edited copy of it)
+# or "similar" (the similarity model found something that looks like it).
+Match = Literal["copy", "similar"]
+SearchMode = Literal["both", "copies", "similar"]
 
 
 class Thresholds(BaseModel):
-    """Scores from which a hit is called the same image / a near duplicate (python -m ingest.evaluate measures
-    the score distributions they come from)."""
+    """Scores from which a hit is called the same image / a near duplicate / similar (python -m ingest.evaluate
+    measures the score distributions they come from). ``same_image`` and ``near_duplicate`` are copy-model
+    scores where a copy model serves (``copy_model``), else similarity scores."""
 
     same_image: float | None
     near_duplicate: float | None
+    similar: float | None = None
+    copy_model: bool = False
 
     @classmethod
-    def of(cls, same_image: float | None, near_duplicate: float | None, model: ModelInfo) -> Thresholds:
-        """The given thresholds where set (RIS_VERDICT_*), else those measured for the model."""
+    def of(
+        cls, same_image: float | None, near_duplicate: float | None, model: ModelInfo, similar: float | None = None,
+        similarity_model: ModelInfo | None = None,
+    ) -> Thresholds:
+        """The given thresholds where set (RIS_VERDICT_*), else those measured for the models: ``model`` gives the
+        same-image / near-duplicate ones (the copy model where one serves), ``similarity_model`` the floor."""
+        floor_model = similarity_model or model
         return cls(
             same_image=same_image if same_image is not None else model.same_image_score,
             near_duplicate=near_duplicate if near_duplicate is not None else model.near_duplicate_score,
+            similar=similar if similar is not None else floor_model.similar_score,
+            copy_model=similarity_model is not None,
         )
 
     def verdict(self, score: float) -> Verdict | None:
+        """The verdict of a similarity score where no copy model serves."""
         if self.same_image is None or self.near_duplicate is None:
             return None
         if score >= self.same_image:
             return "same-image"
-        return "near-duplicate" if score >= self.near_duplicate else "similar"
+        return "near-duplicate" if score >= self.near_duplicate else self.similar_verdict(score)
+
+    def copy_verdict(self, score: float) -> Verdict | None:
+        """A copy-model score: the same image, a near duplicate, or None (not a copy)."""
+        if self.same_image is not None and score >= self.same_image:
+            return "same-image"
+        if self.near_duplicate is not None and score >= self.near_duplicate:
+            return "near-duplicate"
+        return None
+
+    def similar_verdict(self, score: float) -> Verdict:
+        return "unrelated" if self.similar is not None and score < self.similar else "similar"
 
 
 class VectorHit(BaseModel):
     score: float
     image: ImageMetadata
     verdict: Verdict | None = None  # None where no threshold is known for the model
+    match: Match | None = None
 
 
 class IndexInfo(BaseModel):
@@ -165,6 +199,11 @@ class IndexInfo(BaseModel):
 
 
 class SearchOptions(BaseModel):
+    mode: SearchMode = Field(
+        "both",
+        description="`both`: copies and edits of the picture first (copy model), then similar images (similarity "
+        "model), each image once; `copies` or `similar`: one of the two lists.",
+    )
     top_k: int | None = Field(None, ge=1, description="Number of hits (default from settings).")
     offset: int = Field(0, ge=0, description="Skip this many hits (paging).")
     label: str | None = Field(None, max_length=MAX_LABEL_LENGTH, description="Only images with this label.")
@@ -195,10 +234,14 @@ class ImageCard(BaseModel):
 
 
 class SearchHit(ImageCard):
-    score: float = Field(description="Cosine similarity in [-1, 1]; 1 is identical.")
+    score: float = Field(description="Cosine similarity in [-1, 1] of the model that found it (`match`); 1 is identical.")
     verdict: Verdict | None = Field(
         None,
-        description="same-image / near-duplicate / similar by the thresholds in /api/status (null: none known for this model).",
+        description="same-image / near-duplicate (copies) or similar / unrelated by the thresholds in /api/status "
+        "(null: none known for this model).",
+    )
+    match: Match | None = Field(
+        None, description="`copy`: found by the copy model (the picture or an edited copy of it); `similar`: by the similarity model."
     )
 
 
@@ -222,12 +265,14 @@ class Timings(BaseModel):
 
 class SearchResponse(BaseModel):
     query_id: str | None = Field(None, description="Content hash of the query image.")
+    mode: SearchMode = "both"
     hits: list[SearchHit]
     top_k: int
     offset: int
     label: str | None
     min_score: float | None = None
     model: str
+    copy_model: str | None = Field(None, description="The copy model's id (null: none serves).")
     timings: Timings
 
 
@@ -264,6 +309,8 @@ class StatusResponse(BaseModel):
     count: int
     model: ModelInfo
     device: str
+    copy_model: ModelInfo | None = Field(None, description="The copy-detection model (null: RIS_MODEL_COPY_NAME=none).")
+    copy_device: str | None = None
     index: IndexSpec
     metric: str
     collection: str

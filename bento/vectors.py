@@ -136,11 +136,20 @@ def _label_filter(label: str) -> str:
     return f"label == {_string_literal(label)}"
 
 
-class VectorIndex:
-    """Thread-safe wrapper around one collection. Connects lazily and reconnects after failures."""
+def copy_collection(name: str) -> str:
+    """The collection of an image collection's copy vectors (the copy model's), joined by the image id.
 
-    def __init__(self, settings: Settings, model: ModelInfo) -> None:
-        self.settings = settings
+    A collection of its own rather than a second vector field: the Milvus 2.3 server has one vector field per
+    collection, and this way each collection keeps one model, one guard and one index, on every backend."""
+    return f"{name}__copy"
+
+
+class VectorIndex:
+    """Thread-safe wrapper around one collection. Connects lazily and reconnects after failures.
+    ``collection``: another collection than the settings' (the copy vectors')."""
+
+    def __init__(self, settings: Settings, model: ModelInfo, collection: str | None = None) -> None:
+        self.settings = settings if collection is None else settings.but(milvus={"collection": collection})
         self.model = model
         self._client: MilvusClient | None = None
         self._spec: IndexSpec | None = None
@@ -539,6 +548,10 @@ class VectorIndex:
     def labels(self) -> LabelList:
         """Every label in use with its number of images, most used first."""
         return self._listing.labels()
+
+    def start_listing(self) -> None:
+        """Read the listing in the background now (a service that pages the collection; a job never does)."""
+        self._listing.start()
 
     # --- re-embedding (python -m ingest.reembed): other collections of the same Milvus, by name -----------
     def properties_of(self, name: str) -> dict[str, str] | None:

@@ -61,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             key = args.api_key or settings.auth.client_key.get_secret_value()
             embedding = RemoteEmbedding(args.service_url, retry, key)
         else:
-            from models.store import load_embedder
+            from models.store import load_embedders
 
             folder = not args.source.startswith(S3_SCHEME)
             if settings.model.precision == "int8" and settings.model.int8_calibration_dir is None and folder:
                 # The photos being ingested are the most typical calibration set there is.
                 settings = settings.but(model={"int8_calibration_dir": Path(args.source)})
-            embedding = load_embedder(settings)
+            embedding = load_embedders(settings)
         catalog = Catalog.in_process(settings, embedding, retry)
         try:
             report = IngestJob(catalog, options).run(source)

@@ -36,7 +36,7 @@ from bento.config import LimitsSettings, Settings, get_settings
 from bento.errors import SearchError
 from bento.imaging import DecodeLimits, content_hash, decode_image
 from bento.retry import FAIL_FAST
-from bento.schemas import SearchOptions
+from bento.schemas import SearchMode, SearchOptions
 from ingest.job import scan_folder
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ class Row(BaseModel):
     queries: int
     recall_at_1: float
     recall_at_5: float
+    same_photo_at_1: float = Field(0.0, description="The first hit is the original or one of its siblings (another crop of the same photo stored beside it).")
     map: float = 0.0  # one relevant image per query: AP = 1/rank within the top 10
     true_scores: Distribution
     false_scores: Distribution  # the best-scoring wrong hit of each query
@@ -196,6 +197,7 @@ class SuggestedThresholds(BaseModel):
 class Report(BaseModel):
     folder: str
     model: str
+    mode: SearchMode = "both"
     originals: int
     siblings: int
     top_k: int
@@ -207,18 +209,19 @@ class Report(BaseModel):
 
     def table(self) -> str:
         lines = [
-            f"Evaluation of {self.folder} with {self.model}: {self.originals} originals"
+            f"Evaluation of {self.folder} with {self.model} (mode {self.mode}): {self.originals} originals"
             + (f", {self.siblings} hard negatives (siblings)" if self.siblings else "")
             + f", {self.overall.queries} queries, {self.seconds:.1f} s",
             "",
-            "| transform | queries | recall@1 | recall@5 | mAP | true match score p5 / p50 | best false score p50 / p95 |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| transform | queries | recall@1 | recall@5 | same photo @1 | mAP | true match score p5 / p50 | best false score p50 / p95 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in [*self.per_transform, self.overall]:
             true, false = row.true_scores, row.false_scores
             lines.append(
                 f"| {'**overall**' if row is self.overall else row.transform} | {row.queries} | {row.recall_at_1:.3f} | "
-                f"{row.recall_at_5:.3f} | {row.map:.3f} | {_fmt(true.p5)} / {_fmt(true.p50)} | {_fmt(false.p50)} / {_fmt(false.p95)} |"
+                f"{row.recall_at_5:.3f} | {row.same_photo_at_1:.3f} | {row.map:.3f} | {_fmt(true.p5)} / {_fmt(true.p50)} | "
+                f"{_fmt(false.p50)} / {_fmt(false.p95)} |"
             )
         for name, found in (("same image", self.thresholds.same_image), ("near duplicate", self.thresholds.near_duplicate)):
             if found is not None:
@@ -238,6 +241,7 @@ def _fmt(value: float | None) -> str:
 @dataclass
 class _Outcome:
     rank: int | None  # 1-based rank of the original within the top k
+    same_photo: bool  # the first hit is the original or a sibling of it
     true_score: float | None
     false_score: float | None
     false_scores: list[float] = field(default_factory=list)  # every wrong hit's score (threshold precision)
@@ -258,18 +262,21 @@ class _Tally:
             queries=len(outcomes),
             recall_at_1=round(sum(o.rank == 1 for o in outcomes) / n, 4),
             recall_at_5=round(sum(o.rank is not None and o.rank <= 5 for o in outcomes) / n, 4),
+            same_photo_at_1=round(sum(o.same_photo for o in outcomes) / n, 4),
             map=round(sum(1 / o.rank for o in outcomes if o.rank) / n, 4),
             true_scores=distribution([o.true_score for o in outcomes if o.true_score is not None]),
             false_scores=distribution([o.false_score for o in outcomes if o.false_score is not None]),
         )
 
 
-def judge(hits: Sequence[tuple[str, float]], original: str) -> _Outcome:
-    """Where the original stands among (id, score) hits, best first."""
+def judge(hits: Sequence[tuple[str, float]], original: str, family: frozenset[str] = frozenset()) -> _Outcome:
+    """Where the original stands among (id, score) hits, best first; ``family``: its siblings' ids (a first
+    hit among them still finds the same photo). Siblings are neither true nor false matches for the scores."""
     rank = next((i + 1 for i, (image_id, _) in enumerate(hits) if image_id == original), None)
     true = hits[rank - 1][1] if rank else None
-    false_scores = [score for image_id, score in hits if image_id != original]
-    return _Outcome(rank, true, false_scores[0] if false_scores else None, false_scores)
+    false_scores = [score for image_id, score in hits if image_id != original and image_id not in family]
+    same_photo = bool(hits) and (hits[0][0] == original or hits[0][0] in family)
+    return _Outcome(rank, same_photo, true, false_scores[0] if false_scores else None, false_scores)
 
 
 
@@ -317,12 +324,14 @@ def run(
     search: Searcher,
     transforms: Sequence[str],
     seed: int,
-) -> tuple[list[Row], Row]:
+    with_siblings: bool = False,
+) -> tuple[list[Row], Row, SuggestedThresholds]:
     tally = _Tally()
     for index, (_, data, image) in enumerate(originals):
         original = content_hash(data)
+        family = frozenset(content_hash(blob) for blob in siblings(image)) if with_siblings else frozenset()
         for name in transforms:
-            tally.add(name, judge(search(make_query(image, name, seed, index)), original))
+            tally.add(name, judge(search(make_query(image, name, seed, index)), original, family))
     per_transform = [tally.row(name, tally.outcomes.get(name, [])) for name in transforms]
     everything = [o for name in transforms for o in tally.outcomes.get(name, [])]
     overall = tally.row("overall", everything)
@@ -355,17 +364,18 @@ def in_process(
     return catalog, sibling_count
 
 
-def catalog_searcher(catalog: Catalog) -> Searcher:
+def catalog_searcher(catalog: Catalog, mode: SearchMode = "both") -> Searcher:
     def search(query: bytes) -> list[tuple[str, float]]:
-        result = catalog.search_image(query, SearchOptions(top_k=TOP_K))
+        result = catalog.search_image(query, SearchOptions(top_k=TOP_K, mode=mode))
         return [(hit.image.id, hit.score) for hit in result.hits]
 
     return search
 
 
-def service_searcher(client: httpx.Client) -> Searcher:
+def service_searcher(client: httpx.Client, mode: SearchMode = "both") -> Searcher:
     def search(query: bytes) -> list[tuple[str, float]]:
-        response = client.post("/api/search", files={"file": ("query.jpg", query, "image/jpeg")}, data={"top_k": str(TOP_K)})
+        form = {"top_k": str(TOP_K), "mode": mode}
+        response = client.post("/api/search", files={"file": ("query.jpg", query, "image/jpeg")}, data=form)
         response.raise_for_status()
         return [(hit["id"], hit["score"]) for hit in response.json()["hits"]]
 
@@ -381,35 +391,51 @@ def evaluate_folder(
     with_siblings: bool = False,
     settings: Settings | None = None,
     embedding: Embedding | None = None,
+    mode: SearchMode = "both",
 ) -> Report:
-    """In-process evaluation (the settings' model unless ``embedding`` is given) in a temporary collection."""
+    """In-process evaluation (the settings' models unless ``embedding`` is given) in a temporary collection.
+
+    ``mode``: the product's answer (``both``: copies first, then similar images), the similarity model alone
+    (``similar``), or the copy model's whole ranking (``copies``: every hit, whatever its score, so that the
+    score distributions the copy thresholds are chosen from are seen whole)."""
     started = time.perf_counter()
     originals = load_originals(folder, limit)
     if not originals:
         raise SearchError(f"No images Pillow can read in {folder}.")
     base = settings or get_settings()
     if embedding is None:
-        from models.store import load_embedder
+        from models.store import load_embedders
 
-        embedding = load_embedder(base)
+        embedding = load_embedders(base)
+    if mode == "copies":
+        base = base.model_copy(update={"verdict": base.verdict.model_copy(update={"near_duplicate": -1.0})})
     with tempfile.TemporaryDirectory(prefix="ris-evaluate-") as work:
         temporary = base.model_copy(update={"data_dir": Path(work)}).but(
             milvus={"uri": str(Path(work) / "evaluate.db"), "collection": "evaluate"}, store={"dir": Path(work) / "images"}
         )
         catalog, sibling_count = in_process(temporary, embedding, originals, with_siblings)
         try:
-            per_transform, overall, thresholds = run(originals, catalog_searcher(catalog), transforms, seed)
+            per_transform, overall, thresholds = run(originals, catalog_searcher(catalog, mode), transforms, seed, with_siblings)
         finally:
             catalog.close()
     return Report(
-        folder=str(folder), model=embedding.describe().info.model_id, originals=len(originals), siblings=sibling_count,
+        folder=str(folder), model=_models(embedding, mode), mode=mode, originals=len(originals), siblings=sibling_count,
         top_k=TOP_K, seconds=round(time.perf_counter() - started, 2), overall=overall, per_transform=per_transform,
         thresholds=thresholds,
     )
 
 
+def _models(embedding: Embedding, mode: SearchMode) -> str:
+    copy = embedding.describe_copy()
+    similarity = embedding.describe().info.model_id
+    if mode == "similar" or copy is None:
+        return similarity
+    return copy.info.model_id if mode == "copies" else f"{copy.info.model_id} + {similarity}"
+
+
 def evaluate_service(
-    folder: Path, url: str, api_key: str = "", *, limit: int = 200, transforms: Sequence[str] = tuple(EDITS), seed: int = 0
+    folder: Path, url: str, api_key: str = "", *, limit: int = 200, transforms: Sequence[str] = tuple(EDITS), seed: int = 0,
+    mode: SearchMode = "both",
 ) -> Report:
     """Evaluation against a running service whose collection holds the originals."""
     started = time.perf_counter()
@@ -422,9 +448,9 @@ def evaluate_service(
         for item in originals:
             answer = client.get(f"/api/images/{content_hash(item[1])}/metadata")
             (present if answer.status_code == 200 else missing).append(item)
-        per_transform, overall, thresholds = run(present, service_searcher(client), transforms, seed)
+        per_transform, overall, thresholds = run(present, service_searcher(client, mode), transforms, seed)
     return Report(
-        folder=str(folder), model=model.json()["info"]["model_id"], originals=len(present), siblings=0, top_k=TOP_K,
+        folder=str(folder), model=model.json()["info"]["model_id"], mode=mode, originals=len(present), siblings=0, top_k=TOP_K,
         seconds=round(time.perf_counter() - started, 2), overall=overall, per_transform=per_transform,
         thresholds=thresholds, missing=[source for source, _, _ in missing],
     )
@@ -439,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the queries are the same for the same seed")
     parser.add_argument("--service-url", help="evaluate a running service whose collection holds the originals")
     parser.add_argument("--api-key", default="", help="the service's API key (search scope), if it needs one")
+    parser.add_argument(
+        "--mode", choices=("both", "copies", "similar"), default="both",
+        help="both: the product's answer (copies first, then similar images; default); similar: the similarity model "
+        "alone; copies: the copy model's whole ranking (what its thresholds are chosen from)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -452,9 +483,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.siblings:
                 print("evaluate: --siblings needs the in-process mode (it stores extra images)", file=sys.stderr)  # noqa: T201
                 return 2
-            report = evaluate_service(args.folder, args.service_url, args.api_key, limit=args.limit, transforms=transforms, seed=args.seed)
+            if args.mode == "copies":
+                print("evaluate: --mode copies needs the in-process mode (it sees every score)", file=sys.stderr)  # noqa: T201
+                return 2
+            report = evaluate_service(
+                args.folder, args.service_url, args.api_key, limit=args.limit, transforms=transforms, seed=args.seed, mode=args.mode
+            )
         else:
-            report = evaluate_folder(args.folder, limit=args.limit, transforms=transforms, seed=args.seed, with_siblings=args.siblings)
+            report = evaluate_folder(
+                args.folder, limit=args.limit, transforms=transforms, seed=args.seed, with_siblings=args.siblings, mode=args.mode
+            )
     except (SearchError, httpx.HTTPError) as exc:
         print(f"evaluate failed: {getattr(exc, 'message', exc)}", file=sys.stderr)  # noqa: T201
         return 1

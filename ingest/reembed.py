@@ -1,5 +1,10 @@
-"""`python -m ingest.reembed`: re-embed the collection from its stored originals with the serving model and
-recipe, in place (the collection keeps its name), resumably.
+"""`python -m ingest.reembed`: re-embed the collection from its stored originals with the serving models and
+recipes, in place (the collection keeps its name), resumably.
+
+Two collections are brought in step, each only where it needs it: the similarity collection C (rebuilt as
+below when its model or recipe changed, kept as it is otherwise) and the copy collection ``C__copy`` (filled
+in place with the copy vectors its images lack, e.g. a collection made before the copy model existed; rebuilt
+aside as ``C__copy__reembed`` and swapped in when another copy model made it).
 
 A collection made by another model or preprocessing recipe is refused by every entry point (the vectors
 would not be comparable). This job rebuilds it: every image of collection C is read back from the image
@@ -22,8 +27,9 @@ from bento.catalog import Catalog, Embedding, NewImage
 from bento.config import Settings, get_settings
 from bento.errors import SearchError
 from bento.retry import RetryPolicy
-from bento.schemas import ImageMetadata
-from bento.vectors import VectorIndex
+from bento.schemas import ImageMetadata, ModelDescription
+from bento.vectors import VectorIndex, copy_collection
+from models.backbones import Role
 
 logger = logging.getLogger(__name__)
 SUFFIX = "__reembed"
@@ -37,11 +43,14 @@ class ReembedReport:
     already_done: int = 0
     missing_originals: list[str] = field(default_factory=list)
     swapped: bool = False
+    copies_added: int = 0  # copy vectors written (0 without a copy model)
 
     def summary(self) -> str:
         lines = [
             f"Re-embedded {self.embedded} images of {self.total} in '{self.collection}' ({self.already_done} were done before)."
         ]
+        if self.copies_added:
+            lines.append(f"Added copy vectors for {self.copies_added} images.")
         if self.missing_originals:
             lines.append(
                 f"{len(self.missing_originals)} images have no stored original and cannot be re-embedded, e.g. "
@@ -63,10 +72,88 @@ def _batches(items: Iterator[ImageMetadata], size: int) -> Iterator[list[ImageMe
         yield batch
 
 
+class _SimilarityOnly:
+    """An Embedding port's similarity model alone (the similarity collection is rebuilt without copies)."""
+
+    def __init__(self, embedding: Embedding) -> None:
+        self._embedding = embedding
+
+    def describe(self) -> ModelDescription:
+        return self._embedding.describe()
+
+    def describe_copy(self) -> ModelDescription | None:
+        return None
+
+    def embed(self, pixels: object, role: Role = "similarity") -> object:
+        return self._embedding.embed(pixels, role)  # type: ignore[arg-type]
+
+
 def reembed(settings: Settings, embedding: Embedding, retry: RetryPolicy, batch_size: int = 32, drop_missing: bool = False) -> ReembedReport:
+    """Bring the similarity collection, then the copy collection, in step with the serving models."""
+    report = _reembed_similarity(settings, embedding, retry, batch_size, drop_missing)
+    copy = retry.call(embedding.describe_copy)
+    if report.swapped and copy is not None:
+        report.copies_added = _fill_copies(settings, embedding, copy, retry, batch_size, report)
+        report.swapped = not report.missing_originals or drop_missing
+    return report
+
+
+def _from_originals(catalog: Catalog, batch: list[ImageMetadata], retry: RetryPolicy, report: ReembedReport) -> list[NewImage]:
+    """The images of ``batch`` read back from the image store and prepared (labels, sources and dates kept);
+    those whose original is missing are reported."""
+    images = []
+    for image in batch:
+        if not retry.call(catalog.store.exists, image.id, "original"):
+            report.missing_originals.append(image.id)
+            continue
+        prepared = catalog.prepare(retry.call(catalog.store.get, image.id, "original"), to_store=True)
+        images.append(NewImage(prepared, image.label, image.source, image.created_at))
+    return images
+
+
+def _fill_copies(
+    settings: Settings, embedding: Embedding, copy: ModelDescription, retry: RetryPolicy, batch_size: int, report: ReembedReport
+) -> int:
+    """Write the copy vectors the images of the (now current) similarity collection lack. Resumable: images
+    with a copy row are skipped. A copy collection of another model is rebuilt aside and swapped in."""
+    from bento.storage import open_image_store
+
+    name = copy_collection(settings.milvus.collection)
+    similarity = VectorIndex(settings, retry.call(embedding.describe).info)
+    probe = VectorIndex(settings, copy.info, name)
+    props = retry.call(probe.properties_of, name)
+    target_name = name if props is None or all(props.get(k) == v for k, v in probe.model_properties().items()) else name + SUFFIX
+    probe.close()
+    if target_name != name:
+        logger.info("'%s' holds another copy model's vectors; rebuilding it as '%s'", name, target_name)
+    copies = VectorIndex(settings, copy.info, target_name)
+    catalog = Catalog(
+        similarity, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry,
+        settings.store.serve_location, settings.verdict, copies,
+    )
+    added = 0
+    try:
+        copies.ensure_ready()
+        for batch in _batches(similarity.images_of(settings.milvus.collection), batch_size):
+            done = retry.call(copies.existing_ids, [image.id for image in batch])
+            images = _from_originals(catalog, [image for image in batch if image.id not in done], retry, report)
+            catalog.add_many(images, write_blobs=False)  # the similarity rows exist: only copy rows are written
+            added += len(images)
+            logger.info("Copy vectors written for %d images so far", added)
+        if target_name != name and not report.missing_originals:
+            copies.flush()
+            retry.call(copies.take_name_of, name)
+        return added
+    finally:
+        catalog.close()
+
+
+def _reembed_similarity(
+    settings: Settings, embedding: Embedding, retry: RetryPolicy, batch_size: int, drop_missing: bool
+) -> ReembedReport:
     name = settings.milvus.collection
     target_settings = settings.but(milvus={"collection": name + SUFFIX})
-    catalog = Catalog.in_process(target_settings, embedding, retry)
+    catalog = Catalog.in_process(target_settings, _SimilarityOnly(embedding), retry)
     target = catalog.vectors
     if not isinstance(target, VectorIndex):  # in_process always opens a VectorIndex
         raise TypeError("reembed needs an in-process vector index")
@@ -90,15 +177,7 @@ def reembed(settings: Settings, embedding: Embedding, retry: RetryPolicy, batch_
             report.total += len(batch)
             done = retry.call(target.existing_ids, [image.id for image in batch])
             report.already_done += len(done)
-            images = []
-            for image in batch:
-                if image.id in done:
-                    continue
-                if not retry.call(catalog.store.exists, image.id, "original"):
-                    report.missing_originals.append(image.id)
-                    continue
-                prepared = catalog.prepare(retry.call(catalog.store.get, image.id, "original"), to_store=True)
-                images.append(NewImage(prepared, image.label, image.source, image.created_at))
+            images = _from_originals(catalog, [image for image in batch if image.id not in done], retry, report)
             catalog.add_many(images, write_blobs=False)
             report.embedded += len(images)
             logger.info("Re-embedded %d of the %d images read so far", report.embedded + report.already_done, report.total)
@@ -121,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
-        from models.store import load_embedder
+        from models.store import load_embedders
 
-        report = reembed(settings, load_embedder(settings), RetryPolicy(deadline_s=max(0.0, args.retry_seconds)), max(1, args.batch_size), args.drop_missing)
+        report = reembed(settings, load_embedders(settings), RetryPolicy(deadline_s=max(0.0, args.retry_seconds)), max(1, args.batch_size), args.drop_missing)
     except ValueError as exc:  # invalid settings
         print(f"reembed: the settings are invalid: {exc}", file=sys.stderr)  # noqa: T201
         return 2

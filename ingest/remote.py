@@ -8,9 +8,10 @@ import logging
 import httpx
 import numpy as np
 
-from bento.errors import BackendUnavailable, ConnectionDropped, ModelMismatch, error_class
+from bento.errors import BackendUnavailable, ConnectionDropped, ModelMismatch, NotFound, error_class
 from bento.retry import RetryPolicy
 from bento.schemas import ModelDescription
+from models.backbones import Role
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,22 @@ class RemoteEmbedding:
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
         response = retry.call(self._request, "GET", "/api/model")
         self._description = ModelDescription.model_validate_json(response.content)
-        logger.info("Embedding through %s with %s", self.base_url, self._description.info.model_id)
+        self._copy = self._copy_model(retry)
+        copy = f" and copy model {self._copy.info.model_id}" if self._copy else " (no copy model)"
+        logger.info("Embedding through %s with %s%s", self.base_url, self._description.info.model_id, copy)
+
+    def _copy_model(self, retry: RetryPolicy) -> ModelDescription | None:
+        try:
+            response = retry.call(self._request, "GET", "/api/model", params={"role": "copy"})
+        except NotFound:  # the service serves no copy model
+            return None
+        return ModelDescription.model_validate_json(response.content)
 
     def describe(self) -> ModelDescription:
         return self._description
+
+    def describe_copy(self) -> ModelDescription | None:
+        return self._copy
 
     def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         try:
@@ -51,16 +64,19 @@ class RemoteEmbedding:
             raise error
         return response
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def embed(self, pixels: np.ndarray, role: Role = "similarity") -> np.ndarray:
+        description = self._description if role == "similarity" else self._copy
+        if description is None:
+            raise NotFound(f"The service at {self.base_url} serves no copy model.")
         body = io.BytesIO()
         np.save(body, pixels, allow_pickle=False)
         # The recipe the pixels were prepared with, as this client's code reads the service's description:
         # a service that embeds otherwise refuses them (409) instead of storing wrong vectors.
-        headers = {"Content-Type": "application/x-npy", "X-Recipe-Version": self._description.preprocessing.version}
-        response = self._request("POST", "/api/embed", content=body.getvalue(), headers=headers)
+        headers = {"Content-Type": "application/x-npy", "X-Recipe-Version": description.preprocessing.version}
+        response = self._request("POST", "/api/embed", content=body.getvalue(), headers=headers, params={"role": role})
         served = response.headers.get("X-Model-Id", "")
-        if served and served != self._description.info.model_id:
-            raise ModelMismatch(f"The service switched models mid-run ({self._description.info.model_id} -> {served}).")
+        if served and served != description.info.model_id:
+            raise ModelMismatch(f"The service switched models mid-run ({description.info.model_id} -> {served}).")
         return np.load(io.BytesIO(response.content), allow_pickle=False)
 
     def close(self) -> None:

@@ -33,11 +33,15 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
     part_a, _, part_b = rest.partition("## B. Through the service")
     assert part_b, out
 
-    rows = table_rows(part_a)
-    assert [row[0] for row in rows] == ["1", "4"]
-    for row in rows:
-        assert len(row) == 4 and float(row[1]) > 0 and float(row[2]) > 0
-    assert "floor 0.99): ok" in part_a
+    roles = part_a.split("\n### ")[1:]
+    assert [role.split(":")[0] for role in roles] == ["similarity", "copy"], part_a
+    assert "sscd-resnet50@" in roles[1]
+    for role in roles:
+        rows = table_rows(role)
+        assert [row[0] for row in rows] == ["1", "4"]
+        for row in rows:
+            assert len(row) == 4 and float(row[1]) > 0 and float(row[2]) > 0
+        assert "floor 0.99): ok" in role
 
     rows = table_rows(part_b)
     assert [row[0] for row in rows] == ["on", "off"]

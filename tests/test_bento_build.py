@@ -177,6 +177,8 @@ FORMATTED_SAMPLES = {
     "RIS_S3_PUBLIC_ENDPOINT": "https://images.example.com",
     "RIS_MODEL_NAME": "efficientnet-lite0",
     "RIS_MODEL_VIEWS": "low-res-64,crops-60",
+    "RIS_MODEL_COPY_NAME": "sscd-int8",
+    "RIS_MODEL_COPY_VIEWS": "crops-60",
 }
 
 

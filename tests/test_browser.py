@@ -197,7 +197,7 @@ def test_preview_with_the_keyboard_then_search_with_this(browser, page_service, 
     second = hit_ids(page)[1]
     meta = api.get(f"/api/images/{second}/metadata").json()
 
-    page.focus("#results .hit:nth-child(2) .open")
+    page.locator("#results .hit").nth(1).locator(".open").focus()  # the second hit of the whole answer
     page.keyboard.press("Enter")
     page.wait_for_selector("#preview[open]")
     details = page.inner_text("#preview-meta")

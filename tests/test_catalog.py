@@ -24,9 +24,12 @@ class CountingEmbedding:
     def describe(self):
         return self.embedder.describe()
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def describe_copy(self):
+        return self.embedder.describe_copy()
+
+    def embed(self, pixels: np.ndarray, role: str = "similarity") -> np.ndarray:
         self.embedded += len(pixels)
-        return self.embedder.embed(pixels)
+        return self.embedder.embed(pixels, role)
 
 
 @pytest.fixture
@@ -115,7 +118,7 @@ def test_embed_pixels_checks_the_models_recipe(catalog):
     small, _ = catalog.embed_pixels(np.zeros((2, 112, 112, 3), dtype=np.uint8))
     assert small.shape == (2, 1280) and np.allclose(np.linalg.norm(small, axis=1), 1, atol=1e-4)
     for shape in ((1, 100, 100, 3), (1, 112, 224, 3), (1, 113, 113, 3), (1, 112, 112, 4)):
-        with pytest.raises(InvalidRequest, match=r"\(224, 224, 3\) or \(112, 112, 3\)"):
+        with pytest.raises(InvalidRequest, match=r"\(N<=1024, 224, 224, 3\) or \(N<=1024, 112, 112, 3\)"):
             catalog.embed_pixels(np.zeros(shape, dtype=np.uint8))
     with pytest.raises(InvalidRequest):
         catalog.embed_pixels(np.zeros((1, 224, 224, 3), dtype=np.float32))
@@ -129,11 +132,11 @@ def test_embedding_calls_stay_within_the_batch_limit(tmp_path, monkeypatch):
     calls = []
 
     class Counting:
-        def embed(self, pixels):
+        def embed(self, pixels, role="similarity"):
             calls.append(len(pixels))
             return np.ones((len(pixels), 4), dtype=np.float32)
 
-    monkeypatch.setattr(catalog_module, "MAX_PIXELS_BATCH", 5)
+    monkeypatch.setattr(catalog_module, "max_batch", lambda side: 5)
     catalog = Catalog.__new__(Catalog)
     catalog.embedding, catalog.retry = Counting(), catalog_module.FAIL_FAST
     out = catalog._embed(np.zeros((12, 2, 2, 3), dtype=np.uint8))

@@ -14,16 +14,22 @@ MILD = ["jpeg-q40", "crop-80", "thumb-256", "colour"]
 
 
 class RandomVectors:
-    """A broken pipeline: the real model's description, random unit vectors."""
+    """A broken pipeline: the real models' descriptions, random unit vectors (for ``broken`` roles only)."""
 
-    def __init__(self, real) -> None:
-        self.real, self.rng = real, np.random.default_rng(0)
+    def __init__(self, real, broken=("similarity", "copy")) -> None:
+        self.real, self.broken, self.rng = real, broken, np.random.default_rng(0)
 
     def describe(self):
         return self.real.describe()
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        vectors = self.rng.normal(size=(len(pixels), self.real.info.dim)).astype(np.float32)
+    def describe_copy(self):
+        return self.real.describe_copy()
+
+    def embed(self, pixels: np.ndarray, role: str = "similarity") -> np.ndarray:
+        if role not in self.broken:
+            return self.real.embed(pixels, role)
+        model = self.describe() if role == "similarity" else self.describe_copy()
+        vectors = self.rng.normal(size=(len(pixels), model.info.dim)).astype(np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
@@ -41,6 +47,10 @@ def test_judge_ranks_the_original_and_the_best_false_match():
     outcome = judge(hits, "a")
     assert (outcome.rank, outcome.true_score, outcome.false_score) == (2, 0.8, 0.9)
     assert judge(hits, "z").rank is None and judge([("a", 1.0)], "a").false_score is None
+    assert outcome.same_photo is False and judge(hits, "b").same_photo is True
+    # A stored sibling (another crop of the same photo) first: the same photo, and no false match.
+    sibling_first = judge([("s", 0.95), ("a", 0.9), ("c", 0.4)], "a", frozenset({"s"}))
+    assert (sibling_first.same_photo, sibling_first.rank, sibling_first.false_scores) == (True, 2, [0.4])
 
 
 def test_a_good_pipeline_scores_high_and_a_broken_one_at_chance(efficientnet, photo_set, tmp_path):
@@ -54,6 +64,23 @@ def test_a_good_pipeline_scores_high_and_a_broken_one_at_chance(efficientnet, ph
     broken = evaluate_folder(photo_set["root"], transforms=MILD, settings=settings, embedding=RandomVectors(efficientnet))
     assert broken.overall.recall_at_1 <= 0.25, broken.table()
     assert not (tmp_path / "unused").exists(), "the evaluation works in a temporary collection of its own"
+
+
+def test_the_copy_question_ranks_a_good_copy_model_above_a_broken_one(both_models, photo_set, tmp_path):
+    """--mode copies: the copy model's whole ranking (what its thresholds come from); a broken copy model
+    (random vectors) is found out while the similarity model stays the real one."""
+    settings = Settings(data_dir=tmp_path / "unused")
+    hard = ["crop-60", "thumb-64", "flip", "caption"]
+    good = evaluate_folder(photo_set["root"], transforms=hard, settings=settings, embedding=both_models, mode="copies")
+    assert good.mode == "copies" and good.model.startswith("sscd-distilled@"), good.model
+    assert good.overall.recall_at_1 >= 0.9 and good.thresholds.near_duplicate is not None, good.table()
+    broken = evaluate_folder(
+        photo_set["root"], transforms=hard, settings=settings, embedding=RandomVectors(both_models, ("copy",)), mode="copies"
+    )
+    assert broken.overall.recall_at_1 <= 0.25, broken.table()
+    both = evaluate_folder(photo_set["root"], transforms=hard, settings=settings, embedding=both_models)
+    assert both.mode == "both" and " + efficientnet-lite0@" in both.model
+    assert both.overall.recall_at_1 >= good.overall.recall_at_1 - 0.05, both.table()
 
 
 def test_siblings_are_stored_beside_the_originals(efficientnet, photo_set, tmp_path):

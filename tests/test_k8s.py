@@ -1135,7 +1135,7 @@ def test_promql_selectors_use_the_label_names_prometheus_stores(rendered: dict[s
     api_templates |= {f"{m}/{{path}}" for m in _service_routes()[1] if not m.endswith(".json") and m != "/docs"}
     embedder_templates = _embedder_routes()
     embedding_routes = {route for route in embedder_templates if route.startswith("/embed")}
-    assert embedding_routes == {"/embed", "/embed_small", "/embed_npy"}, embedder_templates
+    assert embedding_routes == {"/embed", "/embed_small", "/embed_copy", "/embed_npy"}, embedder_templates
     known_routes = {
         "ris_embedder_requests_total": api_templates | {INTERNAL, UNMATCHED},
         "ris_http_requests_in_progress": api_templates | embedder_templates | {UNMATCHED},

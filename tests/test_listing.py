@@ -210,3 +210,22 @@ def test_the_listing_of_a_real_collection(tmp_path):
         assert [meta.id for meta in reopened.browse(BrowseQuery(limit=3)).images] == [records[i].id for i in (28, 27, 26)]
     finally:
         reopened.close()
+
+
+def test_a_started_listing_keeps_the_writes_made_while_its_first_scan_runs():
+    """A service starts its listing when its collection is ready: a write made while that first scan runs
+    (which may or may not see it) shows on the first page."""
+    started, release = threading.Event(), threading.Event()
+
+    def scan():
+        started.set()
+        release.wait(10)
+        return [_image(1, "a", 10)]  # read before the write landed
+
+    listing = CollectionListing(scan)
+    listing.start()
+    assert started.wait(10)
+    listing.upserted([_image(2, "b", 20)])
+    listing.start()  # readiness probes call it again: no second scan
+    release.set()
+    assert _ids(listing) == [2, 1]

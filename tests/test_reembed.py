@@ -14,6 +14,7 @@ from bento.errors import ModelMismatch
 from bento.imaging import content_hash
 from bento.schemas import SearchOptions
 from bento.storage import open_image_store
+from bento.vectors import copy_collection
 from ingest.demo import GENERATED, encode
 from tests.conftest import PYTHON, ROOT, run_cli, service_env
 
@@ -110,10 +111,68 @@ def test_an_old_collection_is_refused_then_reembedded_in_place_across_a_kill(eff
         hits = catalog.search_image(blobs[7], SearchOptions(top_k=3)).hits
         assert hits[0].image.id == content_hash(blobs[7]) and hits[0].score > 0.99
         leftovers = MilvusClient(uri=settings.milvus.uri)
-        assert leftovers.list_collections() == [settings.milvus.collection]
+        # The copy model (auto: the packaged student) got its vectors in the same run.
+        assert sorted(leftovers.list_collections()) == [settings.milvus.collection, copy_collection(settings.milvus.collection)]
         leftovers.close()
     finally:
         catalog.close()
         _release_lite_file(settings)
     again = run_cli(args[1:], env)
     assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr[-2000:]
+
+
+def _kill_after(args: list[str], env: dict[str, str], marker: str, count: int) -> None:
+    """Start the job and SIGKILL it once its log says ``marker`` N with N >= count."""
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    assert process.stderr is not None
+    for line in process.stderr:
+        if marker in line and int(line.split(marker)[1].split()[0]) >= count:
+            break
+        assert time.monotonic() < deadline, f"the job never logged '{marker}'"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+def test_copy_vectors_are_added_in_place_keeping_the_similarity_vectors_across_a_kill(efficientnet, both_models, tmp_path):
+    """A collection made before the copy model: the re-embed writes its copy vectors only (the similarity
+    vectors of an unchanged model stay as they are) and, killed half-way, the rerun finishes the job."""
+    import random
+
+    rng = random.Random(8)
+    makers = list(GENERATED.values())
+    blobs = list({encode(makers[i % len(makers)](rng), "PNG"): None for i in range(IMAGES)})
+    settings = Settings(data_dir=tmp_path / "data", model={"name": "efficientnet-lite0", "copy_name": "none"})
+    catalog = Catalog.in_process(settings, efficientnet)
+    for i, data in enumerate(blobs):
+        catalog.add(data, f"class{i % 3}", f"old/{i}.png")
+    before = {row["key"]: row["vector"] for row in catalog.vectors._milvus().query(settings.milvus.collection, filter="", output_fields=["vector"], limit=IMAGES * 4)}
+    catalog.close()
+    _release_lite_file(settings)
+
+    env = service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0", RIS_MODEL_COPY_NAME="sscd-distilled")
+    args = [PYTHON, "-m", "ingest.reembed", "--batch-size", "4"]
+    _kill_after(args, env, "Copy vectors written for ", 12)
+
+    rerun = run_cli(args[1:], env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Re-embedded 0 images" in rerun.stdout, "the similarity vectors are kept"
+    added = int(rerun.stdout.split("Added copy vectors for ")[1].split()[0])
+    assert 0 < added <= len(blobs) - 12, rerun.stdout
+
+    both = Settings(data_dir=tmp_path / "data", model={"name": "efficientnet-lite0", "copy_name": "sscd-distilled"})
+    catalog = Catalog.in_process(both, both_models)
+    try:
+        assert catalog.vectors.count() == len(blobs) and catalog.copies.count() == len(blobs)
+        assert catalog.complete_ids([content_hash(b) for b in blobs]) == {content_hash(b) for b in blobs}
+        after = {row["key"]: row["vector"] for row in catalog.vectors._milvus().query(both.milvus.collection, filter="", output_fields=["vector"], limit=IMAGES * 4)}
+        assert after.keys() == before.keys() and all(after[k] == before[k] for k in before), "similarity rows untouched"
+        hits = catalog.search_image(blobs[7], SearchOptions(top_k=3, mode="copies")).hits
+        assert hits[0].image.id == content_hash(blobs[7]) and hits[0].verdict == "same-image"
+        assert catalog.copies.get([content_hash(blobs[7])])[0].label == "class1"
+    finally:
+        catalog.close()
+        _release_lite_file(both)
+    again = run_cli(args[1:], env)
+    assert again.returncode == 0 and "Added copy vectors" not in again.stdout, again.stdout

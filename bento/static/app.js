@@ -93,7 +93,7 @@ function openOriginal(link, url) {
   });
 }
 
-const VERDICTS = { "same-image": "Same image", "near-duplicate": "Near duplicate", "similar": "Similar" };
+const VERDICTS = { "same-image": "Same image", "near-duplicate": "Near duplicate", "similar": "Similar", unrelated: "Unrelated" };
 
 // --- status, scopes and labels ----------------------------------------------------------------------
 let status = null;
@@ -251,9 +251,11 @@ $("preview-delete").addEventListener("click", async () => {
   closePreview();
   document.querySelectorAll(`.hit[data-id="${image.id}"]`).forEach((el) => {
     // The next "load more" starts where the server's list now continues: one image earlier.
-    if (el.parentElement.id === "results") shown -= 1;
-    if (el.parentElement.id === "gallery") galleryShown -= 1;
+    const grid = el.parentElement;
+    if (grid.id === "copies" || grid.id === "similar") shown -= 1;
+    if (grid.id === "gallery") galleryShown -= 1;
     el.remove();
+    if (grid.closest(".hits") && !grid.children.length) grid.closest(".hits").hidden = true;
   });
   say(currentMessage(), "Deleted.", false);
   refreshStatus();
@@ -306,7 +308,7 @@ async function search(newQuery) {
   shown = 0;
   preview(query.preview);
   $("add").disabled = query.kind !== "file";
-  $("results").replaceChildren();
+  clearResults();
   $("more").hidden = true;
   say($("message"), query.kind === "url" ? "Fetching and searching…" : "Searching…", false);
   $("timings").textContent = "";
@@ -334,10 +336,22 @@ async function loadMore() {
   }
 }
 
+// Copies and edits (the copy model's hits) above similar images (the similarity model's); a page of hits
+// holds the copies first, so appending keeps both lists in order.
+function clearResults() {
+  for (const name of ["copies", "similar"]) {
+    $(name).replaceChildren();
+    $(name + "-section").hidden = true;
+  }
+}
+
 function render(result, append) {
-  const grid = $("results");
-  if (!append) grid.replaceChildren();
-  for (const hit of result.hits) grid.append(card(hit, openPreview));
+  if (!append) clearResults();
+  for (const hit of result.hits) {
+    const name = hit.match === "copy" ? "copies" : "similar";
+    $(name).append(card(hit, openPreview));
+    $(name + "-section").hidden = false;
+  }
   shown += result.hits.length;
   $("more").hidden = result.hits.length < result.top_k;
   const t = result.timings;
