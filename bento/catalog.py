@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -62,6 +63,8 @@ from models.backbones import Role
 from models.pipeline import PreparedImage, check_pixels, max_batch, prepare_image
 
 logger = logging.getLogger(__name__)
+_A = TypeVar("_A")
+_B = TypeVar("_B")
 
 
 class Embedding(Protocol):
@@ -186,6 +189,21 @@ class Catalog:
         self.retry = retry
         self.serve_location = serve_location
         self.verdict_settings = verdict or VerdictSettings()
+        # The two models' halves of a search (their embeddings, their collections' searches) run at once: a
+        # search waits for the slower half, not for both one after the other. Started on first use.
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _both(self, first: Callable[[], _A] | None, second: Callable[[], _B] | None) -> tuple[_A | None, _B | None]:
+        """Two independent calls, at the same time where both are asked for (None: not asked)."""
+        if first is None or second is None:
+            return (first() if first else None, second() if second else None)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="catalog-copies")
+        later = self._pool.submit(second)
+        try:
+            return first(), later.result()
+        finally:
+            later.cancel()
 
     @classmethod
     def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:
@@ -203,6 +221,8 @@ class Catalog:
 
     def close(self) -> None:
         """Release what the catalog opened (the Milvus connections of in-process vector indexes)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.vectors.close()
         if self.copies is not None:
             self.copies.close()
@@ -432,28 +452,33 @@ class Catalog:
         window = options.offset + top_k
         thresholds = self.thresholds()
         copy_store = self._copies()
-        copies: list[VectorHit] = []
+        copy_search, similar_search = None, None
         if copy_vector is not None and copy_store is not None:
-            query = VectorQuery(vector=copy_vector, top_k=window, label=label, min_score=options.min_score)
-            for hit in self.retry.call(copy_store.search, query):
-                verdict = thresholds.copy_verdict(hit.score)
-                if verdict is not None:
-                    copies.append(hit.model_copy(update={"verdict": verdict, "match": "copy"}))
-        similar: list[VectorHit] = []
+            copy_query = VectorQuery(vector=copy_vector, top_k=window, label=label, min_score=options.min_score)
+            copy_search = lambda: self.retry.call(copy_store.search, copy_query)  # noqa: E731
         if vector is not None:
             recipe = self.retry.call(self.embedding.describe).preprocessing
-            query = VectorQuery(
+            similar_query = VectorQuery(
                 vector=vector, top_k=window, label=label, min_score=options.min_score,
                 views=recipe.views_for_query(1 << 30, 1 << 30) if views is None else views, margins=recipe.view_margins(),
                 extra_vectors=extra_vectors or [],
             )
-            found = {hit.image.id for hit in copies}
-            match: Match = "similar"
-            for hit in self.retry.call(self.vectors.search, query):
-                if hit.image.id in found:
-                    continue
-                verdict = thresholds.similar_verdict(hit.score) if copy_store is not None else thresholds.verdict(hit.score)
-                similar.append(hit.model_copy(update={"verdict": verdict, "match": match}))
+            similar_search = lambda: self.retry.call(self.vectors.search, similar_query)  # noqa: E731
+        # Both collections at once; the similar list may hold an image the copies list has: it is left out.
+        similar_hits, copy_hits = self._both(similar_search, copy_search)
+        copies: list[VectorHit] = []
+        for hit in copy_hits or []:
+            verdict = thresholds.copy_verdict(hit.score)
+            if verdict is not None:
+                copies.append(hit.model_copy(update={"verdict": verdict, "match": "copy"}))
+        similar: list[VectorHit] = []
+        found = {hit.image.id for hit in copies}
+        match: Match = "similar"
+        for hit in similar_hits or []:
+            if hit.image.id in found:
+                continue
+            verdict = thresholds.similar_verdict(hit.score) if copy_store is not None else thresholds.verdict(hit.score)
+            similar.append(hit.model_copy(update={"verdict": verdict, "match": match}))
         hits = [*copies, *similar][options.offset : window]
         timings.search_ms = _ms(started)
         timings.total_ms = round(timings.decode_ms + timings.embed_ms + timings.search_ms, 2)
@@ -480,14 +505,20 @@ class Catalog:
         prepared = self.prepare(data, to_store=False)
         timings.decode_ms = _ms(started)
         embed_started = time.perf_counter()
-        vector, extra_vectors, views, copy_vector = None, None, None, None
-        if want_similar:
+
+        def similarity_query() -> tuple[list[float], list[list[float]], list[int]]:
             vector = self._embed(prepared.pixels[None])[0].tolist()
             # A small query, also at its low-res views' input side (one call per side: a batch is one shape).
             extra_vectors = [self._embed(pixels[None])[0].tolist() for pixels in prepared.side_pixels.values()]
             views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height)
-        if want_copies and prepared.copy_pixels is not None:
-            copy_vector = self._embed(prepared.copy_pixels[None], "copy")[0].tolist()
+            return vector, extra_vectors, views
+
+        copy_pixels = prepared.copy_pixels
+        similarity, copy_vector = self._both(
+            similarity_query if want_similar else None,
+            (lambda: self._embed(copy_pixels[None], "copy")[0].tolist()) if want_copies and copy_pixels is not None else None,
+        )
+        vector, extra_vectors, views = similarity or (None, None, None)
         timings.embed_ms = _ms(embed_started)
         return self.search_vector(vector, options, prepared.id, timings, views, extra_vectors, copy_vector)
 

@@ -144,6 +144,9 @@ def copy_collection(name: str) -> str:
     return f"{name}__copy"
 
 
+_CONNECTING = threading.Lock()
+
+
 class VectorIndex:
     """Thread-safe wrapper around one collection. Connects lazily and reconnects after failures.
     ``collection``: another collection than the settings' (the copy vectors')."""
@@ -170,7 +173,10 @@ class VectorIndex:
 
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
-            client = MilvusClient(uri=uri, token=self.settings.milvus.token.get_secret_value(), db_name=self.settings.milvus.db_name, timeout=self.settings.milvus.timeout_s)
+            # One at a time in a process: the first client of a Lite file starts its local server, and two
+            # started at once (the similarity and copy collections of one search) race for the file.
+            with _CONNECTING:
+                client = MilvusClient(uri=uri, token=self.settings.milvus.token.get_secret_value(), db_name=self.settings.milvus.db_name, timeout=self.settings.milvus.timeout_s)
         except (MilvusException, OSError, RuntimeError, *_LITE_ERRORS) as exc:
             if self.settings.milvus.is_lite:
                 # A local file does not come back by waiting: report it at once, with the usual cause.

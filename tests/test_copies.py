@@ -194,3 +194,22 @@ def test_the_collections_are_named_and_guarded_apart(two_models, backend):
         assert props["ris.model_id"].startswith("sscd-distilled@") and props["ris.dim"] == "512"
     finally:
         client.close()
+
+
+def test_a_fresh_catalogs_first_search_opens_both_collections_at_once(both_models, photo_set, tmp_path):
+    """The two halves of a search run at the same time: a catalog whose first call is a search opens its
+    two collections concurrently (on a Lite file, whose first client starts the local server)."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    settings = Settings(data_dir=tmp_path / "data")
+    data = photo_set["originals"]["horse"]
+    for attempt in range(3):
+        catalog = local_catalog(settings, both_models)
+        try:
+            if attempt == 0:
+                catalog.add(data, "horse", "horse.jpg")
+            hits = catalog.search_image(data, SearchOptions(top_k=1)).hits
+            assert hits[0].match == "copy" and hits[0].image.label == "horse"
+        finally:
+            catalog.close()
+            server_manager_instance.release_server(settings.milvus.uri)
