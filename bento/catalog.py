@@ -189,8 +189,8 @@ class Catalog:
         self.retry = retry
         self.serve_location = serve_location
         self.verdict_settings = verdict or VerdictSettings()
-        # The two models' halves of a search (their embeddings, their collections' searches) run at once: a
-        # search waits for the slower half, not for both one after the other. Started on first use.
+        # The two collections' searches of a search run at once (I/O: a search waits for the slower one, not
+        # for both in turn). Started on first use.
         self._pool: ThreadPoolExecutor | None = None
 
     def _both(self, first: Callable[[], _A] | None, second: Callable[[], _B] | None) -> tuple[_A | None, _B | None]:
@@ -513,12 +513,12 @@ class Catalog:
             views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height)
             return vector, extra_vectors, views
 
-        copy_pixels = prepared.copy_pixels
-        similarity, copy_vector = self._both(
-            similarity_query if want_similar else None,
-            (lambda: self._embed(copy_pixels[None], "copy")[0].tolist()) if want_copies and copy_pixels is not None else None,
-        )
-        vector, extra_vectors, views = similarity or (None, None, None)
+        # One model after the other: embedding is compute, and two at once on the same cores only contend
+        # (measured: end-to-end p50 1.72x the recipe before with them at once, 1.27x in turn, 2 cores).
+        vector, extra_vectors, views = similarity_query() if want_similar else (None, None, None)
+        copy_vector = None
+        if want_copies and prepared.copy_pixels is not None:
+            copy_vector = self._embed(prepared.copy_pixels[None], "copy")[0].tolist()
         timings.embed_ms = _ms(embed_started)
         return self.search_vector(vector, options, prepared.id, timings, views, extra_vectors, copy_vector)
 
