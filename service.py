@@ -707,6 +707,30 @@ async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
+def in_worker_threads(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
+    """Two calls at the same time from a request's worker thread (the catalog's two collection searches):
+    each in a thread of AnyIO's pool, where the dependency clients (``to_sync``) work; an error of either is
+    raised here as it was (no exception group)."""
+    outcomes: list[tuple[bool, Any]] = [(True, None), (True, None)]
+
+    async def run(index: int, call: Callable[[], Any]) -> None:
+        try:
+            outcomes[index] = (True, await anyio.to_thread.run_sync(call))
+        except Exception as exc:  # noqa: BLE001 - handed back and raised in the caller's thread below
+            outcomes[index] = (False, exc)
+
+    async def both() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, 0, first)
+            group.start_soon(run, 1, second)
+
+    anyio.from_thread.run(both)
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+    return outcomes[0][1], outcomes[1][1]
+
+
 async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     """Read an upload (its body already bounded by EdgeGuard) and check its size."""
     data = await upload.read(max_bytes + 1)
@@ -760,6 +784,7 @@ class ImageSearch:
             self.settings.verdict,
             # used where the embedder says a copy model serves (asked lazily: it may be scaled to zero now)
             RemoteVectors(self.vectors, "copy"),
+            in_worker_threads,
         )
         self.fetcher = UrlFetcher(self.settings.fetch, self.settings.limits.max_upload_bytes)
         self.client_limits = ClientLimits(self.settings.limits.expensive_per_minute)

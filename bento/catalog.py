@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -65,6 +65,8 @@ from models.pipeline import PreparedImage, check_pixels, max_batch, prepare_imag
 logger = logging.getLogger(__name__)
 _A = TypeVar("_A")
 _B = TypeVar("_B")
+# Runs two independent calls at the same time and returns both results (raising the first one's error).
+AtOnce = Callable[[Callable[[], Any], Callable[[], Any]], tuple[Any, Any]]
 
 
 class Embedding(Protocol):
@@ -177,8 +179,11 @@ class Catalog:
         serve_location: bool = False,
         verdict: VerdictSettings | None = None,
         copies: VectorStore | None = None,
+        at_once: AtOnce | None = None,
     ) -> None:
-        """``copies``: the copy vectors' store, required when the embedding has a copy model."""
+        """``copies``: the copy vectors' store, required when the embedding has a copy model. ``at_once``: how
+        two independent calls run at the same time (default: a thread pool of the catalog's own; the service
+        passes one whose threads may call its dependencies)."""
         self.vectors = vectors
         self.copies = copies
         self.store = store
@@ -190,13 +195,11 @@ class Catalog:
         self.serve_location = serve_location
         self.verdict_settings = verdict or VerdictSettings()
         # The two collections' searches of a search run at once (I/O: a search waits for the slower one, not
-        # for both in turn). Started on first use.
+        # for both in turn). The pool is started on first use.
+        self._at_once = at_once or self._in_pool
         self._pool: ThreadPoolExecutor | None = None
 
-    def _both(self, first: Callable[[], _A] | None, second: Callable[[], _B] | None) -> tuple[_A | None, _B | None]:
-        """Two independent calls, at the same time where both are asked for (None: not asked)."""
-        if first is None or second is None:
-            return (first() if first else None, second() if second else None)
+    def _in_pool(self, first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="catalog-copies")
         later = self._pool.submit(second)
@@ -204,6 +207,12 @@ class Catalog:
             return first(), later.result()
         finally:
             later.cancel()
+
+    def _both(self, first: Callable[[], _A] | None, second: Callable[[], _B] | None) -> tuple[_A | None, _B | None]:
+        """Two independent calls, at the same time where both are asked for (None: not asked)."""
+        if first is None or second is None:
+            return (first() if first else None, second() if second else None)
+        return self._at_once(first, second)
 
     @classmethod
     def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:

