@@ -218,11 +218,10 @@ class Catalog:
     def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:
         """A catalog that opens Milvus and the image store itself (the ingest job, tools, tests)."""
         from bento.storage import open_image_store
-        from bento.vectors import VectorIndex, copy_collection
+        from bento.vectors import open_indexes
 
-        vectors = VectorIndex(settings, retry.call(embedding.describe).info)
         copy_model = retry.call(embedding.describe_copy)
-        copies = VectorIndex(settings, copy_model.info, copy_collection(settings.milvus.collection)) if copy_model else None
+        vectors, copies = open_indexes(settings, retry.call(embedding.describe).info, copy_model.info if copy_model else None)
         return cls(
             vectors, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry,
             settings.store.serve_location, settings.verdict, copies,

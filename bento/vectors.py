@@ -144,6 +144,12 @@ def copy_collection(name: str) -> str:
     return f"{name}__copy"
 
 
+def open_indexes(settings: Settings, similarity: ModelInfo, copy: ModelInfo | None) -> tuple[VectorIndex, VectorIndex | None]:
+    """The similarity collection's index and, where a copy model serves, the copy collection's (connected lazily)."""
+    copies = VectorIndex(settings, copy, copy_collection(settings.milvus.collection)) if copy is not None else None
+    return VectorIndex(settings, similarity), copies
+
+
 _CONNECTING = threading.Lock()
 
 

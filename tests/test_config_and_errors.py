@@ -62,7 +62,7 @@ def test_readme_settings_table_is_the_generated_one():
     assert sorted(documented) == sorted(name for name, _ in setting_fields()), "each setting once, no stale rows"
 
 
-# Where the HTTP API answers each domain error (service.HTTP_STATUS, the one table at the edge).
+# Where the HTTP API answers each domain error (bento.edge.HTTP_STATUS, the one table at the edge).
 @pytest.mark.parametrize(
     ("error", "status"),
     [
@@ -73,7 +73,7 @@ def test_readme_settings_table_is_the_generated_one():
     ],
 )
 def test_every_domain_error_has_its_status_at_the_edge(error, status):
-    from service import http_status
+    from bento.edge import http_status
 
     assert http_status(error("x")) == status
     assert not hasattr(error("x"), "status_code"), "domain errors know nothing of HTTP"
@@ -84,7 +84,7 @@ def test_server_side_failures_show_their_details_to_operators_only():
     sentence; client errors and failures marked public are always shown as they are."""
     import json
 
-    from service import error_response
+    from bento.edge import error_response
 
     def detail(error, reveal):
         return json.loads(error_response(error, reveal=reveal).body)["detail"]
@@ -121,7 +121,7 @@ def test_transport_failures_of_a_dependency_become_typed_domain_errors():
     import aiohttp
     from bentoml.exceptions import BentoMLException
 
-    from service import calling
+    from bento.remote import calling
 
     with pytest.raises(errors.ConnectionDropped), calling("embedder"):
         raise aiohttp.ServerDisconnectedError()

@@ -138,15 +138,15 @@ def test_without_torch_only_the_openvino_cpu_path_is_offered(monkeypatch):
 
 
 def test_the_embedder_asks_for_a_gpu_only_where_pytorch_can_use_it(monkeypatch):
-    import service
+    from bento import deployment
     from bento.config import Settings
 
     def settings(device: str) -> Settings:
         return Settings(data_dir=Path("unused"), model={"device": device})
 
-    monkeypatch.setattr(service.shutil, "which", lambda name: f"/usr/bin/{name}")  # a GPU node
-    monkeypatch.setattr(service, "torch_installed", lambda: True)
-    assert service.embedder_resources(settings("auto")) == {"gpu": 1}
-    assert service.embedder_resources(settings("cpu")) == {}
-    monkeypatch.setattr(service, "torch_installed", lambda: False)  # the CPU image on a GPU node
-    assert service.embedder_resources(settings("auto")) == {}
+    monkeypatch.setattr(deployment.shutil, "which", lambda name: f"/usr/bin/{name}")  # a GPU node
+    monkeypatch.setattr(deployment, "torch_installed", lambda: True)
+    assert deployment.embedder_resources(settings("auto")) == {"gpu": 1}
+    assert deployment.embedder_resources(settings("cpu")) == {}
+    monkeypatch.setattr(deployment, "torch_installed", lambda: False)  # the CPU image on a GPU node
+    assert deployment.embedder_resources(settings("auto")) == {}

@@ -140,7 +140,7 @@ class _DownEmbedder:
 def test_a_request_to_an_embedder_that_is_down_still_counts() -> None:
     """What wakes an embedder at zero is precisely the request that fails for want of one."""
     from bento.errors import BackendUnavailable
-    from service import RemoteEmbedder
+    from bento.remote import RemoteEmbedder
 
     before = _value("ris_embedder_requests_total", route=INTERNAL)
     remote = RemoteEmbedder(_DownEmbedder())
