@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -225,10 +226,25 @@ def alternatives_table(folder: Path, transforms: list[str], siblings: bool) -> s
 # --- 3. costs ---------------------------------------------------------------------------------------------
 
 
+def fill_with_random_images(index: Any, images: int, vectors_per_image: int, dim: int, rng: np.random.Generator) -> None:
+    """``images`` images of random unit vectors (a main vector and its views each) in a VectorIndex, flushed."""
+    from bento.schemas import VectorRecord
+
+    for start in range(0, images, 2000):
+        batch = []
+        for i in range(start, min(images, start + 2000)):
+            v = rng.normal(size=(vectors_per_image, dim)).astype(np.float32)
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            batch.append(VectorRecord(id=f"{i:064x}", mime="image/jpeg", width=1, height=1, size_bytes=1, created_at=0,
+                                      vector=v[0].tolist(), views=[x.tolist() for x in v[1:]]))
+        index.upsert(batch)
+    index.flush()
+
+
 def search_p50s(uri: str | None, dim: int, view_sets: tuple[str, ...], images: int, queries: int = 120) -> tuple[float, float]:
     """Search p50 (ms) over ``images`` images for a 1024x768 query and a 64x48 one (the views the product
     compares each with), on a Milvus Lite file (uri None) or a server."""
-    from bento.schemas import ModelInfo, VectorQuery, VectorRecord
+    from bento.schemas import ModelInfo, VectorQuery
     from bento.vectors import VectorIndex
     from models.preprocess import VIEW_SETS, Preprocessing
 
@@ -243,15 +259,7 @@ def search_p50s(uri: str | None, dim: int, view_sets: tuple[str, ...], images: i
                           vectors_per_image=vectors_per_image)
         index = VectorIndex(settings, model)
         try:
-            for start in range(0, images, 2000):
-                batch = []
-                for i in range(start, min(images, start + 2000)):
-                    v = rng.normal(size=(vectors_per_image, dim)).astype(np.float32)
-                    v /= np.linalg.norm(v, axis=1, keepdims=True)
-                    batch.append(VectorRecord(id=f"{i:064x}", mime="image/jpeg", width=1, height=1, size_bytes=1, created_at=0,
-                                              vector=v[0].tolist(), views=[x.tolist() for x in v[1:]]))
-                index.upsert(batch)
-            index.flush()
+            fill_with_random_images(index, images, vectors_per_image, dim, rng)
             time.sleep(15 if uri else 5)  # the server builds its index, Lite compacts, in the background
             recipe = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3, views=views_of)
             results = []

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.robust_search import PHOTOS, build_photo_set  # noqa: E402
+from bench.robust_search import PHOTOS, build_photo_set, fill_with_random_images  # noqa: E402
 from bento.config import Settings  # noqa: E402
 from ingest.demo import grainy_jpeg, load_photo  # noqa: E402
 
@@ -146,12 +146,8 @@ def ingest_and_search(folder: Path, queries: list[bytes], config: Config) -> tup
 def vector_p50(uri: str | None, config: Config, images: int, queries: int = 100) -> float:
     """Vector search p50 (ms) over ``images`` images: each collection the configuration searches for a large
     query, all at once as the catalog searches them (random unit vectors; HNSW)."""
-    from bento.schemas import ModelInfo, VectorQuery, VectorRecord
+    from bento.schemas import ModelInfo, VectorQuery
     from bento.vectors import VectorIndex, copy_collection
-    from models.preprocess import VIEW_SETS
-
-    def views(names: str) -> int:
-        return 1 + sum(len(VIEW_SETS[name]) for name in names.split(",") if name)
 
     collections = [(1280, views(config.views), views(config.views) if config.views != "low-res-64" else 1)]
     if config.copy != "none":
@@ -167,15 +163,7 @@ def vector_p50(uri: str | None, config: Config, images: int, queries: int = 100)
                                   pretrained=False, vectors_per_image=per_image)
                 index = VectorIndex(settings, model, copy_collection(settings.milvus.collection) if k else None)
                 indexes.append((index, dim, searched))
-                for start in range(0, images, 2000):
-                    batch = []
-                    for i in range(start, min(images, start + 2000)):
-                        v = rng.normal(size=(per_image, dim)).astype(np.float32)
-                        v /= np.linalg.norm(v, axis=1, keepdims=True)
-                        batch.append(VectorRecord(id=f"{i:064x}", mime="image/jpeg", width=1, height=1, size_bytes=1, created_at=0,
-                                                  vector=v[0].tolist(), views=[x.tolist() for x in v[1:]]))
-                    index.upsert(batch)
-                index.flush()
+                fill_with_random_images(index, images, per_image, dim, rng)
             time.sleep(15 if uri else 5)  # the server builds its indexes, Lite compacts, in the background
 
             pool = ThreadPoolExecutor(max_workers=len(indexes))
@@ -203,12 +191,14 @@ def vector_p50(uri: str | None, config: Config, images: int, queries: int = 100)
     return result
 
 
-def bytes_per_image(config: Config) -> int:
+def views(names: str) -> int:
+    """Vectors per image of a view-set list (RIS_MODEL_VIEWS / RIS_MODEL_COPY_VIEWS): the main one and its views."""
     from models.preprocess import VIEW_SETS
 
-    def views(names: str) -> int:
-        return 1 + sum(len(VIEW_SETS[name]) for name in names.split(",") if name)
+    return 1 + sum(len(VIEW_SETS[name]) for name in names.split(",") if name)
 
+
+def bytes_per_image(config: Config) -> int:
     total = views(config.views) * 1280 * 4
     return total + (views(config.copy_views) * 512 * 4 if config.copy != "none" else 0)
 
