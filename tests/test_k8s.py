@@ -790,12 +790,16 @@ ROUTE_DECORATORS = {"get", "post", "put", "patch", "delete", "head", "options", 
 
 def _service_routes() -> tuple[list[tuple[str, str, set[str]]], set[str]]:
     """service.py's FastAPI routes as (METHOD, path, scopes its handler requires), and its other paths
-    (mounts, the docs and the OpenAPI schema), read from the source."""
-    tree = ast.parse((ROOT / "service.py").read_text())
+    (mounts, the docs and the OpenAPI schema), read from the source: service.py's route decorators and the
+    routes bento/edge.py adds to its app last (/metrics, the catch-all)."""
+    trees = [ast.parse((ROOT / name).read_text()) for name in ("service.py", "bento/edge.py")]
     routes: list[tuple[str, str, set[str]]] = []
     other: set[str] = set()
     scope_of = {"Searcher": "search", "Writer": "write", "Admin": "admin"}
-    for node in ast.walk(tree):
+    for node in (node for tree in trees for node in ast.walk(tree)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "app.add_api_route":
+            methods = next(ast.literal_eval(k.value) for k in node.keywords if k.arg == "methods")
+            routes += [(m, ast.literal_eval(node.args[0]), set()) for m in methods]
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "app.mount":
             other.add(ast.literal_eval(node.args[0]))
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "FastAPI":
