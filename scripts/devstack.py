@@ -83,9 +83,16 @@ class _Server:
         assert self.process is not None
         _signal_group(self.process.pid, signal.SIGSTOP)
 
-    def resume(self) -> None:
+    def resume(self, timeout_s: float = 60) -> None:
+        """Unfreeze the server and wait until it answers again; a server that died while frozen is an error
+        here, with its log, rather than a cascade of refused connections in whatever uses it next."""
         assert self.process is not None
         _signal_group(self.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not come back from a pause; see {self.log_path}:\n{self.log_tail()}")
+            time.sleep(0.2)
 
     def stop(self, kill: bool = False) -> None:
         """Stop the whole process group (Milvus' launcher has a child) and wait until every member is
@@ -138,9 +145,14 @@ class MilvusServer(_Server):
     name = "milvus"
     _INTERNAL = ("etcd", "root-coord", "proxy-internal", "query-coord", "query-node", "index-coord", "index-node", "data-coord", "data-node")
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, session_ttl_s: int | None = None) -> None:
         super().__init__(data_dir, port)
         self.internal_ports = {name: free_port() for name in self._INTERNAL}
+        # Milvus' components hold etcd leases (30 s by default). A frozen server (pause(), a suspended host)
+        # freezes its embedded etcd too, whose clock does not stop: on resume etcd revokes the leases that ran
+        # out meanwhile before the components can renew them, and Milvus exits ("disconnected from etcd").
+        # Tests that freeze the server for longer than ~20 s give it a longer lease.
+        self.session_ttl_s = session_ttl_s
 
     @property
     def uri(self) -> str:
@@ -148,7 +160,8 @@ class MilvusServer(_Server):
 
     def command(self) -> list[str]:
         ports = [arg for name, port in self.internal_ports.items() for arg in (f"--{name}-port", str(port))]
-        return [str(BIN / "milvus-server"), "--data", str(self.data_dir), "--proxy-port", str(self.port), *ports]
+        extra = ["--extra-config", f"common.session.ttl={self.session_ttl_s}"] if self.session_ttl_s else []
+        return [str(BIN / "milvus-server"), "--data", str(self.data_dir), "--proxy-port", str(self.port), *ports, *extra]
 
     def healthy(self) -> bool:
         from pymilvus import MilvusClient

@@ -153,8 +153,9 @@ BACKENDS = ["lite-local", "server-s3"]
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
-    """A real Milvus 2.3 standalone server on a loopback port, shared by the session."""
-    server = MilvusServer(tmp_path_factory.mktemp("milvus-server") / "data")
+    """A real Milvus 2.3 standalone server on a loopback port, shared by the session. The fault tests
+    freeze it for tens of seconds: a 10-minute etcd lease keeps it alive through that (see MilvusServer)."""
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server") / "data", session_ttl_s=600)
     server.start()
     yield server
     server.stop()
