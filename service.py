@@ -1,4 +1,4 @@
-"""BentoML services: thin edges over the domain (bento/catalog.py and the models/ it uses).
+"""BentoML services: thin edges over the domain (bento/domain/catalog.py and the models/ it uses).
 
 - ``Embedder``: batchable pixels -> vectors (GPU when present), adaptive batching.
 - ``VectorSearch``: the single owner of the Milvus connection (Milvus Lite allows one process per file).
@@ -7,8 +7,8 @@
   and the catalog's calls to the two services above are blocking), and shape the response.
 
 Domain errors cross from a service to its caller as data (``Reply``) and are raised there as the same
-class; ``bento.edge.HTTP_STATUS`` is the one place they become HTTP statuses. This module only wires: the
-services, their APIs and routes; the edge's plumbing lives in bento/edge.py, the adapters in bento/remote.py.
+class; ``bento.http.edge.HTTP_STATUS`` is the one place they become HTTP statuses. This module only wires: the
+services, their APIs and routes; the edge's plumbing lives in bento/http/edge.py, the adapters in bento/adapters/remote.py.
 """
 
 from __future__ import annotations
@@ -26,20 +26,21 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from bento import edge, schemas
-from bento.catalog import Catalog
-from bento.config import get_settings
-from bento.deployment import DEPENDENCY_CONNECTION, embed_batching_options, embedder_resources
-from bento.duplicates import DuplicatePage, DuplicateQuery
-from bento.edge import Admin, Searcher, Writer
-from bento.errors import InvalidRequest, SearchError
-from bento.fetch import UrlFetcher
-from bento.listing import BrowseQuery, LabelList
-from bento.metrics import INTERNAL, HttpMetrics, RouteTemplates, fixed_routes, start_embedder_requests
-from bento.remote import RemoteEmbedder, RemoteVectors, in_worker_threads
-from bento.retry import FAIL_FAST
-from bento.storage import open_image_store
-from bento.vectors import VectorIndex, open_indexes
+from bento.adapters.fetch import UrlFetcher
+from bento.adapters.remote import RemoteEmbedder, RemoteVectors, in_worker_threads
+from bento.adapters.storage import open_image_store
+from bento.adapters.vectors import VectorIndex, open_indexes
+from bento.core.config import get_settings
+from bento.core.errors import InvalidRequest, SearchError
+from bento.core.metrics import INTERNAL, HttpMetrics, RouteTemplates, fixed_routes, start_embedder_requests
+from bento.core.retry import FAIL_FAST
+from bento.domain import schemas
+from bento.domain.catalog import Catalog
+from bento.domain.duplicates import DuplicatePage, DuplicateQuery
+from bento.domain.listing import BrowseQuery, LabelList
+from bento.http import edge
+from bento.http.deployment import DEPENDENCY_CONNECTION, embed_batching_options, embedder_resources
+from bento.http.edge import Admin, Searcher, Writer
 from models.backbones import Role
 
 logger = logging.getLogger("ris.service")
@@ -111,7 +112,7 @@ class Embedder:
 
 # BentoML's own routes next to a service's APIs: probes and scrapes, not load.
 BENTOML_PROBES = ("/livez", "/readyz", "/healthz", "/metrics")
-# The product's request metrics of the embedder (bento/metrics.py): its in-progress gauge is what its
+# The product's request metrics of the embedder (bento/core/metrics.py): its in-progress gauge is what its
 # autoscalers read. BentoML's own metrics stay on here (its adaptive batch sizes; its paths are this
 # service's few routes, reached only by the API pods).
 Embedder.add_asgi_middleware(
@@ -239,7 +240,7 @@ app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 edge.install_error_handlers(app)
 
 
-# metrics disabled: BentoML's request metrics of this service (bento/metrics.py says why) and its /metrics
+# metrics disabled: BentoML's request metrics of this service (bento/core/metrics.py says why) and its /metrics
 # route; the app serves /metrics itself (every process's series, BentoML's of the other services included).
 @bentoml.service(
     name="image-search", workers=DEPLOYMENT.services.api_workers, traffic={"timeout": 120}, metrics={"enabled": False}

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bento.config import Settings
+from bento.core.config import Settings
 from models.store import load_embedder
 
 

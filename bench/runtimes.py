@@ -28,10 +28,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bento.config import Settings
-from bento.imaging import DecodeLimits, usable_cpus
+from bento.core.config import Settings
 from ingest.demo import grainy_jpeg, near_duplicate, photos
 from models.embedding import ImageEmbedder
+from models.imaging import DecodeLimits, usable_cpus
 from models.pipeline import prepare_image
 from models.runtime import RuntimeUnavailable
 from models.store import load_embedder

@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from index_bench import FeatureModel, wait_indexed  # noqa: E402
 
-from bento.config import BatchingSettings, Settings, settings_from  # noqa: E402
-from bento.schemas import VectorRecord  # noqa: E402
-from bento.vectors import VectorIndex  # noqa: E402
+from bento.adapters.vectors import VectorIndex  # noqa: E402
+from bento.core.config import BatchingSettings, Settings, settings_from  # noqa: E402
+from bento.domain.schemas import VectorRecord  # noqa: E402
 from ingest.demo import encode, near_duplicate, photos  # noqa: E402
 from scripts.devstack import BentoService  # noqa: E402
 
@@ -129,7 +129,7 @@ def sequential(url: str, uploads: list[bytes], requests: int) -> dict[str, float
 
 
 def model_info(url: str):
-    from bento.schemas import ModelInfo
+    from bento.domain.schemas import ModelInfo
 
     return ModelInfo.model_validate(httpx.get(f"{url}/api/status", timeout=10).json()["model"])
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench.robust_search import PHOTOS, build_photo_set, fill_with_random_images  # noqa: E402
-from bento.config import Settings  # noqa: E402
+from bento.core.config import Settings  # noqa: E402
 from ingest.demo import grainy_jpeg, load_photo  # noqa: E402
 
 
@@ -113,8 +113,8 @@ def quality_section(folder: Path, transforms: list[str]) -> str:
 
 def ingest_and_search(folder: Path, queries: list[bytes], config: Config) -> tuple[float, float]:
     """(ingest images/s, end-to-end search p50 ms) of one configuration on the same JPEGs."""
-    from bento.catalog import Catalog
-    from bento.schemas import SearchOptions
+    from bento.domain.catalog import Catalog
+    from bento.domain.schemas import SearchOptions
     from models.store import load_embedders
 
     with tempfile.TemporaryDirectory() as work:
@@ -146,8 +146,8 @@ def ingest_and_search(folder: Path, queries: list[bytes], config: Config) -> tup
 def vector_p50(uri: str | None, config: Config, images: int, queries: int = 100) -> float:
     """Vector search p50 (ms) over ``images`` images: each collection the configuration searches for a large
     query, all at once as the catalog searches them (random unit vectors; HNSW)."""
-    from bento.schemas import ModelInfo, VectorQuery
-    from bento.vectors import VectorIndex, copy_collection
+    from bento.adapters.vectors import VectorIndex, copy_collection
+    from bento.domain.schemas import ModelInfo, VectorQuery
 
     collections = [(1280, views(config.views), views(config.views) if config.views != "low-res-64" else 1)]
     if config.copy != "none":
@@ -174,7 +174,7 @@ def vector_p50(uri: str | None, config: Config, images: int, queries: int = 100)
                     q = rng.normal(size=dim).astype(np.float32)
                     queries.append(VectorQuery(vector=(q / np.linalg.norm(q)).tolist(), top_k=12, views=list(range(searched))))
                 started = time.perf_counter()
-                # The collections at once, as the catalog searches them (bento/catalog.py, Catalog._both).
+                # The collections at once, as the catalog searches them (bento/domain/catalog.py, Catalog._both).
                 for future in [pool.submit(index.search, query) for (index, _, _), query in zip(indexes, queries, strict=True)]:
                     future.result()
                 return (time.perf_counter() - started) * 1000
@@ -243,8 +243,8 @@ def cost_section(quick: bool) -> str:
 def floor_section() -> str:
     """The similarity model's floor: how the demo photos of different subjects score against each other (a
     hit below the p95 is no evidence of similarity: `unrelated`)."""
-    from bento.imaging import DecodeLimits
     from ingest.demo import encode, photos
+    from models.imaging import DecodeLimits
     from models.pipeline import prepare_image
     from models.store import load_embedder
 

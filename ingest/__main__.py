@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from bento.catalog import Catalog, Embedding
-from bento.config import get_settings
-from bento.errors import SearchError
-from bento.retry import RetryPolicy
+from bento.core.config import get_settings
+from bento.core.errors import SearchError
+from bento.core.retry import RetryPolicy
+from bento.domain.catalog import Catalog, Embedding
 from ingest.job import IngestJob, IngestOptions
 from ingest.remote import RemoteEmbedding
 from ingest.sources import S3_SCHEME, open_source

@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from bento.config import get_settings
-from bento.errors import SearchError
-from bento.schemas import Thresholds
-from bento.vectors import VectorIndex
+from bento.adapters.vectors import VectorIndex
+from bento.core.config import get_settings
+from bento.core.errors import SearchError
+from bento.domain.schemas import Thresholds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,13 +31,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from pydantic import BaseModel, Field
 
-from bento.catalog import Catalog, Embedding, NewImage
-from bento.config import LimitsSettings, Settings, get_settings
-from bento.errors import SearchError
-from bento.imaging import DecodeLimits, content_hash, decode_image
-from bento.retry import FAIL_FAST
-from bento.schemas import SearchMode, SearchOptions
+from bento.core.config import LimitsSettings, Settings, get_settings
+from bento.core.errors import SearchError
+from bento.core.retry import FAIL_FAST
+from bento.domain.catalog import Catalog, Embedding, NewImage
+from bento.domain.schemas import SearchMode, SearchOptions
 from ingest.job import scan_folder
+from models.imaging import DecodeLimits, content_hash, decode_image
 
 logger = logging.getLogger(__name__)
 TOP_K = 10

@@ -4,7 +4,7 @@ ImageNet-style layout: ``<root>/<label>/.../<image>`` gives each image the label
 folder; files directly in the root get no label. Images are keyed by content hash, so a rerun (after
 Ctrl-C, a crash or SIGKILL) skips what is already in Milvus and never duplicates anything.
 
-Every write goes through the catalog (bento/catalog.py), which owns the write order that makes this
+Every write goes through the catalog (bento/domain/catalog.py), which owns the write order that makes this
 crash-safe: blobs before the vector row, and only a row whose original exists counts as present.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from bento.catalog import Catalog, NewImage, clean_label
-from bento.errors import BackendUnavailable, ImageTooLarge, InvalidImage, InvalidRequest, SearchError
-from bento.imaging import content_hash
+from bento.core.errors import BackendUnavailable, ImageTooLarge, InvalidImage, InvalidRequest, SearchError
+from bento.domain.catalog import Catalog, NewImage, clean_label
 from ingest.sources import FolderSource, ImageSource, SourceFile, shard_of
+from models.imaging import content_hash
 from models.pipeline import PreparedImage
 
 logger = logging.getLogger(__name__)

@@ -23,12 +23,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from bento.catalog import Catalog, Embedding, NewImage
-from bento.config import Settings, get_settings
-from bento.errors import SearchError
-from bento.retry import RetryPolicy
-from bento.schemas import ImageMetadata, ModelDescription
-from bento.vectors import VectorIndex, copy_collection
+from bento.adapters.vectors import VectorIndex, copy_collection
+from bento.core.config import Settings, get_settings
+from bento.core.errors import SearchError
+from bento.core.retry import RetryPolicy
+from bento.domain.catalog import Catalog, Embedding, NewImage
+from bento.domain.schemas import ImageMetadata, ModelDescription
 from models.backbones import Role
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _fill_copies(
 ) -> int:
     """Write the copy vectors the images of the (now current) similarity collection lack. Resumable: images
     with a copy row are skipped. A copy collection of another model is rebuilt aside and swapped in."""
-    from bento.storage import open_image_store
+    from bento.adapters.storage import open_image_store
 
     name = copy_collection(settings.milvus.collection)
     similarity = VectorIndex(settings, retry.call(embedding.describe).info)

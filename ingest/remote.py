@@ -8,9 +8,9 @@ import logging
 import httpx
 import numpy as np
 
-from bento.errors import BackendUnavailable, ConnectionDropped, ModelMismatch, NotFound, error_class
-from bento.retry import RetryPolicy
-from bento.schemas import ModelDescription
+from bento.core.errors import BackendUnavailable, ConnectionDropped, ModelMismatch, NotFound, error_class
+from bento.core.retry import RetryPolicy
+from bento.domain.schemas import ModelDescription
 from models.backbones import Role
 
 logger = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from bento.config import Settings
-from bento.errors import InvalidRequest, SearchError
-from bento.storage import S3ImageStore
+from bento.adapters.storage import S3ImageStore
+from bento.core.config import Settings
+from bento.core.errors import InvalidRequest, SearchError
 
 S3_SCHEME = "s3://"
 

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from bento.config import get_settings
+from bento.core.config import get_settings
 from models.backbones import backbones_of, get_backbone, model_choices
 from models.store import export_openvino, import_model, resolve_model
 

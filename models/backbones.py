@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import urlparse
 
-from bento.errors import ModelUnavailable
+from bento.core.errors import ModelUnavailable
 from models.preprocess import Preprocessing
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from bento.config import ModelSettings
+    from bento.core.config import ModelSettings
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 
-from bento.errors import ModelUnavailable
-from bento.schemas import ModelDescription, ModelInfo
+from bento.core.errors import ModelUnavailable
+from bento.domain.schemas import ModelDescription, ModelInfo
 from models.backbones import Role
 from models.pipeline import check_pixels
 from models.preprocess import Preprocessing

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bento.errors import ModelUnavailable
+from bento.core.errors import ModelUnavailable
 from models.preprocess import Preprocessing
 from models.runtime import RuntimeChoice, check_fidelity, fidelity_probe
 
@@ -112,7 +112,7 @@ class OnnxRuntimeRuntime:
     def __init__(self, path: Path, choice: RuntimeChoice) -> None:
         import onnxruntime as ort
 
-        from bento.imaging import usable_cpus
+        from models.imaging import usable_cpus
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = usable_cpus()

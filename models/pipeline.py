@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from bento.errors import InvalidRequest
-from bento.imaging import DecodeLimits, content_hash, decode_image, draft_min_side, make_thumbnail
-from bento.schemas import VectorRecord
-from bento.storage import ImageStore
+from bento.adapters.storage import ImageStore
+from bento.core.errors import InvalidRequest
+from bento.domain.schemas import VectorRecord
+from models.imaging import DecodeLimits, content_hash, decode_image, draft_min_side, make_thumbnail
 from models.preprocess import Preprocessing
 
 

@@ -32,9 +32,9 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from bento.config import PrecisionChoice, RuntimeName
-from bento.errors import ModelUnavailable, SearchError
-from bento.imaging import usable_cpus
+from bento.core.config import PrecisionChoice, RuntimeName
+from bento.core.errors import ModelUnavailable, SearchError
+from models.imaging import usable_cpus
 from models.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)

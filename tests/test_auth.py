@@ -1,9 +1,9 @@
-"""API keys and scopes (bento/auth.py): what each key, and no key, may do."""
+"""API keys and scopes (bento/http/auth.py): what each key, and no key, may do."""
 
 import pytest
 
-from bento.auth import KeyTable, hash_key, main, new_key, parse_entries, presented_key
-from bento.errors import Forbidden, Unauthenticated
+from bento.core.errors import Forbidden, Unauthenticated
+from bento.http.auth import KeyTable, hash_key, main, new_key, parse_entries, presented_key
 
 
 def _table(anonymous: str = "search", **keys: str) -> KeyTable:

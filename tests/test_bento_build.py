@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from bento.config import Settings, get_settings, setting_fields
+from bento.core.config import Settings, get_settings, setting_fields
 from tests.conftest import ROOT, ServiceProcess, metric_samples, metric_sum, run_cli, service_env
 
 
@@ -61,7 +61,7 @@ def test_bento_builds_offline_with_model_page_and_pins_and_serves(bentoml_home, 
 
     # Code and the web page; nothing from tests, data or the venv.
     src = bento_dir / "src"
-    for path in ["service.py", "bento/config.py", "bento/static/index.html", "models/store.py", "ingest/job.py"]:
+    for path in ["service.py", "bento/core/config.py", "bento/static/index.html", "models/store.py", "ingest/job.py"]:
         assert (src / path).is_file(), path
     assert (src / "bento/static/index.html").read_bytes() == (ROOT / "bento/static/index.html").read_bytes()
     for path in ["tests", "data", "demo-data", ".venv", "bench", "k8s", ".stack"]:

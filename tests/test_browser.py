@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from bento.imaging import content_hash
+from models.imaging import content_hash
 from scripts.devstack import stack_env
 from tests.conftest import Backend, ServiceProcess, run_cli
 
@@ -380,7 +380,7 @@ def test_the_page_asks_for_a_key_only_when_an_action_needs_one(browser, keyed_se
 def test_a_private_collection_shows_its_images_to_a_key_holder(browser, efficientnet, keys, photo_set, tmp_path):
     """With no anonymous access at all, <img> tags cannot send a key: the page fetches thumbnails, the
     preview and originals with the key (blob: URLs), under the CSP."""
-    from bento.auth import hash_key
+    from bento.http.auth import hash_key
 
     entries = f"reader:search:{hash_key(keys.search)}, ops:admin:{hash_key(keys.admin)}"
     env = Backend("lite-local", tmp_path / "data").process_env(

@@ -1,4 +1,4 @@
-"""The catalog (bento/catalog.py) in-process, over a real Milvus Lite file and local image store: the
+"""The catalog (bento/domain/catalog.py) in-process, over a real Milvus Lite file and local image store: the
 flows the HTTP API and the ingest job share."""
 
 import io
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bento.catalog import NewImage, clean_label
-from bento.config import Settings
-from bento.errors import InvalidImage, InvalidRequest, NotFound
-from bento.imaging import content_hash
-from bento.schemas import SearchOptions
+from bento.core.config import Settings
+from bento.core.errors import InvalidImage, InvalidRequest, NotFound
+from bento.domain.catalog import NewImage, clean_label
+from bento.domain.schemas import SearchOptions
+from models.imaging import content_hash
 from tests.conftest import local_catalog
 
 
@@ -126,8 +126,8 @@ def test_embed_pixels_checks_the_models_recipe(catalog):
 
 def test_embedding_calls_stay_within_the_batch_limit(tmp_path, monkeypatch):
     """A batch of images times their views can exceed what one embedding call takes: it is split."""
-    import bento.catalog as catalog_module
-    from bento.catalog import Catalog
+    import bento.domain.catalog as catalog_module
+    from bento.domain.catalog import Catalog
 
     calls = []
 

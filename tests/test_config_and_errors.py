@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from bento import errors
-from bento.config import RENAMED, Settings, check_environment, get_settings, setting_fields, settings_table
-from bento.schemas import ImageMetadata, Reply
+from bento.core import errors
+from bento.core.config import RENAMED, Settings, check_environment, get_settings, setting_fields, settings_table
+from bento.domain.schemas import ImageMetadata, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,14 +55,14 @@ def test_every_renamed_setting_names_an_existing_one():
 
 
 def test_readme_settings_table_is_the_generated_one():
-    """Every setting is documented once, from its field: `python -m bento.config` prints the table."""
+    """Every setting is documented once, from its field: `python -m bento.core.config` prints the table."""
     readme = (ROOT / "README.md").read_text()
-    assert settings_table() in readme, "regenerate the README's settings table: python -m bento.config"
+    assert settings_table() in readme, "regenerate the README's settings table: python -m bento.core.config"
     documented = re.findall(r"^\| `(RIS_[A-Z0-9_]+)` \|", readme, flags=re.M)
     assert sorted(documented) == sorted(name for name, _ in setting_fields()), "each setting once, no stale rows"
 
 
-# Where the HTTP API answers each domain error (bento.edge.HTTP_STATUS, the one table at the edge).
+# Where the HTTP API answers each domain error (bento.http.edge.HTTP_STATUS, the one table at the edge).
 @pytest.mark.parametrize(
     ("error", "status"),
     [
@@ -73,7 +73,7 @@ def test_readme_settings_table_is_the_generated_one():
     ],
 )
 def test_every_domain_error_has_its_status_at_the_edge(error, status):
-    from bento.edge import http_status
+    from bento.http.edge import http_status
 
     assert http_status(error("x")) == status
     assert not hasattr(error("x"), "status_code"), "domain errors know nothing of HTTP"
@@ -84,7 +84,7 @@ def test_server_side_failures_show_their_details_to_operators_only():
     sentence; client errors and failures marked public are always shown as they are."""
     import json
 
-    from bento.edge import error_response
+    from bento.http.edge import error_response
 
     def detail(error, reveal):
         return json.loads(error_response(error, reveal=reveal).body)["detail"]
@@ -121,7 +121,7 @@ def test_transport_failures_of_a_dependency_become_typed_domain_errors():
     import aiohttp
     from bentoml.exceptions import BentoMLException
 
-    from bento.remote import calling
+    from bento.adapters.remote import calling
 
     with pytest.raises(errors.ConnectionDropped), calling("embedder"):
         raise aiohttp.ServerDisconnectedError()
@@ -141,7 +141,7 @@ def test_bento_requirements_match_the_project_dependencies():
 
 def test_settings_from_a_given_environment_ignore_this_process(monkeypatch):
     """What a process started with that environment would read: this process's RIS_* never leak in."""
-    from bento.config import settings_from
+    from bento.core.config import settings_from
 
     monkeypatch.setenv("RIS_MILVUS_URI", "http://from-this-process:19530")
     settings = settings_from({"RIS_DATA_DIR": "/srv/ris", "RIS_MODEL_NAME": "resnet50", "PATH": "/bin"})

@@ -26,8 +26,8 @@ import httpx
 import pytest
 import yaml
 
-from bento.auth import hash_key, new_key
-from bento.imaging import content_hash
+from bento.http.auth import hash_key, new_key
+from models.imaging import content_hash
 from scripts.devstack import free_port
 from tests.conftest import ROOT, make_images, metric_samples, metric_sum
 

@@ -1,5 +1,5 @@
 """Two questions, two models: copies and edits found by the copy model (SSCD), similar images by the
-similarity model; one search answers both (bento/catalog.py), on both Milvus backends."""
+similarity model; one search answers both (bento/domain/catalog.py), on both Milvus backends."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from bento.catalog import NewImage
-from bento.config import Settings
-from bento.errors import InvalidRequest
-from bento.imaging import content_hash
-from bento.schemas import SearchOptions
-from bento.vectors import copy_collection
+from bento.adapters.vectors import copy_collection
+from bento.core.config import Settings
+from bento.core.errors import InvalidRequest
+from bento.domain.catalog import NewImage
+from bento.domain.schemas import SearchOptions
 from ingest.demo import GENERATED, encode, load_photo
+from models.imaging import content_hash
 from tests.conftest import local_catalog
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bento.config import Settings
-from bento.errors import ModelUnavailable
-from bento.imaging import DecodeLimits
+from bento.core.config import Settings
+from bento.core.errors import ModelUnavailable
 from models.backbones import SSCDResNet50, get_backbone
+from models.imaging import DecodeLimits
 from models.packaged import PACKAGED, PREPROCESSING, OnnxRuntimeRuntime, build_packaged_runtime, choose_packaged_runtime
 from models.pipeline import prepare_image
 from models.runtime import RuntimeChoice

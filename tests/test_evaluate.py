@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from bento.config import Settings
+from bento.core.config import Settings
 from ingest.evaluate import EDITS, evaluate_folder, judge, main, make_query
 
 MILD = ["jpeg-q40", "crop-80", "thumb-256", "colour"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bento.imaging import DecodeLimits, decode_image
+from models.imaging import DecodeLimits, decode_image
 from models.pipeline import prepare_image
 from models.runtime import FIDELITY_FLOOR, RuntimeUnavailable, choose_runtime
 from tests.conftest import ROOT, run_cli, service_env
@@ -26,7 +26,7 @@ EMBED = """
 import json, logging, sys
 import numpy as np
 logging.basicConfig(level=logging.INFO)
-from bento.config import get_settings
+from bento.core.config import get_settings
 from models.store import load_embedder
 embedder = load_embedder(get_settings(), import_if_missing=False)
 np.save(sys.argv[2], embedder.embed(np.load(sys.argv[1])))
@@ -138,8 +138,8 @@ def test_without_torch_only_the_openvino_cpu_path_is_offered(monkeypatch):
 
 
 def test_the_embedder_asks_for_a_gpu_only_where_pytorch_can_use_it(monkeypatch):
-    from bento import deployment
-    from bento.config import Settings
+    from bento.core.config import Settings
+    from bento.http import deployment
 
     def settings(device: str) -> Settings:
         return Settings(data_dir=Path("unused"), model={"device": device})

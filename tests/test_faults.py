@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bento.imaging import content_hash
+from models.imaging import content_hash
 from scripts.devstack import S3Server, stack_env
 from tests.conftest import PYTHON, ROOT, Backend, ServiceProcess, make_images, run_cli
 
@@ -126,7 +126,7 @@ def test_s3_outage_under_the_service(milvus_server, own_s3, efficientnet, photo_
 def test_milvus_outage_under_the_service(milvus_server, s3_server, efficientnet, photo_set, keys, tmp_path):
     """A 503 at once (no hang), readiness down, recovery by itself; with keys configured, the outage's
     details (the Milvus address) are read by admin keys only."""
-    from bento.auth import hash_key
+    from bento.http.auth import hash_key
 
     entries = f"reader:search:{hash_key(keys.search)}, ops:admin:{hash_key(keys.admin)}"
     with _service_client(milvus_server, s3_server, "m", tmp_path, RIS_MILVUS_TIMEOUT_S="3", RIS_AUTH_KEYS=entries) as client:

@@ -1,4 +1,4 @@
-"""Search-by-URL fetching (bento/fetch.py): what it refuses before sending anything, and what it bounds.
+"""Search-by-URL fetching (bento/adapters/fetch.py): what it refuses before sending anything, and what it bounds.
 A plain HTTP server on loopback (tests/conftest.py image_host) plays an intranet host on the allow-list."""
 
 import gzip
@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anyio
 import pytest
 
-from bento.config import FetchSettings
-from bento.errors import ImageTooLarge, InvalidRequest, UrlFetchFailed
-from bento.fetch import AllowEntry, UrlFetcher, public
+from bento.adapters.fetch import AllowEntry, UrlFetcher, public
+from bento.core.config import FetchSettings
+from bento.core.errors import ImageTooLarge, InvalidRequest, UrlFetchFailed
 
 
 class _Fetcher:
@@ -180,7 +180,7 @@ def test_proxies_from_the_environment_are_ignored(image_host, monkeypatch):
 
 
 def test_a_full_house_answers_at_once_instead_of_queueing(image_host):
-    from bento.errors import BackendUnavailable
+    from bento.core.errors import BackendUnavailable
 
     fetcher = UrlFetcher(FetchSettings(allow=f"127.0.0.1:{image_host.port}", max_concurrent=1), 1000)
     fetcher._in_flight = 1  # one fetch already running

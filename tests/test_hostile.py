@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms
 
-from bento.imaging import content_hash
 from ingest.demo import encode
+from models.imaging import content_hash
 from tests.conftest import Backend, ServiceProcess, png_header_claiming
 
 pytestmark = pytest.mark.slow

@@ -3,8 +3,8 @@ import io
 import pytest
 from PIL import Image
 
-from bento.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
-from bento.imaging import DecodeLimits, content_hash, decode_image, make_thumbnail
+from bento.core.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from models.imaging import DecodeLimits, content_hash, decode_image, make_thumbnail
 from tests.conftest import png_header_claiming
 
 LIMITS = DecodeLimits(max_bytes=5_000_000, max_pixels=20_000_000)
@@ -150,7 +150,7 @@ def test_location_is_removed_and_the_rest_kept(fmt):
     import numpy as np
     from PIL import ExifTags
 
-    from bento.imaging import without_location
+    from models.imaging import without_location
 
     image = Image.effect_noise((64, 48), 40).convert("RGB")
     data = _encode(image, fmt, exif=_gps_exif().tobytes())
@@ -166,7 +166,7 @@ def test_location_is_removed_and_the_rest_kept(fmt):
 def test_location_in_xmp_and_legacy_png_text_is_removed_too():
     from PIL import ExifTags, PngImagePlugin
 
-    from bento.imaging import without_location
+    from models.imaging import without_location
 
     image = Image.effect_noise((64, 48), 40).convert("RGB")
     xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description exif:GPSLatitude="48,51.5N"/></x:xmpmeta>'
@@ -209,7 +209,7 @@ def test_float_greyscale_is_stretched_into_8_bits():
     ],
 )
 def test_the_cgroup_cpu_quota_is_read_as_whole_cpus(tmp_path, files, expected):
-    from bento.imaging import cgroup_cpu_quota
+    from models.imaging import cgroup_cpu_quota
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def test_shards_split_a_folder_without_overlap_each_reading_only_its_share(efficientnet, photo_set, tmp_path):
     """N shard runs (a Kubernetes Indexed Job) together ingest every image exactly once, and each reads
     only its own files (the shard is chosen by the file's name, before any read)."""
-    from bento.config import Settings
+    from bento.core.config import Settings
     from ingest.job import check_shard
     from ingest.sources import FolderSource
 

@@ -8,8 +8,8 @@ import uuid
 import pytest
 from minio import Minio
 
-from bento.imaging import content_hash
 from ingest.sources import FolderSource, parse_s3_location
+from models.imaging import content_hash
 from tests.conftest import Backend, local_catalog, run_cli
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_a_missing_bucket_or_a_bad_location_fails_at_once(s3_server, efficientne
     missing = run_cli(["-m", "ingest", "s3://no-such-bucket-here/x", "--no-progress", "--retry-seconds", "60"], env, timeout=120)
     assert missing.returncode == 1 and "no bucket 'no-such-bucket-here'" in missing.stderr
     # An object gone since the listing is that file's problem (reported, the ingest goes on), not an outage.
-    from bento.storage import S3ImageStore
+    from bento.adapters.storage import S3ImageStore
 
     store = S3ImageStore(s3_server.endpoint, "any", s3_server.access_key, s3_server.secret_key, secure=False, region="us-east-1")
     store.ensure_bucket()

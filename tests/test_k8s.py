@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bento.config import setting_fields, settings_from
-from bento.metrics import INTERNAL, LABELS, UNMATCHED
+from bento.core.config import setting_fields, settings_from
+from bento.core.metrics import INTERNAL, LABELS, UNMATCHED
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -379,7 +379,7 @@ def test_every_ris_variable_is_a_settings_field(rendered: dict[str, list[dict[st
         names |= {k for k in secret.get("data", {}) if k.startswith("RIS_")}
     assert names, "no RIS_ settings found"
     unknown = sorted(n for n in names if n not in known)
-    assert not unknown, f"not settings of bento.config.Settings: {unknown}"
+    assert not unknown, f"not settings of bento.core.config.Settings: {unknown}"
 
 
 @pytest.mark.parametrize("overlay", WORKLOADS)
@@ -673,7 +673,7 @@ def _mounted_secret_file(template: dict[str, Any], container: dict[str, Any], pa
 def test_api_always_gets_its_keys_from_a_mounted_secret(
     rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path
 ) -> None:
-    from bento.auth import KeyTable
+    from bento.http.auth import KeyTable
 
     docs = rendered[overlay]
     deployment = _one(docs, "Deployment", "ris-api")
@@ -791,8 +791,8 @@ ROUTE_DECORATORS = {"get", "post", "put", "patch", "delete", "head", "options", 
 def _service_routes() -> tuple[list[tuple[str, str, set[str]]], set[str]]:
     """service.py's FastAPI routes as (METHOD, path, scopes its handler requires), and its other paths
     (mounts, the docs and the OpenAPI schema), read from the source: service.py's route decorators and the
-    routes bento/edge.py adds to its app last (/metrics, the catch-all)."""
-    trees = [ast.parse((ROOT / name).read_text()) for name in ("service.py", "bento/edge.py")]
+    routes bento/http/edge.py adds to its app last (/metrics, the catch-all)."""
+    trees = [ast.parse((ROOT / name).read_text()) for name in ("service.py", "bento/http/edge.py")]
     routes: list[tuple[str, str, set[str]]] = []
     other: set[str] = set()
     scope_of = {"Searcher": "search", "Writer": "write", "Admin": "admin"}
@@ -1039,7 +1039,7 @@ def test_statefulsets_are_governed_by_headless_services(rendered: dict[str, list
 # on bentoml_service_* (RunnerTrafficMetricsMiddleware, namespace bentoml_service).
 OPERATOR_TARGET_LABELS = {"namespace", "service", "pod", "container", "endpoint", "job", "instance"}
 BENTOML_LABELS = {"endpoint", "service_name", "service_version", "runner_name", "http_response_code"}
-# The product's metrics (bento/metrics.py) as exposed, a histogram by its series.
+# The product's metrics (bento/core/metrics.py) as exposed, a histogram by its series.
 PRODUCT_LABELS = {
     **{name: set(labels) for name, labels in LABELS.items() if name != "ris_http_request_duration_seconds"},
     **{f"ris_http_request_duration_seconds_{suffix}": set(LABELS["ris_http_request_duration_seconds"]) for suffix in ("count", "sum")},

@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from bento.config import Settings
-from bento.errors import BackendUnavailable, SearchError
-from bento.listing import BrowseQuery, CollectionListing, ListedImage
-from bento.vectors import VectorIndex
+from bento.adapters.vectors import VectorIndex
+from bento.core.config import Settings
+from bento.core.errors import BackendUnavailable, SearchError
+from bento.domain.listing import BrowseQuery, CollectionListing, ListedImage
 from tests.conftest import toy_model, toy_records
 
 
@@ -53,7 +53,7 @@ def test_writes_through_this_process_show_on_the_next_page_without_a_scan():
 
 
 def test_a_process_that_never_lists_keeps_nothing_and_many_writes_are_folded_in(monkeypatch):
-    import bento.listing as listing_module
+    import bento.domain.listing as listing_module
 
     listing = CollectionListing(lambda: [_image(1, "a", 10)])
     listing.upserted(_image(n, "a", n) for n in range(2, 500))  # an ingest job: no listing read yet
@@ -122,7 +122,7 @@ def test_a_scan_that_crashes_is_reported_and_never_blocks_the_next_one():
 
 
 def test_deletes_during_a_scan_and_an_invalidated_scan(monkeypatch):
-    import bento.listing as listing_module
+    import bento.domain.listing as listing_module
 
     monkeypatch.setattr(listing_module, "FIRST_SCAN_WAIT_S", 0.2)  # the reader of the dropped scan gives up soon
     started, release = threading.Event(), threading.Event()

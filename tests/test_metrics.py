@@ -1,4 +1,4 @@
-"""The product's own metrics (bento/metrics.py): route templates as labels, a bounded label set, the
+"""The product's own metrics (bento/core/metrics.py): route templates as labels, a bounded label set, the
 embedder requests that wake a scaled-to-zero embedder; in-process, then on a real `bentoml serve`."""
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ from fastapi.responses import JSONResponse
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
-from bento.imaging import content_hash
-from bento.metrics import INTERNAL, LABELS, UNMATCHED, HttpMetrics, RouteTemplates, count_embedder_request, exposition
+from bento.core.metrics import (
+    INTERNAL,
+    LABELS,
+    UNMATCHED,
+    HttpMetrics,
+    RouteTemplates,
+    count_embedder_request,
+    exposition,
+)
+from models.imaging import content_hash
 from tests.conftest import metric_samples, metric_sum
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -139,8 +147,8 @@ class _DownEmbedder:
 
 def test_a_request_to_an_embedder_that_is_down_still_counts() -> None:
     """What wakes an embedder at zero is precisely the request that fails for want of one."""
-    from bento.errors import BackendUnavailable
-    from bento.remote import RemoteEmbedder
+    from bento.adapters.remote import RemoteEmbedder
+    from bento.core.errors import BackendUnavailable
 
     before = _value("ris_embedder_requests_total", route=INTERNAL)
     remote = RemoteEmbedder(_DownEmbedder())
@@ -240,7 +248,7 @@ def test_gauges_of_dead_workers_are_forgotten(tmp_path, monkeypatch) -> None:
     import subprocess
     import sys
 
-    from bento.metrics import forget_dead_processes
+    from bento.core.metrics import forget_dead_processes
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

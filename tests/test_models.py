@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bento.config import Settings
-from bento.errors import InvalidRequest
+from bento.core.config import Settings
+from bento.core.errors import InvalidRequest
 from models.backbones import ResNet50
 from models.pipeline import prepare_image
 from models.store import import_model, load_embedder, resolve_model
@@ -104,7 +104,7 @@ def test_auto_never_picks_random_weights(bentoml_home):
 
 
 def test_unknown_weights_are_a_clear_error(bentoml_home):
-    from bento.errors import ModelUnavailable
+    from bento.core.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match="neither a torchvision weights name"):
         import_model(_settings(name="resnet50", resnet50_weights="/no/such/file.pth"))
@@ -112,7 +112,7 @@ def test_unknown_weights_are_a_clear_error(bentoml_home):
 
 def test_efficientnet_embeddings_are_meaningful(efficientnet, photo_set):
     """Genuine ImageNet weights: each near-duplicate query finds its original (recall@1)."""
-    from bento.imaging import DecodeLimits
+    from models.imaging import DecodeLimits
 
     limits = DecodeLimits(10**8, 10**8)
     names = sorted(photo_set["originals"])

@@ -8,14 +8,14 @@ import time
 import pytest
 from pymilvus import DataType, MilvusClient
 
-from bento.catalog import Catalog
-from bento.config import Settings
-from bento.errors import ModelMismatch
-from bento.imaging import content_hash
-from bento.schemas import SearchOptions
-from bento.storage import open_image_store
-from bento.vectors import copy_collection
+from bento.adapters.storage import open_image_store
+from bento.adapters.vectors import copy_collection
+from bento.core.config import Settings
+from bento.core.errors import ModelMismatch
+from bento.domain.catalog import Catalog
+from bento.domain.schemas import SearchOptions
 from ingest.demo import GENERATED, encode
+from models.imaging import content_hash
 from tests.conftest import PYTHON, ROOT, run_cli, service_env
 
 IMAGES = 48

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bento.imaging import content_hash
+from models.imaging import content_hash
 from scripts.devstack import free_port
 from tests.conftest import ServiceProcess, run_cli, service_env
 

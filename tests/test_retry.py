@@ -1,9 +1,9 @@
-"""The one retry policy (bento/retry.py): what it retries is decided by the error's type."""
+"""The one retry policy (bento/core/retry.py): what it retries is decided by the error's type."""
 
 import pytest
 
-from bento import errors
-from bento.retry import FAIL_FAST, RetryPolicy
+from bento.core import errors
+from bento.core.retry import FAIL_FAST, RetryPolicy
 
 
 class Flaky:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bento.config import Settings
-from bento.imaging import DecodeLimits, decode_image
+from bento.core.config import Settings
+from models.imaging import DecodeLimits, decode_image
 from models.pipeline import prepare_image
 from models.runtime import (
     FIDELITY_FLOOR,

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from bento.imaging import content_hash
 from ingest.demo import encode
+from models.imaging import content_hash
 from models.preprocess import Preprocessing
 from tests.conftest import ServiceProcess, png_header_claiming
 

@@ -1,8 +1,8 @@
 import pytest
 
-from bento.errors import InvalidRequest, NotFound
-from bento.imaging import content_hash
-from bento.storage import LocalImageStore
+from bento.adapters.storage import LocalImageStore
+from bento.core.errors import InvalidRequest, NotFound
+from models.imaging import content_hash
 
 
 def test_put_get_exists_delete_round_trip(tmp_path):

@@ -10,10 +10,10 @@ import pytest
 import urllib3
 from pydantic import ValidationError
 
-from bento.config import Settings
-from bento.errors import BackendUnavailable, NotFound
-from bento.imaging import content_hash
-from bento.storage import S3ImageStore, open_image_store
+from bento.adapters.storage import S3ImageStore, open_image_store
+from bento.core.config import Settings
+from bento.core.errors import BackendUnavailable, NotFound
+from models.imaging import content_hash
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-import bento.vectors as vectors_module
-from bento.config import Settings
-from bento.errors import InvalidRequest, ModelMismatch
-from bento.schemas import IndexSpec, VectorQuery
-from bento.vectors import VectorIndex, index_spec
+import bento.adapters.vectors as vectors_module
+from bento.adapters.vectors import VectorIndex, index_spec
+from bento.core.config import Settings
+from bento.core.errors import InvalidRequest, ModelMismatch
+from bento.domain.schemas import IndexSpec, VectorQuery
 from tests.conftest import TOY_DIM as DIM
 from tests.conftest import toy_model as _model
 from tests.conftest import toy_records as _records

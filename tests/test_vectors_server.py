@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from pymilvus.exceptions import MilvusException
 
-from bento.config import Settings
-from bento.errors import BackendUnavailable, Conflict, InvalidRequest
-from bento.schemas import IndexSpec, VectorQuery
-from bento.vectors import VectorIndex
+from bento.adapters.vectors import VectorIndex
+from bento.core.config import Settings
+from bento.core.errors import BackendUnavailable, Conflict, InvalidRequest
+from bento.domain.schemas import IndexSpec, VectorQuery
 from tests.conftest import toy_model as _model
 from tests.conftest import toy_records as _records
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bento.config import Settings
-from bento.duplicates import DuplicateQuery, ImageVector, find_duplicates
-from bento.schemas import Thresholds, VectorQuery, VectorRecord
-from bento.vectors import VectorIndex
+from bento.adapters.vectors import VectorIndex
+from bento.core.config import Settings
+from bento.domain.duplicates import DuplicateQuery, ImageVector, find_duplicates
+from bento.domain.schemas import Thresholds, VectorQuery, VectorRecord
 from models.pipeline import pixel_hash
 from models.preprocess import LOW_RES, Preprocessing
 from tests.conftest import TOY_DIM as DIM
@@ -112,7 +112,7 @@ def test_min_score_drops_weaker_hits(index):
 
 
 def test_an_image_needs_all_its_views(index):
-    from bento.errors import InvalidRequest
+    from bento.core.errors import InvalidRequest
 
     one_view = _image(1, _unit(np.ones((1, DIM))))
     with pytest.raises(InvalidRequest, match="needs 3 vectors"):
@@ -149,7 +149,7 @@ def test_the_low_res_view_is_a_small_copy():
 def test_a_small_query_is_also_prepared_at_the_low_res_side():
     """A thumbnail query meets the stored low-res copies in their own domain: its pixels at their 112-px side
     are what the stored copy of its original looks like there; a large query has no such pixels."""
-    from bento.imaging import DecodeLimits
+    from models.imaging import DecodeLimits
     from models.pipeline import prepare_image
 
     recipe = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from bento.errors import SearchError
+from bento.core.errors import SearchError
 
 logger = logging.getLogger(__name__)
 

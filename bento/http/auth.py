@@ -11,7 +11,7 @@ hash in constant time. Requests without a key get ``RIS_AUTH_ANONYMOUS_SCOPES`` 
 with no keys configured at all, a service bound to a loopback address is fully open (a laptop demo),
 and one bound to any other address refuses writes and admin actions.
 
-``python -m bento.auth new --name ingest --scope write`` makes a key and prints the entry to configure.
+``python -m bento.http.auth new --name ingest --scope write`` makes a key and prints the entry to configure.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from bento.errors import Forbidden, Unauthenticated
+from bento.core.errors import Forbidden, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def parse_entries(text: str, origin: str) -> list[StoredKey]:
         if match is None:
             raise ValueError(
                 f"{origin}: entry {number} is not 'name:scope:sha256hex' with a scope of {', '.join(SCOPES)} "
-                "(make one with `python -m bento.auth new --name NAME --scope SCOPE`)."
+                "(make one with `python -m bento.http.auth new --name NAME --scope SCOPE`)."
             )
         keys.append(StoredKey(match["name"], scopes_of(match["scope"]), match["digest"]))
     return keys
@@ -134,7 +134,7 @@ class KeyTable:
         if not self.configured and not loopback:
             raise Forbidden(
                 f"'{scope}' actions are disabled: no API keys are configured and the service listens on a "
-                "non-loopback address. Configure RIS_AUTH_KEYS (python -m bento.auth new ...)."
+                "non-loopback address. Configure RIS_AUTH_KEYS (python -m bento.http.auth new ...)."
             )
         raise Unauthenticated(f"This action needs an API key with the '{scope}' scope (Authorization: Bearer KEY).")
 
@@ -162,7 +162,7 @@ def presented_key(authorization: str | None, api_key: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bento.auth", description="Make an API key.")
+    parser = argparse.ArgumentParser(prog="python -m bento.http.auth", description="Make an API key.")
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("new", help="make a key; print it once, and the entry to configure")
     make.add_argument("--name", required=True, help="who holds it (letters, digits, . _ -)")

@@ -21,7 +21,7 @@ from typing import ParamSpec, TypeVar
 
 from tenacity import RetryCallState, Retrying, before_sleep_log
 
-from bento.errors import BackendUnavailable, ConnectionDropped
+from bento.core.errors import BackendUnavailable, ConnectionDropped
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")

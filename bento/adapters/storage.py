@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
-from bento.config import Settings
-from bento.errors import BackendUnavailable, ConnectionDropped, InvalidRequest, NotFound, SearchError
-from bento.schemas import IMAGE_ID_PATTERN, StoreInfo
+from bento.core.config import Settings
+from bento.core.errors import BackendUnavailable, ConnectionDropped, InvalidRequest, NotFound, SearchError
+from bento.domain.schemas import IMAGE_ID_PATTERN, StoreInfo
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class S3ImageStore:
         from minio import Minio
 
         # Short timeouts and no retries of its own: an unreachable store must become a quick 503, not a
-        # hang, and retrying is the callers' one policy (bento/retry.py).
+        # hang, and retrying is the callers' one policy (bento/core/retry.py).
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s), retries=False, maxsize=16
         )

@@ -112,7 +112,7 @@ class ModelUnavailable(SearchError):
 class BackendUnavailable(SearchError):
     """Milvus, the image store or a dependent service cannot be reached right now.
 
-    ``transient``: whether waiting and trying again can help (the retry policy, bento/retry.py)."""
+    ``transient``: whether waiting and trying again can help (the retry policy, bento/core/retry.py)."""
 
     code = "backend_unavailable"
     transient = True

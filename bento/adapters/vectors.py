@@ -17,8 +17,9 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import ConnectError, MilvusException, MilvusUnavailableException
 
-from bento.config import Settings
-from bento.duplicates import (
+from bento.core.config import Settings
+from bento.core.errors import BackendUnavailable, Conflict, InvalidRequest, MilvusLiteLocked, ModelMismatch, SearchError
+from bento.domain.duplicates import (
     DuplicatePage,
     DuplicateQuery,
     DuplicateReport,
@@ -26,9 +27,8 @@ from bento.duplicates import (
     ImageVector,
     find_duplicates,
 )
-from bento.errors import BackendUnavailable, Conflict, InvalidRequest, MilvusLiteLocked, ModelMismatch, SearchError
-from bento.listing import BrowsePage, BrowseQuery, CollectionListing, LabelList, ListedImage
-from bento.schemas import (
+from bento.domain.listing import BrowsePage, BrowseQuery, CollectionListing, LabelList, ListedImage
+from bento.domain.schemas import (
     MAX_LABEL_LENGTH,
     ImageMetadata,
     IndexInfo,
@@ -128,7 +128,7 @@ def _string_literal(text: str) -> str:
     """A Milvus expression string literal for any text. Only the backslash and the double quote are
     escaped; everything else stays literal (json.dumps's \\uXXXX escapes, which emoji need, are refused by
     both Milvus Lite and the 2.3 server's parser; checked on both with emoji, quotes and backslashes).
-    Labels never hold control characters (bento.catalog.clean_label)."""
+    Labels never hold control characters (bento.domain.catalog.clean_label)."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

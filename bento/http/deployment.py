@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from bento.config import Settings
+from bento.core.config import Settings
 from models.runtime import torch_installed
 
 # How callers of a service pool their connections to it. BentoML 1.4.40 replaces its HTTP session every

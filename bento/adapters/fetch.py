@@ -21,8 +21,8 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import httpx
 
-from bento.config import FetchSettings
-from bento.errors import BackendUnavailable, ImageTooLarge, InvalidRequest, UrlFetchFailed
+from bento.core.config import FetchSettings
+from bento.core.errors import BackendUnavailable, ImageTooLarge, InvalidRequest, UrlFetchFailed
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_REDIRECTS = 3

@@ -6,7 +6,7 @@ Settings come in groups, one environment prefix each: ``RIS_MODEL_*`` (which mod
 ``RIS_AUTH_*`` (API keys), ``RIS_FETCH_*`` (search by URL), plus ``RIS_DATA_DIR``. An unknown ``RIS_*`` variable is refused at start, so a typo never silently falls
 back to a default (and a renamed setting says what it is called now).
 
-The README's settings table is generated from this module (``python -m bento.config``); a test keeps
+The README's settings table is generated from this module (``python -m bento.core.config``); a test keeps
 the two equal.
 """
 
@@ -242,7 +242,7 @@ class AuthSettings(BaseModel):
 
     keys: str = Field(
         "",
-        description="API keys as `name:scope:sha256hex` entries (comma-separated; scope `search`, `write` or `admin`); make one with `python -m bento.auth new`.",
+        description="API keys as `name:scope:sha256hex` entries (comma-separated; scope `search`, `write` or `admin`); make one with `python -m bento.http.auth new`.",
     )
     keys_file: Path | None = Field(None, description="A file (e.g. a mounted Secret) with more entries, one per line.")
     anonymous_scopes: str = Field(
@@ -360,7 +360,7 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
     if problems:
         raise ValueError(
             f"Unknown RIS_* environment variables: {'; '.join(problems)}. The settings are listed in the README "
-            "(or run `python -m bento.config`)."
+            "(or run `python -m bento.core.config`)."
         )
 
 

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from bento.config import IndexType
-from bento.errors import ErrorPayload, SearchError
+from bento.core.config import IndexType
+from bento.core.errors import ErrorPayload, SearchError
 from models.preprocess import Preprocessing
 
 # A content hash (sha256, lowercase hex) is the only image id the product accepts.

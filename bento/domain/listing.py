@@ -22,8 +22,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from bento.errors import SearchError
-from bento.schemas import MAX_LABEL_LENGTH, ImageMetadata
+from bento.core.errors import SearchError
+from bento.domain.schemas import MAX_LABEL_LENGTH, ImageMetadata
 
 logger = logging.getLogger(__name__)
 

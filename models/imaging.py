@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from bento.errors import BackendUnavailable, ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from bento.core.errors import BackendUnavailable, ImageTooLarge, InvalidImage, UnsupportedImageFormat
 
 try:  # HEIC/HEIF (iPhone photos) through the pillow-heif plugin; AVIF is built into Pillow.
     from pillow_heif import register_heif_opener

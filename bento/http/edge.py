@@ -31,10 +31,9 @@ from limits.strategies import MovingWindowRateLimiter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from bento.auth import KeyTable, Principal, Scope, is_loopback, presented_key
-from bento.catalog import Added, Catalog, Embedding, SearchResult
-from bento.config import Settings, get_settings
-from bento.errors import (
+from bento.adapters.storage import Kind
+from bento.core.config import Settings, get_settings
+from bento.core.errors import (
     BackendUnavailable,
     Conflict,
     Forbidden,
@@ -51,9 +50,9 @@ from bento.errors import (
     UnsupportedMediaType,
     UrlFetchFailed,
 )
-from bento.imaging import check_size
-from bento.metrics import exposition, leaf_routes
-from bento.schemas import (
+from bento.core.metrics import exposition, leaf_routes
+from bento.domain.catalog import Added, Catalog, Embedding, SearchResult
+from bento.domain.schemas import (
     ErrorResponse,
     GalleryPage,
     ImageCard,
@@ -66,8 +65,9 @@ from bento.schemas import (
     SearchResponse,
     StatusResponse,
 )
-from bento.storage import Kind
+from bento.http.auth import KeyTable, Principal, Scope, is_loopback, presented_key
 from models.backbones import Role
+from models.imaging import check_size
 from models.pipeline import MAX_PIXELS_BYTES, check_pixel_shape
 
 logger = logging.getLogger("ris.service")
@@ -383,7 +383,7 @@ def is_fallback(route: Any) -> bool:
 
 
 def _metrics_page() -> Response:
-    """Prometheus text of every process of this service: the product's series (bento/metrics.py) and
+    """Prometheus text of every process of this service: the product's series (bento/core/metrics.py) and
     BentoML's of the other services here (vector-search; the embedder too inside one `bentoml serve`)."""
     body, content_type = exposition()
     return Response(body, media_type=content_type)

@@ -6,10 +6,10 @@ options are bounded) and the write order, and reaches its three dependencies thr
 - ``Embedding``: pixels -> unit vectors, by two models: the similarity model ("what looks like this?") and
   the copy model ("where is this picture, or an edited copy of it?"; none where RIS_MODEL_COPY_NAME=none).
   In-process models, the Embedder service, or a running service's HTTP API for ``ingest --service-url``;
-- ``VectorStore``: a Milvus collection (``bento.vectors.VectorIndex`` in-process, or the VectorSearch
+- ``VectorStore``: a Milvus collection (``bento.adapters.vectors.VectorIndex`` in-process, or the VectorSearch
   service through its RPC adapter): one for the similarity vectors (with every image's metadata, the
   listing and the gallery), one for the copy vectors (``copies``), joined by the image id;
-- ``ImageStore``: originals and thumbnails (``bento.storage``).
+- ``ImageStore``: originals and thumbnails (``bento.adapters.storage``).
 
 **Write order.** An image's blobs (original, thumbnail) are stored first, then its copy rows, then its
 similarity rows (extra views first, the main row last): only the similarity main row marks an image as
@@ -19,7 +19,7 @@ whose similarity row exists repairs its blobs and a missing copy row (embedding 
 the other way (copy rows, similarity rows, blobs). Ids are content hashes and rows are upserts, so nothing
 is ever duplicated.
 
-Every dependency call runs under one retry policy (bento/retry.py), chosen by the caller: the HTTP API
+Every dependency call runs under one retry policy (bento/core/retry.py), chosen by the caller: the HTTP API
 fails fast (503), the ingest job rides out outages for as long as it is told.
 """
 
@@ -35,13 +35,14 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from pydantic import BaseModel
 
-from bento.config import LimitsSettings, Settings, VerdictSettings
-from bento.duplicates import DuplicatePage, DuplicateQuery
-from bento.errors import InvalidRequest, NotFound, SearchError
-from bento.imaging import DecodeLimits, without_location
-from bento.listing import BrowsePage, BrowseQuery, LabelList
-from bento.retry import FAIL_FAST, RetryPolicy
-from bento.schemas import (
+from bento.adapters.storage import ImageStore, Kind, validate_image_id
+from bento.adapters.vectors import MAX_WINDOW
+from bento.core.config import LimitsSettings, Settings, VerdictSettings
+from bento.core.errors import InvalidRequest, NotFound, SearchError
+from bento.core.retry import FAIL_FAST, RetryPolicy
+from bento.domain.duplicates import DuplicatePage, DuplicateQuery
+from bento.domain.listing import BrowsePage, BrowseQuery, LabelList
+from bento.domain.schemas import (
     MAX_LABEL_LENGTH,
     ImageMetadata,
     IndexInfo,
@@ -57,9 +58,8 @@ from bento.schemas import (
     VectorQuery,
     VectorRecord,
 )
-from bento.storage import ImageStore, Kind, validate_image_id
-from bento.vectors import MAX_WINDOW
 from models.backbones import Role
+from models.imaging import DecodeLimits, without_location
 from models.pipeline import PreparedImage, check_pixels, max_batch, prepare_image
 
 logger = logging.getLogger(__name__)
@@ -217,8 +217,8 @@ class Catalog:
     @classmethod
     def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:
         """A catalog that opens Milvus and the image store itself (the ingest job, tools, tests)."""
-        from bento.storage import open_image_store
-        from bento.vectors import open_indexes
+        from bento.adapters.storage import open_image_store
+        from bento.adapters.vectors import open_indexes
 
         copy_model = retry.call(embedding.describe_copy)
         vectors, copies = open_indexes(settings, retry.call(embedding.describe).info, copy_model.info if copy_model else None)

@@ -14,11 +14,11 @@ import anyio
 import numpy as np
 from bentoml.exceptions import BentoMLException
 
-from bento.duplicates import DuplicatePage, DuplicateQuery
-from bento.errors import BackendUnavailable, ConnectionDropped
-from bento.listing import BrowsePage, BrowseQuery, LabelList
-from bento.metrics import count_embedder_request
-from bento.schemas import (
+from bento.core.errors import BackendUnavailable, ConnectionDropped
+from bento.core.metrics import count_embedder_request
+from bento.domain.duplicates import DuplicatePage, DuplicateQuery
+from bento.domain.listing import BrowsePage, BrowseQuery, LabelList
+from bento.domain.schemas import (
     CopyModel,
     Health,
     ImageMetadata,
