@@ -7,8 +7,8 @@
   and the catalog's calls to the two services above are blocking), and shape the response.
 
 Domain errors cross from a service to its caller as data (``Reply``) and are raised there as the same
-class; ``bento.http.edge.HTTP_STATUS`` is the one place they become HTTP statuses. This module only wires: the
-services, their APIs and routes; the edge's plumbing lives in bento/http/edge.py, the adapters in bento/adapters/remote.py.
+class; ``bento.http.errors.HTTP_STATUS`` is the one place they become HTTP statuses. This module only wires: the
+services, their APIs and routes; the HTTP edge lives in bento/http/, the adapters in bento/adapters/.
 """
 
 from __future__ import annotations
@@ -22,25 +22,26 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 from bentoml.validators import DType
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 
+from bento.adapters import npy
+from bento.adapters.assembly import open_catalog
 from bento.adapters.fetch import UrlFetcher
 from bento.adapters.remote import RemoteEmbedder, RemoteVectors, in_worker_threads
-from bento.adapters.storage import open_image_store
 from bento.adapters.vectors import VectorIndex, open_indexes
 from bento.core.config import get_settings
 from bento.core.errors import InvalidRequest, SearchError
-from bento.core.metrics import INTERNAL, HttpMetrics, RouteTemplates, fixed_routes, start_embedder_requests
+from bento.core.metrics import INTERNAL, start_embedder_requests
 from bento.core.retry import FAIL_FAST
 from bento.domain import schemas
-from bento.domain.catalog import Catalog
 from bento.domain.duplicates import DuplicatePage, DuplicateQuery
 from bento.domain.listing import BrowseQuery, LabelList
-from bento.http import edge
+from bento.http import access, responses
+from bento.http.access import Admin, Searcher, Writer
+from bento.http.app import add_last_routes, count_requests, make_app
 from bento.http.deployment import DEPENDENCY_CONNECTION, embed_batching_options, embedder_resources
-from bento.http.edge import Admin, Searcher, Writer
+from bento.http.responses import in_thread
 from models.backbones import Role
 
 logger = logging.getLogger("ris.service")
@@ -93,10 +94,10 @@ class Embedder:
     def embed_npy(self, pixels: Path, role: Role = "similarity") -> Annotated[np.ndarray, DType("float32")]:
         """The same for a caller that reaches this service by URL (its own Deployment): BentoML's client
         sends arrays as JSON there (25 MB and ~2.5 s of CPU for 32 images, measured), a file as a binary
-        multipart part. A .npy of uint8 pixels, checked as POST /api/embed checks its body (edge.read_npy);
+        multipart part. A .npy of uint8 pixels, checked as POST /api/embed checks its body (bento/adapters/npy.py);
         embedded in one call (the caller's batch), not through the adaptive batcher."""
         model = self.embedders.model(role)
-        array = edge.read_npy(pixels.read_bytes(), "application/x-npy", model.preprocessing.input_sides)
+        array = npy.pixels_from_npy(pixels.read_bytes(), model.preprocessing.input_sides)
         return model.embed(array)
 
     @bentoml.api
@@ -110,14 +111,7 @@ class Embedder:
         return schemas.CopyModel(description=self.embedders.describe_copy())
 
 
-# BentoML's own routes next to a service's APIs: probes and scrapes, not load.
-BENTOML_PROBES = ("/livez", "/readyz", "/healthz", "/metrics")
-# The product's request metrics of the embedder (bento/core/metrics.py): its in-progress gauge is what its
-# autoscalers read. BentoML's own metrics stay on here (its adaptive batch sizes; its paths are this
-# service's few routes, reached only by the API pods).
-Embedder.add_asgi_middleware(
-    HttpMetrics, routes=fixed_routes([*(api.route for api in Embedder.apis.values()), *BENTOML_PROBES]), not_load=BENTOML_PROBES
-)
+count_requests(Embedder)
 
 
 @bentoml.service(name="vector-search", workers=1, traffic={"timeout": 600}, runner_connection=DEPENDENCY_CONNECTION)
@@ -223,21 +217,7 @@ class VectorSearch:
         return schemas.Health(ok=True)
 
 
-app = FastAPI(
-    title="Reverse image search",
-    description="Upload a photo, get the most similar images. Errors are JSON: {error, detail}. "
-    "Writes and admin actions need an API key (Authorization: Bearer KEY, or X-API-Key).",
-    version="0.1.0",
-    docs_url="/docs",
-    openapi_url="/openapi.json",
-)
-app.add_middleware(edge.EdgeGuard, settings=DEPLOYMENT)
-# Outermost of the app's middleware (it counts EdgeGuard's 413s too). BentoML's own request metrics are off
-# for this service (they label raw paths: a series per image id); these label route templates.
-app_routes = RouteTemplates(app, unmatched=edge.is_fallback)
-app.add_middleware(HttpMetrics, routes=app_routes, not_load=("/ready", "/metrics"))
-app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-edge.install_error_handlers(app)
+app, app_routes = make_app(DEPLOYMENT, STATIC_DIR)
 
 
 # metrics disabled: BentoML's request metrics of this service (bento/core/metrics.py says why) and its /metrics
@@ -255,31 +235,27 @@ class ImageSearch:
     def __init__(self) -> None:
         self.settings = get_settings()
         self.remote_embedder = RemoteEmbedder(self.embedder, by_url=bool(self.settings.services.embedder_url))
-        self.catalog = Catalog(
-            RemoteVectors(self.vectors),
-            open_image_store(self.settings),
+        self.catalog = open_catalog(
+            self.settings,
             self.remote_embedder,
-            self.settings.limits,
-            self.settings.store.thumbnail_size,
-            FAIL_FAST,  # a request answers 503 at once; only a dropped connection is retried
-            self.settings.store.serve_location,
-            self.settings.verdict,
+            retry=FAIL_FAST,  # a request answers 503 at once; only a dropped connection is retried
+            vectors=RemoteVectors(self.vectors),
             # used where the embedder says a copy model serves (asked lazily: it may be scaled to zero now)
-            RemoteVectors(self.vectors, "copy"),
-            in_worker_threads,
+            copies=RemoteVectors(self.vectors, "copy"),
+            at_once=in_worker_threads,
         )
         self.fetcher = UrlFetcher(self.settings.fetch, self.settings.limits.max_upload_bytes)
-        self.client_limits = edge.ClientLimits(self.settings.limits.expensive_per_minute)
+        self.client_limits = access.ClientLimits(self.settings.limits.expensive_per_minute)
         start_embedder_requests([*app_routes.all(), INTERNAL])
-        loopback = edge.listening_on_loopback_only()
+        loopback = access.listening_on_loopback_only()
         # Exactly what is open, once at start (the README's Security section explains the rules).
-        logger.warning("%s (listening on %s).", edge.key_table().describe(loopback), "loopback only" if loopback else "a non-loopback address")
+        logger.warning("%s (listening on %s).", access.key_table().describe(loopback), "loopback only" if loopback else "a non-loopback address")
 
     async def __is_ready__(self) -> bool:
         """Model known and the image store reachable (BentoML adds the dependencies' readiness)."""
         try:
-            await edge.in_thread(self.remote_embedder.describe)
-            await edge.in_thread(self.catalog.store.ping)
+            await in_thread(self.remote_embedder.describe)
+            await in_thread(self.catalog.store.ping)
         except SearchError as exc:
             logger.warning("not ready: %s", exc.message)
             return False
@@ -295,7 +271,7 @@ class ImageSearch:
         """This API pod's readiness (the Kubernetes probe): the vector search service and the image store
         answer. Unlike BentoML's /readyz it leaves the embedder out: while no embedder runs (drained, or
         scaled to zero) upload searches answer 503, and the page, search by id and images keep working."""
-        ready = await edge.api_ready(self.catalog)
+        ready = await responses.api_ready(self.catalog)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.post("/api/search", response_model=schemas.SearchResponse, responses={413: {"model": schemas.ErrorResponse}})
@@ -310,21 +286,21 @@ class ImageSearch:
         min_score: Annotated[float | None, Form(ge=-1, le=1)] = None,
     ) -> schemas.SearchResponse:
         """Search with an uploaded image (multipart form)."""
-        data = await edge.read_upload(file, self.settings.limits.max_upload_bytes)
+        data = await responses.read_upload(file, self.settings.limits.max_upload_bytes)
         options = schemas.SearchOptions(mode=mode, top_k=top_k, offset=offset, label=label or None, min_score=min_score)
-        return edge.search_response(self.catalog, await edge.in_thread(self.catalog.search_image, data, options))
+        return responses.search_response(self.catalog, await in_thread(self.catalog.search_image, data, options))
 
     @app.post("/api/search/url", response_model=schemas.SearchResponse)
     async def search_url(self, request: Request, principal: Searcher, body: schemas.SearchByUrl) -> schemas.SearchResponse:
         """Search with an image fetched from a public http(s) URL (see README: Security)."""
         self.client_limits.charge(request, principal, "URL search")
         data = await self.fetcher.fetch(body.url)
-        return edge.search_response(self.catalog, await edge.in_thread(self.catalog.search_image, data, body))
+        return responses.search_response(self.catalog, await in_thread(self.catalog.search_image, data, body))
 
     @app.post("/api/search/id", response_model=schemas.SearchResponse)
     async def search_id(self, _: Searcher, body: schemas.SearchById) -> schemas.SearchResponse:
         """Search with an image already in the collection (no re-embedding)."""
-        return edge.search_response(self.catalog, await edge.in_thread(self.catalog.search_stored, body.id, body))
+        return responses.search_response(self.catalog, await in_thread(self.catalog.search_stored, body.id, body))
 
     @app.post("/api/images", response_model=schemas.InsertResponse, status_code=201)
     async def insert(
@@ -336,8 +312,8 @@ class ImageSearch:
     ) -> Response:
         """Add one image (scope `write`). Its id is the sha256 of its bytes: adding the same bytes again changes nothing."""
         self.client_limits.charge(request, principal, "insert")
-        data = await edge.read_upload(file, self.settings.limits.max_upload_bytes)
-        return edge.insert_response(await edge.in_thread(self.catalog.add, data, label, file.filename or "upload"))
+        data = await responses.read_upload(file, self.settings.limits.max_upload_bytes)
+        return responses.insert_response(await in_thread(self.catalog.add, data, label, file.filename or "upload"))
 
     @app.get("/api/images", response_model=schemas.GalleryPage, responses={202: {"model": schemas.GalleryPage}})
     async def gallery(
@@ -349,26 +325,26 @@ class ImageSearch:
     ) -> Response:
         """The collection, newest first, paged. 202 with state "scanning" while the service first reads its
         listing (a large collection takes a while); writes made through the service show at once."""
-        return await edge.gallery_response(self.catalog, offset, limit, label)
+        return await responses.gallery_response(self.catalog, offset, limit, label)
 
     @app.get("/api/labels", response_model=LabelList, responses={202: {"model": LabelList}})
     async def labels(self, _: Searcher) -> Response:
         """Every label in use and how many images carry it, most used first ("" counts images without one)."""
-        labels = await edge.in_thread(self.catalog.labels)
-        return edge.while_not_ready(labels, labels.state == "ready")
+        labels = await in_thread(self.catalog.labels)
+        return responses.while_not_ready(labels, labels.state == "ready")
 
     @app.get("/api/images/{image_id}", responses={404: {"model": schemas.ErrorResponse}})
     async def get_image(self, request: Request, _: Searcher, image_id: str) -> Response:
         """The original image bytes, without their GPS location (503 when the store is down)."""
-        return await edge.blob_response(self.catalog, request, image_id, "original")
+        return await responses.blob_response(self.catalog, request, image_id, "original")
 
     @app.get("/api/images/{image_id}/thumbnail", responses={404: {"model": schemas.ErrorResponse}})
     async def get_thumbnail(self, request: Request, _: Searcher, image_id: str) -> Response:
-        return await edge.blob_response(self.catalog, request, image_id, "thumbnail")
+        return await responses.blob_response(self.catalog, request, image_id, "thumbnail")
 
     @app.get("/api/images/{image_id}/metadata", response_model=schemas.ImageMetadata)
     async def get_metadata(self, _: Searcher, image_id: str) -> schemas.ImageMetadata:
-        return await edge.in_thread(self.catalog.metadata, image_id)
+        return await in_thread(self.catalog.metadata, image_id)
 
     @app.get("/api/duplicates", response_model=DuplicatePage, responses={202: {"model": DuplicatePage}})
     async def duplicates(
@@ -381,38 +357,38 @@ class ImageSearch:
         """Groups of duplicate images (scope `write`: it is for cleaning up): exact (same pixels), then near
         (score >= the near-duplicate threshold), larger groups first, paged. The report is computed in the
         background: 202 with state "running" until it is ready; `refresh=true` scans again."""
-        page = await edge.in_thread(self.catalog.duplicates, offset, limit, refresh)
-        return edge.while_not_ready(page, page.state == "ready")
+        page = await in_thread(self.catalog.duplicates, offset, limit, refresh)
+        return responses.while_not_ready(page, page.state == "ready")
 
     @app.delete("/api/images/{image_id}", response_model=schemas.DeleteResponse)
     async def delete_image(self, _: Writer, image_id: str) -> schemas.DeleteResponse:
         """Remove an image, its vector and its thumbnail (scope `write`)."""
-        await edge.in_thread(self.catalog.remove, image_id)
+        await in_thread(self.catalog.remove, image_id)
         return schemas.DeleteResponse(id=image_id, deleted=True)
 
     @app.get("/api/status", response_model=schemas.StatusResponse, response_model_exclude_none=True)
     async def status(self, principal: Searcher) -> schemas.StatusResponse:
         """Count, model, index, backends. Answers even when Milvus is down (ready=false). Where the
         backends are (URIs, paths, error details) is shown to `admin` keys only."""
-        return await edge.status_response(self.catalog, self.remote_embedder, self.settings, principal)
+        return await responses.status_response(self.catalog, self.remote_embedder, self.settings, principal)
 
     @app.post("/api/index", response_model=schemas.IndexInfo, response_model_exclude_none=True)
     async def rebuild_index(self, _: Admin, spec: schemas.IndexSpec) -> schemas.IndexInfo:
         """(Re)build the vector index (scope `admin`): FLAT, IVF_FLAT, IVF_SQ8, HNSW; one at a time (409)."""
-        return await edge.in_thread(self.catalog.rebuild_index, spec)
+        return await in_thread(self.catalog.rebuild_index, spec)
 
     @app.get("/api/model", response_model=schemas.ModelDescription, responses={404: {"model": schemas.ErrorResponse}})
     async def model(self, _: Searcher, role: Role = "similarity") -> schemas.ModelDescription:
         """A serving model and its preprocessing recipe (the ingest job's --service-url reads this): the
         similarity model, or with role=copy the copy model (404: none serves)."""
-        return await edge.serving_model(self.catalog, self.remote_embedder, role)
+        return await responses.serving_model(self.catalog, self.remote_embedder, role)
 
     @app.post("/api/embed", response_class=Response)
     async def embed(self, request: Request, principal: Admin, role: Role = "similarity") -> Response:
         """Batch embedding for the ingest job (scope `admin`): .npy uint8 pixels in, .npy float32 vectors out,
         by the similarity model or (role=copy) the copy model; pixels of another recipe version are refused (409)."""
-        return await edge.embed_response(self.catalog, self.remote_embedder, request, role)
+        return await responses.embed_response(self.catalog, self.remote_embedder, request, role)
 
 
 # Last: /metrics and the catch-all that keeps unknown routes in the JSON error shape.
-edge.add_last_routes(app)
+add_last_routes(app)

@@ -113,7 +113,7 @@ def quality_section(folder: Path, transforms: list[str]) -> str:
 
 def ingest_and_search(folder: Path, queries: list[bytes], config: Config) -> tuple[float, float]:
     """(ingest images/s, end-to-end search p50 ms) of one configuration on the same JPEGs."""
-    from bento.domain.catalog import Catalog
+    from bento.adapters.assembly import open_catalog
     from bento.domain.schemas import SearchOptions
     from models.store import load_embedders
 
@@ -129,7 +129,7 @@ def ingest_and_search(folder: Path, queries: list[bytes], config: Config) -> tup
         report = json.loads(out.stdout)
         rate = report["ingested"] / max(report["seconds"], 1e-9)
         settings = config.settings(Path(work))
-        catalog = Catalog.in_process(settings, load_embedders(settings))
+        catalog = open_catalog(settings, load_embedders(settings))
         try:
             for query in queries[:5]:  # warm-up
                 catalog.search_image(query, SearchOptions(top_k=12))

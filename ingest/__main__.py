@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 from pathlib import Path
 
-from bento.core.config import get_settings
-from bento.core.errors import SearchError
+from bento.adapters.assembly import open_catalog
+from bento.core.cli import run_tool
+from bento.core.config import Settings
 from bento.core.retry import RetryPolicy
-from bento.domain.catalog import Catalog, Embedding
+from bento.domain.ports import Embedding
 from ingest.job import IngestJob, IngestOptions
 from ingest.remote import RemoteEmbedding
 from ingest.sources import S3_SCHEME, open_source
@@ -42,18 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_tool("ingest", lambda settings: _ingest(args, settings), on_failure=RESUME)
 
+
+RESUME = "Nothing written so far is lost; rerun the same command to continue."
+
+
+def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     options = IngestOptions(batch_size=max(1, args.batch_size), progress=not args.no_progress)
     options.shard_index, options.shard_count = args.shard_index, max(1, args.shard_count)
     if args.workers:
         options.workers = max(1, args.workers)
     retry = RetryPolicy(deadline_s=max(0.0, args.retry_seconds))
-    try:
-        settings = get_settings()
-    except ValueError as exc:  # pydantic's ValidationError, or an unknown RIS_* variable
-        print(f"ingest: the settings are invalid: {exc}", file=sys.stderr)
-        return 2
     embedding: Embedding | None = None
     try:
         source = open_source(args.source, settings)  # a wrong path or URL fails before the model loads
@@ -68,15 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                 # The photos being ingested are the most typical calibration set there is.
                 settings = settings.but(model={"int8_calibration_dir": Path(args.source)})
             embedding = load_embedders(settings)
-        catalog = Catalog.in_process(settings, embedding, retry)
+        catalog = open_catalog(settings, embedding, retry=retry)
         try:
             report = IngestJob(catalog, options).run(source)
         finally:
             catalog.close()
-    except SearchError as exc:
-        print(f"ingest failed: {exc.message}", file=sys.stderr)
-        print("Nothing written so far is lost; rerun the same command to continue.", file=sys.stderr)
-        return 1
     finally:
         if isinstance(embedding, RemoteEmbedding):
             embedding.close()

@@ -8,12 +8,10 @@ grouped, larger groups first. Reads the collection only; it changes nothing.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from bento.adapters.vectors import VectorIndex
-from bento.core.config import get_settings
-from bento.core.errors import SearchError
+from bento.core.cli import UsageError, run_tool
+from bento.core.config import Settings
 from bento.domain.schemas import Thresholds
 
 
@@ -23,28 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=50, help="groups to list (default 50; --json lists all)")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = get_settings()
-        from models.store import resolve_model
+    return run_tool("duplicates", lambda settings: _report(args, settings), verbose=False)
 
-        model = resolve_model(settings).info
-        near = args.threshold if args.threshold is not None else settings.verdict.near_duplicate
-        threshold = Thresholds.of(settings.verdict.same_image, near, model).near_duplicate
-        if threshold is None:
-            print("duplicates: no near-duplicate threshold is known for this model; pass --threshold", file=sys.stderr)  # noqa: T201
-            return 2
-        index = VectorIndex(settings, model)
-        try:
-            report = index.find_duplicates(threshold)
-        finally:
-            index.close()
-    except ValueError as exc:
-        print(f"duplicates: the settings are invalid: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    except SearchError as exc:
-        print(f"duplicates failed: {exc.message}", file=sys.stderr)  # noqa: T201
-        return 1
+
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from models.store import resolve_model
+
+    model = resolve_model(settings).info
+    verdict = settings.verdict if args.threshold is None else settings.verdict.model_copy(update={"near_duplicate": args.threshold})
+    threshold = Thresholds.resolve(verdict, model).near_duplicate
+    if threshold is None:
+        raise UsageError("no near-duplicate threshold is known for this model; pass --threshold")
+    index = VectorIndex(settings, model)
+    try:
+        report = index.find_duplicates(threshold)
+    finally:
+        index.close()
     if args.json:
         print(report.model_dump_json(indent=2))  # noqa: T201
         return 0

@@ -19,7 +19,6 @@ import argparse
 import io
 import logging
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,13 +30,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from pydantic import BaseModel, Field
 
+from bento.adapters.assembly import open_catalog
+from bento.core.cli import UsageError, run_tool
 from bento.core.config import LimitsSettings, Settings, get_settings
-from bento.core.errors import SearchError
-from bento.core.retry import FAIL_FAST
-from bento.domain.catalog import Catalog, Embedding, NewImage
+from bento.core.errors import BackendUnavailable, SearchError
+from bento.core.ids import content_hash
+from bento.domain.catalog import Catalog, NewImage
+from bento.domain.ports import Embedding
 from bento.domain.schemas import SearchMode, SearchOptions
 from ingest.job import scan_folder
-from models.imaging import DecodeLimits, content_hash, decode_image
+from models.imaging import DecodeLimits, decode_image
 
 logger = logging.getLogger(__name__)
 TOP_K = 10
@@ -346,7 +348,7 @@ def in_process(
     settings: Settings, embedding: Embedding, originals: list[tuple[str, bytes, Image.Image]], with_siblings: bool
 ) -> tuple[Catalog, int]:
     """A temporary collection with the originals (and their siblings); returns it and the sibling count."""
-    catalog = Catalog.in_process(settings, embedding, FAIL_FAST)
+    catalog = open_catalog(settings, embedding)
     images: list[NewImage] = []
     seen: set[str] = set()
     sibling_count = 0
@@ -472,30 +474,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_tool("evaluate", lambda settings: _evaluate(args, settings), verbose=False)
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     transforms = [name.strip() for name in args.transforms.split(",") if name.strip()]
     unknown = sorted(set(transforms) - set(EDITS))
-    if unknown or not args.folder.is_dir():
-        print(f"evaluate: {'unknown transforms ' + ', '.join(unknown) if unknown else f'{args.folder} is not a folder'}", file=sys.stderr)  # noqa: T201
-        return 2
-    try:
-        if args.service_url:
-            if args.siblings:
-                print("evaluate: --siblings needs the in-process mode (it stores extra images)", file=sys.stderr)  # noqa: T201
-                return 2
-            if args.mode == "copies":
-                print("evaluate: --mode copies needs the in-process mode (it sees every score)", file=sys.stderr)  # noqa: T201
-                return 2
+    if unknown:
+        raise UsageError(f"unknown transforms {', '.join(unknown)}")
+    if not args.folder.is_dir():
+        raise UsageError(f"{args.folder} is not a folder")
+    if args.service_url:
+        if args.siblings:
+            raise UsageError("--siblings needs the in-process mode (it stores extra images)")
+        if args.mode == "copies":
+            raise UsageError("--mode copies needs the in-process mode (it sees every score)")
+        try:
             report = evaluate_service(
                 args.folder, args.service_url, args.api_key, limit=args.limit, transforms=transforms, seed=args.seed, mode=args.mode
             )
-        else:
-            report = evaluate_folder(
-                args.folder, limit=args.limit, transforms=transforms, seed=args.seed, with_siblings=args.siblings, mode=args.mode
-            )
-    except (SearchError, httpx.HTTPError) as exc:
-        print(f"evaluate failed: {getattr(exc, 'message', exc)}", file=sys.stderr)  # noqa: T201
-        return 1
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"{args.service_url}: {exc}") from exc
+    else:
+        report = evaluate_folder(
+            args.folder, limit=args.limit, transforms=transforms, seed=args.seed, with_siblings=args.siblings, mode=args.mode,
+            settings=settings,
+        )
     print(report.model_dump_json(indent=2) if args.json else report.table())  # noqa: T201
     return 0
 

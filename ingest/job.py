@@ -23,9 +23,9 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from bento.core.errors import BackendUnavailable, ImageTooLarge, InvalidImage, InvalidRequest, SearchError
+from bento.core.ids import content_hash
 from bento.domain.catalog import Catalog, NewImage, clean_label
 from ingest.sources import FolderSource, ImageSource, SourceFile, shard_of
-from models.imaging import content_hash
 from models.pipeline import PreparedImage
 
 logger = logging.getLogger(__name__)

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from bento.adapters.assembly import open_catalog
 from bento.adapters.vectors import VectorIndex, copy_collection
-from bento.core.config import Settings, get_settings
+from bento.core.cli import run_tool
+from bento.core.config import Settings
 from bento.core.errors import SearchError
 from bento.core.retry import RetryPolicy
-from bento.domain.catalog import Catalog, Embedding, NewImage
+from bento.domain.catalog import Catalog, NewImage
+from bento.domain.ports import Embedding
 from bento.domain.schemas import ImageMetadata, ModelDescription
 from models.backbones import Role
 
@@ -116,7 +118,6 @@ def _fill_copies(
 ) -> int:
     """Write the copy vectors the images of the (now current) similarity collection lack. Resumable: images
     with a copy row are skipped. A copy collection of another model is rebuilt aside and swapped in."""
-    from bento.adapters.storage import open_image_store
 
     name = copy_collection(settings.milvus.collection)
     similarity = VectorIndex(settings, retry.call(embedding.describe).info)
@@ -127,10 +128,7 @@ def _fill_copies(
     if target_name != name:
         logger.info("'%s' holds another copy model's vectors; rebuilding it as '%s'", name, target_name)
     copies = VectorIndex(settings, copy.info, target_name)
-    catalog = Catalog(
-        similarity, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry,
-        settings.store.serve_location, settings.verdict, copies,
-    )
+    catalog = open_catalog(settings, embedding, retry=retry, vectors=similarity, copies=copies)
     added = 0
     try:
         copies.ensure_ready()
@@ -153,7 +151,7 @@ def _reembed_similarity(
 ) -> ReembedReport:
     name = settings.milvus.collection
     target_settings = settings.but(milvus={"collection": name + SUFFIX})
-    catalog = Catalog.in_process(target_settings, _SimilarityOnly(embedding), retry)
+    catalog = open_catalog(target_settings, _SimilarityOnly(embedding), retry=retry)
     target = catalog.vectors
     if not isinstance(target, VectorIndex):  # in_process always opens a VectorIndex
         raise TypeError("reembed needs an in-process vector index")
@@ -197,18 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-seconds", type=float, default=60.0, help="ride out an unavailable Milvus or store this long")
     parser.add_argument("--drop-missing", action="store_true", help="swap even if some images have no stored original (they are left out)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = get_settings()
-        from models.store import load_embedders
+    return run_tool("reembed", lambda settings: _reembed(args, settings), on_failure="Nothing is lost; rerun the same command to continue.")
 
-        report = reembed(settings, load_embedders(settings), RetryPolicy(deadline_s=max(0.0, args.retry_seconds)), max(1, args.batch_size), args.drop_missing)
-    except ValueError as exc:  # invalid settings
-        print(f"reembed: the settings are invalid: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    except SearchError as exc:
-        print(f"reembed failed: {exc.message}\nNothing is lost; rerun the same command to continue.", file=sys.stderr)  # noqa: T201
-        return 1
+
+def _reembed(args: argparse.Namespace, settings: Settings) -> int:
+    from models.store import load_embedders
+
+    retry = RetryPolicy(deadline_s=max(0.0, args.retry_seconds))
+    report = reembed(settings, load_embedders(settings), retry, max(1, args.batch_size), args.drop_missing)
     print(report.summary())  # noqa: T201
     return 0 if report.swapped else 1
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import logging
 
 import httpx
 import numpy as np
 
+from bento.adapters import npy
 from bento.core.errors import BackendUnavailable, ConnectionDropped, ModelMismatch, NotFound, error_class
 from bento.core.retry import RetryPolicy
 from bento.domain.schemas import ModelDescription
@@ -68,16 +68,14 @@ class RemoteEmbedding:
         description = self._description if role == "similarity" else self._copy
         if description is None:
             raise NotFound(f"The service at {self.base_url} serves no copy model.")
-        body = io.BytesIO()
-        np.save(body, pixels, allow_pickle=False)
         # The recipe the pixels were prepared with, as this client's code reads the service's description:
         # a service that embeds otherwise refuses them (409) instead of storing wrong vectors.
-        headers = {"Content-Type": "application/x-npy", "X-Recipe-Version": description.preprocessing.version}
-        response = self._request("POST", "/api/embed", content=body.getvalue(), headers=headers, params={"role": role})
+        headers = {"Content-Type": npy.MEDIA_TYPE, "X-Recipe-Version": description.preprocessing.version}
+        response = self._request("POST", "/api/embed", content=npy.to_npy(pixels.astype(np.uint8, copy=False)), headers=headers, params={"role": role})
         served = response.headers.get("X-Model-Id", "")
         if served and served != description.info.model_id:
             raise ModelMismatch(f"The service switched models mid-run ({description.info.model_id} -> {served}).")
-        return np.load(io.BytesIO(response.content), allow_pickle=False)
+        return npy.vectors_from_npy(response.content)
 
     def close(self) -> None:
         self._client.close()

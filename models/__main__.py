@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
-from bento.core.config import get_settings
+from bento.core.cli import run_tool
+from bento.core.config import Settings
 from models.backbones import backbones_of, get_backbone, model_choices
 from models.store import export_openvino, import_model, resolve_model
 
@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("show", help="show the model the service would load (imports nothing)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_tool("models", lambda settings: _run(args, settings))
 
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     overrides = {}
     role = "similarity"
     if getattr(args, "model", None):
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("resnet50_weights", "sscd_weights"):
         if getattr(args, option, None):
             overrides[option] = getattr(args, option)
-    settings = get_settings().but(model=overrides)
+    settings = settings.but(model=overrides)
     if args.command == "import":
         stored = import_model(settings, role)
     elif args.command == "export-openvino":

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 
 from bento.core.errors import ModelUnavailable
-from bento.domain.schemas import ModelDescription, ModelInfo
 from models.backbones import Role
+from models.info import ModelDescription, ModelInfo
 from models.pipeline import check_pixels
 from models.preprocess import Preprocessing
 from models.runtime import InferenceRuntime

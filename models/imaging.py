@@ -10,7 +10,6 @@ a small copy.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -120,11 +119,6 @@ class DecodedImage:
     mime: str
     width: int  # of the original, as displayed (after EXIF rotation)
     height: int
-
-
-def content_hash(data: bytes) -> str:
-    """The image id: sha256 of the exact bytes, so the same file is stored once whatever its name."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def check_size(size: int, max_bytes: int) -> None:

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from bento.adapters.storage import ImageStore
 from bento.core.errors import InvalidRequest
-from bento.domain.schemas import VectorRecord
-from models.imaging import DecodeLimits, content_hash, decode_image, draft_min_side, make_thumbnail
+from bento.core.ids import content_hash
+from models.imaging import DecodeLimits, decode_image, draft_min_side, make_thumbnail
 from models.preprocess import Preprocessing
 
 
@@ -35,21 +34,6 @@ class PreparedImage:
     # store, every view of the copy recipe (main first)
     copy_pixels: np.ndarray | None = None
     copy_views: tuple[np.ndarray, ...] | None = None
-
-    def record(self, vectors: np.ndarray, label: str, source: str, created_at: int) -> VectorRecord:
-        """The rows Milvus keeps for this image: its vectors (main view first) and everything shown with a hit."""
-        return VectorRecord(
-            id=self.id, label=label, mime=self.mime, width=self.width, height=self.height,
-            size_bytes=len(self.data), source=source, created_at=created_at, pixel_hash=self.pixel_hash,
-            vector=vectors[0].tolist(), views=[vector.tolist() for vector in vectors[1:]],
-        )
-
-    def store_blobs(self, store: ImageStore) -> None:
-        """Original and thumbnail. Callers write these BEFORE the vector row: only a row marks an
-        image as present, so a crash in between leaves a blob to reuse, never a hit without an image."""
-        store.put(self.id, "original", self.data)
-        if self.thumbnail is not None:
-            store.put(self.id, "thumbnail", self.thumbnail)
 
 
 # The most images, and pixel bytes, one embedding call may carry (the /api/embed batches of the remote ingest

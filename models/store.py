@@ -23,7 +23,6 @@ from bentoml.exceptions import NotFound as BentoNotFound
 
 from bento.core.config import ModelSettings, Settings
 from bento.core.errors import ModelUnavailable
-from bento.domain.schemas import ModelInfo
 from models.backbones import (
     WEIGHTS_PROBE_TIMEOUT_S,
     Backbone,
@@ -35,6 +34,7 @@ from models.backbones import (
 )
 from models.embedding import Embedders, ImageEmbedder
 from models.imaging import DecodeLimits
+from models.info import ModelInfo
 from models.packaged import (
     PACKAGE,
     PACKAGED,

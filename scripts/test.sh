@@ -7,7 +7,7 @@ export BENTOML_DO_NOT_TRACK=true
 
 scripts/setup.sh test
 # checkov (Kubernetes manifest security checks) pins networkx<2.7, which clashes with scikit-image:
-# it lives in its own venv; tests/test_k8s.py finds it at .venv-checkov/bin/checkov.
+# it lives in its own venv; tests/test_k8s_security.py finds it at .venv-checkov/bin/checkov.
 if [ ! -x .venv-checkov/bin/checkov ]; then
   echo "==> installing checkov into .venv-checkov"
   "${PYTHON:-python3.11}" -m venv .venv-checkov 2>/dev/null || python3 -m venv .venv-checkov
@@ -21,6 +21,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 echo "==> lint"
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -ra --durations=15 "$@"
 fi

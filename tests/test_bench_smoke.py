@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT
+from tests.support import PYTHON, ROOT
 
 
 def table_rows(section: str) -> list[list[str]]:

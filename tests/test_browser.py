@@ -16,9 +16,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from models.imaging import content_hash
+from bento.core.ids import content_hash
 from scripts.devstack import stack_env
-from tests.conftest import Backend, ServiceProcess, run_cli
+from tests.support import Backend, ServiceProcess, run_cli
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -9,10 +9,10 @@ from PIL import Image
 
 from bento.core.config import Settings
 from bento.core.errors import InvalidImage, InvalidRequest, NotFound
+from bento.core.ids import content_hash
 from bento.domain.catalog import NewImage, clean_label
 from bento.domain.schemas import SearchOptions
-from models.imaging import content_hash
-from tests.conftest import local_catalog
+from tests.support import local_catalog
 
 
 class CountingEmbedding:

@@ -48,6 +48,7 @@ def test_unknown_and_renamed_variables_are_refused_with_advice(monkeypatch):
 
 def test_every_renamed_setting_names_an_existing_one():
     known = {name for name, _ in setting_fields()}
+    assert RENAMED, "no renamed settings: nothing would be checked"
     for old, new in RENAMED.items():
         assert old not in known, f"{old} is both renamed and a setting"
         target = new.split()[0]
@@ -62,7 +63,7 @@ def test_readme_settings_table_is_the_generated_one():
     assert sorted(documented) == sorted(name for name, _ in setting_fields()), "each setting once, no stale rows"
 
 
-# Where the HTTP API answers each domain error (bento.http.edge.HTTP_STATUS, the one table at the edge).
+# Where the HTTP API answers each domain error (bento.http.errors.HTTP_STATUS, the one table at the edge).
 @pytest.mark.parametrize(
     ("error", "status"),
     [
@@ -73,7 +74,7 @@ def test_readme_settings_table_is_the_generated_one():
     ],
 )
 def test_every_domain_error_has_its_status_at_the_edge(error, status):
-    from bento.http.edge import http_status
+    from bento.http.errors import http_status
 
     assert http_status(error("x")) == status
     assert not hasattr(error("x"), "status_code"), "domain errors know nothing of HTTP"
@@ -84,7 +85,7 @@ def test_server_side_failures_show_their_details_to_operators_only():
     sentence; client errors and failures marked public are always shown as they are."""
     import json
 
-    from bento.http.edge import error_response
+    from bento.http.errors import error_response
 
     def detail(error, reveal):
         return json.loads(error_response(error, reveal=reveal).body)["detail"]

@@ -26,10 +26,10 @@ import httpx
 import pytest
 import yaml
 
+from bento.core.ids import content_hash
 from bento.http.auth import hash_key, new_key
-from models.imaging import content_hash
 from scripts.devstack import free_port
-from tests.conftest import ROOT, make_images, metric_samples, metric_sum
+from tests.support import ROOT, make_images, metric_samples, metric_sum
 
 pytestmark = pytest.mark.container
 # The image the cpu overlay runs (the CPU image, no PyTorch), as scripts/container.sh tags it.

@@ -12,11 +12,11 @@ from PIL import Image, ImageOps
 from bento.adapters.vectors import copy_collection
 from bento.core.config import Settings
 from bento.core.errors import InvalidRequest
+from bento.core.ids import content_hash
 from bento.domain.catalog import NewImage
 from bento.domain.schemas import SearchOptions
 from ingest.demo import GENERATED, encode, load_photo
-from models.imaging import content_hash
-from tests.conftest import local_catalog
+from tests.support import local_catalog
 
 
 class Counting:

@@ -16,7 +16,7 @@ import pytest
 from models.imaging import DecodeLimits, decode_image
 from models.pipeline import prepare_image
 from models.runtime import FIDELITY_FLOOR, RuntimeUnavailable, choose_runtime
-from tests.conftest import ROOT, run_cli, service_env
+from tests.support import ROOT, run_cli, service_env
 
 WITHOUT_TORCH = ROOT / "tests" / "notorch"
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.imaging import content_hash
+from bento.core.ids import content_hash
 from scripts.devstack import S3Server, stack_env
-from tests.conftest import PYTHON, ROOT, Backend, ServiceProcess, make_images, run_cli
+from tests.support import PYTHON, ROOT, Backend, ServiceProcess, make_images, run_cli
 
 pytestmark = pytest.mark.slow
 

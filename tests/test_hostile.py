@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms
 
+from bento.core.ids import content_hash
 from ingest.demo import encode
-from models.imaging import content_hash
-from tests.conftest import Backend, ServiceProcess, png_header_claiming
+from tests.support import Backend, ServiceProcess, png_header_claiming
 
 pytestmark = pytest.mark.slow
 

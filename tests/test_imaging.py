@@ -4,8 +4,9 @@ import pytest
 from PIL import Image
 
 from bento.core.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
-from models.imaging import DecodeLimits, content_hash, decode_image, make_thumbnail
-from tests.conftest import png_header_claiming
+from bento.core.ids import content_hash
+from models.imaging import DecodeLimits, decode_image, make_thumbnail
+from tests.support import png_header_claiming
 
 LIMITS = DecodeLimits(max_bytes=5_000_000, max_pixels=20_000_000)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ingest.job import IngestJob, IngestOptions, scan_folder
-from tests.conftest import PYTHON, ROOT, local_catalog, make_images, run_cli
+from tests.support import PYTHON, ROOT, local_catalog, make_images, run_cli
 
 
 def test_scan_gives_labels_from_top_level_folders(tmp_path):
@@ -76,7 +76,7 @@ def test_half_written_images_are_repaired_on_rerun(backend, efficientnet, photo_
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_a_clean_run(backend, efficientnet, tmp_path, request):
-    from tests.conftest import make_backend
+    from tests.support import make_backend
 
     folder = tmp_path / "many"
     make_images(folder, 240)
@@ -117,7 +117,7 @@ def test_ingest_with_another_model_is_refused_clearly(backend, efficientnet, pho
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    from tests.conftest import service_env
+    from tests.support import service_env
 
     result = run_cli(["-m", "ingest", str(tmp_path / "nope"), "--no-progress"], service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0"))
     assert result.returncode == 1 and "is not a folder" in result.stderr
@@ -174,7 +174,7 @@ def test_int8_ingest_calibrates_on_its_own_folder_and_is_recorded(tmp_path, phot
     the fidelity guard (ResNet-50 architecture), and the collection records which runtime wrote it."""
     from pymilvus import MilvusClient
 
-    from tests.conftest import Backend
+    from tests.support import Backend
 
     backend = Backend("lite-local", tmp_path / "data")
     env = backend.process_env(RIS_MODEL_NAME="resnet50", RIS_MODEL_RESNET50_WEIGHTS="random", RIS_MODEL_PRECISION="int8")

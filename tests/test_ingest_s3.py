@@ -8,9 +8,9 @@ import uuid
 import pytest
 from minio import Minio
 
+from bento.core.ids import content_hash
 from ingest.sources import FolderSource, parse_s3_location
-from models.imaging import content_hash
-from tests.conftest import Backend, local_catalog, run_cli
+from tests.support import Backend, local_catalog, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from bento.adapters.vectors import VectorIndex
 from bento.core.config import Settings
 from bento.core.errors import BackendUnavailable, SearchError
 from bento.domain.listing import BrowseQuery, CollectionListing, ListedImage
-from tests.conftest import toy_model, toy_records
+from tests.support import toy_model, toy_records
 
 
 def _image(number: int, label: str, created_at: int) -> ListedImage:

@@ -8,15 +8,15 @@ import time
 import pytest
 from pymilvus import DataType, MilvusClient
 
+from bento.adapters.assembly import open_catalog
 from bento.adapters.storage import open_image_store
 from bento.adapters.vectors import copy_collection
 from bento.core.config import Settings
 from bento.core.errors import ModelMismatch
-from bento.domain.catalog import Catalog
+from bento.core.ids import content_hash
 from bento.domain.schemas import SearchOptions
 from ingest.demo import GENERATED, encode
-from models.imaging import content_hash
-from tests.conftest import PYTHON, ROOT, run_cli, service_env
+from tests.support import PYTHON, ROOT, run_cli, service_env
 
 IMAGES = 48
 
@@ -78,7 +78,7 @@ def test_an_old_collection_is_refused_then_reembedded_in_place_across_a_kill(eff
     model = efficientnet.describe().info
     _old_collection(settings, model.model_id, blobs)
 
-    catalog = Catalog.in_process(settings, efficientnet)
+    catalog = open_catalog(settings, efficientnet)
     with pytest.raises(ModelMismatch, match="ingest.reembed"):
         catalog.vectors.ensure_ready()
     catalog.close()
@@ -101,7 +101,7 @@ def test_an_old_collection_is_refused_then_reembedded_in_place_across_a_kill(eff
     done_before = int(rerun.stdout.split("(")[1].split()[0])
     assert 12 <= done_before < len(blobs), rerun.stdout
 
-    catalog = Catalog.in_process(settings, efficientnet)
+    catalog = open_catalog(settings, efficientnet)
     try:
         assert catalog.vectors.count() == len(blobs)
         info = catalog.vectors.info()
@@ -144,7 +144,7 @@ def test_copy_vectors_are_added_in_place_keeping_the_similarity_vectors_across_a
     makers = list(GENERATED.values())
     blobs = list({encode(makers[i % len(makers)](rng), "PNG"): None for i in range(IMAGES)})
     settings = Settings(data_dir=tmp_path / "data", model={"name": "efficientnet-lite0", "copy_name": "none"})
-    catalog = Catalog.in_process(settings, efficientnet)
+    catalog = open_catalog(settings, efficientnet)
     for i, data in enumerate(blobs):
         catalog.add(data, f"class{i % 3}", f"old/{i}.png")
     before = {row["key"]: row["vector"] for row in catalog.vectors._milvus().query(settings.milvus.collection, filter="", output_fields=["vector"], limit=IMAGES * 4)}
@@ -162,7 +162,7 @@ def test_copy_vectors_are_added_in_place_keeping_the_similarity_vectors_across_a
     assert 0 < added <= len(blobs) - 12, rerun.stdout
 
     both = Settings(data_dir=tmp_path / "data", model={"name": "efficientnet-lite0", "copy_name": "sscd-distilled"})
-    catalog = Catalog.in_process(both, both_models)
+    catalog = open_catalog(both, both_models)
     try:
         assert catalog.vectors.count() == len(blobs) and catalog.copies.count() == len(blobs)
         assert catalog.complete_ids([content_hash(b) for b in blobs]) == {content_hash(b) for b in blobs}

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.imaging import content_hash
+from bento.core.ids import content_hash
 from scripts.devstack import free_port
-from tests.conftest import ServiceProcess, run_cli, service_env
+from tests.support import ServiceProcess, run_cli, service_env
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@ import pytest
 
 from bento.adapters.storage import LocalImageStore
 from bento.core.errors import InvalidRequest, NotFound
-from models.imaging import content_hash
+from bento.core.ids import content_hash
 
 
 def test_put_get_exists_delete_round_trip(tmp_path):

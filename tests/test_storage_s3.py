@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from bento.adapters.storage import S3ImageStore, open_image_store
 from bento.core.config import Settings
 from bento.core.errors import BackendUnavailable, NotFound
-from models.imaging import content_hash
+from bento.core.ids import content_hash
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from bento.adapters.vectors import VectorIndex, index_spec
 from bento.core.config import Settings
 from bento.core.errors import InvalidRequest, ModelMismatch
 from bento.domain.schemas import IndexSpec, VectorQuery
-from tests.conftest import TOY_DIM as DIM
-from tests.conftest import toy_model as _model
-from tests.conftest import toy_records as _records
+from tests.support import TOY_DIM as DIM
+from tests.support import toy_model as _model
+from tests.support import toy_records as _records
 
 
 @pytest.fixture

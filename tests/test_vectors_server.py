@@ -11,8 +11,8 @@ from bento.adapters.vectors import VectorIndex
 from bento.core.config import Settings
 from bento.core.errors import BackendUnavailable, Conflict, InvalidRequest
 from bento.domain.schemas import IndexSpec, VectorQuery
-from tests.conftest import toy_model as _model
-from tests.conftest import toy_records as _records
+from tests.support import toy_model as _model
+from tests.support import toy_records as _records
 
 pytestmark = pytest.mark.slow
 

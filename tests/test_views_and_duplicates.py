@@ -13,8 +13,8 @@ from bento.domain.duplicates import DuplicateQuery, ImageVector, find_duplicates
 from bento.domain.schemas import Thresholds, VectorQuery, VectorRecord
 from models.pipeline import pixel_hash
 from models.preprocess import LOW_RES, Preprocessing
-from tests.conftest import TOY_DIM as DIM
-from tests.conftest import toy_model
+from tests.support import TOY_DIM as DIM
+from tests.support import toy_model
 
 VIEWS = 3
 

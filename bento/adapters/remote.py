@@ -14,6 +14,7 @@ import anyio
 import numpy as np
 from bentoml.exceptions import BentoMLException
 
+from bento.adapters import npy
 from bento.core.errors import BackendUnavailable, ConnectionDropped
 from bento.core.metrics import count_embedder_request
 from bento.domain.duplicates import DuplicatePage, DuplicateQuery
@@ -92,7 +93,7 @@ class RemoteEmbedder:
         # By URL: as a .npy file (binary), not as BentoML's JSON arrays.
         count_embedder_request()
         with tempfile.NamedTemporaryFile(suffix=".npy") as file:
-            np.save(file, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
+            file.write(npy.to_npy(np.asarray(pixels, dtype=np.uint8)))
             file.flush()
             with calling("embedder"):
                 vectors = self._proxy.to_sync.embed_npy(pixels=Path(file.name), role=role)

@@ -6,51 +6,20 @@ import contextlib
 import io
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from bento.core.config import Settings
-from bento.core.errors import BackendUnavailable, ConnectionDropped, InvalidRequest, NotFound, SearchError
-from bento.domain.schemas import IMAGE_ID_PATTERN, StoreInfo
+from bento.core.errors import BackendUnavailable, ConnectionDropped, NotFound, SearchError
+from bento.core.ids import validate_image_id
+from bento.domain.ports import ImageStore, Kind
+from bento.domain.schemas import StoreInfo
 
 logger = logging.getLogger(__name__)
 
-_ID_RE = re.compile(IMAGE_ID_PATTERN)
-Kind = Literal["original", "thumbnail"]
-
-
-def validate_image_id(image_id: str) -> str:
-    if not _ID_RE.fullmatch(image_id):
-        raise InvalidRequest("An image id is a 64-character lowercase sha256 hex digest.")
-    return image_id
-
-
-class ImageStore(Protocol):
-    """What the service and the ingest job need from a blob store (local directory, MinIO/S3)."""
-
-    def put(self, image_id: str, kind: Kind, data: bytes) -> None:
-        """Store idempotently: putting the same id twice leaves one object."""
-
-    def get(self, image_id: str, kind: Kind) -> bytes:
-        """Raise NotFound when absent."""
-
-    def exists(self, image_id: str, kind: Kind) -> bool: ...
-
-    def delete(self, image_id: str) -> None:
-        """Remove the original and the thumbnail; absent objects are fine."""
-
-    def presigned_url(self, image_id: str, kind: Kind) -> str | None:
-        """A direct URL to the object, or None when the service must stream it itself."""
-
-    def ping(self) -> None:
-        """Raise BackendUnavailable when the store cannot be reached."""
-
-    def info(self) -> StoreInfo: ...
 
 
 class LocalImageStore:

@@ -29,6 +29,13 @@ PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 IndexType = Literal["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"]
 
+# The names the model settings accept. Settings are the bottom layer and do not import the model registry
+# (models/); tests/test_layout.py checks that these lists and the registry (models.backbones.model_choices,
+# models.preprocess.VIEW_SETS, in their order) agree.
+SIMILARITY_MODELS = ("auto", "resnet50", "efficientnet-lite0")
+COPY_MODELS = ("auto", "sscd-resnet50", "sscd-distilled", "sscd-int8", "none")
+VIEW_SET_NAMES = ("low-res-64", "crops-60")
+
 # Settings that were renamed or folded into others when the settings were grouped: refused with advice.
 RENAMED: dict[str, str] = {
     "RIS_MODEL": "RIS_MODEL_NAME",
@@ -113,19 +120,15 @@ class ModelSettings(BaseModel):
     @field_validator("name")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        from models.backbones import model_choices
-
-        if name not in model_choices():
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_choices())}")
+        if name not in SIMILARITY_MODELS:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SIMILARITY_MODELS)}")
         return name
 
     @field_validator("copy_name")
     @classmethod
     def _known_copy_model(cls, name: str) -> str:
-        from models.backbones import model_choices
-
-        if name not in model_choices("copy"):
-            raise ValueError(f"unknown copy model {name!r}; choose one of {', '.join(model_choices('copy'))}")
+        if name not in COPY_MODELS:
+            raise ValueError(f"unknown copy model {name!r}; choose one of {', '.join(COPY_MODELS)}")
         return name
 
     @property
@@ -135,13 +138,11 @@ class ModelSettings(BaseModel):
     @field_validator("views", "copy_views")
     @classmethod
     def _known_views(cls, views: str) -> str:
-        from models.preprocess import VIEW_SETS
-
         names = [name.strip() for name in views.split(",") if name.strip()]
-        unknown = [name for name in names if name not in VIEW_SETS]
+        unknown = [name for name in names if name not in VIEW_SET_NAMES]
         if unknown or len(set(names)) != len(names):
-            raise ValueError(f"views {views!r}: each of {', '.join(VIEW_SETS)} at most once, comma-separated")
-        return ",".join(name for name in VIEW_SETS if name in names)  # one spelling per recipe
+            raise ValueError(f"views {views!r}: each of {', '.join(VIEW_SET_NAMES)} at most once, comma-separated")
+        return ",".join(name for name in VIEW_SET_NAMES if name in names)  # one spelling per recipe
 
     @property
     def view_sets(self) -> tuple[str, ...]:

@@ -61,6 +61,30 @@ class ImageTooLarge(SearchError):
     code = "image_too_large"
 
 
+class RequestTooLarge(SearchError):
+    """A request body over its route's limit (an image upload over its limit is ImageTooLarge)."""
+
+    code = "request_too_large"
+
+
+class InvalidParameters(InvalidRequest):
+    """A request whose parameters or body fail validation (which fields, and why, in the message)."""
+
+    code = "validation_error"
+
+
+class MethodNotAllowed(SearchError):
+    """A known path asked with a method it does not take."""
+
+    code = "method_not_allowed"
+
+
+class HttpError(SearchError):
+    """Another refusal of the HTTP layer (its status comes with it)."""
+
+    code = "http_error"
+
+
 class UrlFetchFailed(SearchError):
     code = "url_fetch_failed"
 

@@ -30,18 +30,18 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
 
-from bento.adapters.storage import ImageStore, Kind, validate_image_id
-from bento.adapters.vectors import MAX_WINDOW
-from bento.core.config import LimitsSettings, Settings, VerdictSettings
-from bento.core.errors import InvalidRequest, NotFound, SearchError
+from bento.core.config import Settings
+from bento.core.errors import InvalidRequest, ModelMismatch, NotFound, SearchError
+from bento.core.ids import validate_image_id
 from bento.core.retry import FAIL_FAST, RetryPolicy
 from bento.domain.duplicates import DuplicatePage, DuplicateQuery
 from bento.domain.listing import BrowsePage, BrowseQuery, LabelList
+from bento.domain.ports import MAX_WINDOW, AtOnce, Embedding, ImageStore, Kind, VectorStore
 from bento.domain.schemas import (
     MAX_LABEL_LENGTH,
     ImageMetadata,
@@ -60,68 +60,11 @@ from bento.domain.schemas import (
 )
 from models.backbones import Role
 from models.imaging import DecodeLimits, without_location
-from models.pipeline import PreparedImage, check_pixels, max_batch, prepare_image
+from models.pipeline import PreparedImage, max_batch, prepare_image
 
 logger = logging.getLogger(__name__)
 _A = TypeVar("_A")
 _B = TypeVar("_B")
-# Runs two independent calls at the same time and returns both results (raising the first one's error).
-AtOnce = Callable[[Callable[[], Any], Callable[[], Any]], tuple[Any, Any]]
-
-
-class Embedding(Protocol):
-    """Where vectors come from."""
-
-    def describe(self) -> ModelDescription:
-        """The similarity model and its preprocessing recipe (cached by implementations: it never changes)."""
-
-    def describe_copy(self) -> ModelDescription | None:
-        """The copy model and its recipe, or None when no copy model serves (cached likewise)."""
-
-    def embed(self, pixels: np.ndarray, role: Role = "similarity") -> np.ndarray:
-        """(N, side, side, 3) uint8 -> (N, dim) float32 unit vectors of ``role``'s model; side: one of that
-        model's recipe's input sides."""
-
-
-class VectorStore(Protocol):
-    """The vector collection, with the image metadata kept beside each vector."""
-
-    def ensure_ready(self) -> None: ...
-
-    def ping(self) -> None:
-        """Raise BackendUnavailable when the collection cannot serve."""
-
-    def existing_ids(self, ids: list[str]) -> set[str]: ...
-
-    def get(self, ids: list[str]) -> list[ImageMetadata]: ...
-
-    def get_vector(self, image_id: str) -> list[float] | None: ...
-
-    def upsert(self, records: list[VectorRecord]) -> int: ...
-
-    def search(self, query: VectorQuery) -> list[VectorHit]: ...
-
-    def delete(self, ids: list[str]) -> int: ...
-
-    def count(self) -> int: ...
-
-    def info(self) -> IndexInfo: ...
-
-    def rebuild_index(self, spec: IndexSpec) -> IndexInfo: ...
-
-    def flush(self) -> None: ...
-
-    def duplicates(self, query: DuplicateQuery) -> DuplicatePage:
-        """A page of the duplicate report (computed in the background; state "running" meanwhile)."""
-
-    def browse(self, query: BrowseQuery) -> BrowsePage:
-        """A page of the collection, newest first (state "scanning" until its listing is first read)."""
-
-    def labels(self) -> LabelList:
-        """The labels in use with their counts, most used first."""
-
-    def close(self) -> None:
-        """Release the connection this store holds, if it holds one."""
 
 
 def clean_label(label: str | None) -> str:
@@ -173,27 +116,27 @@ class Catalog:
         vectors: VectorStore,
         store: ImageStore,
         embedding: Embedding,
-        limits: LimitsSettings,
-        thumbnail_size: int,
-        retry: RetryPolicy = FAIL_FAST,
-        serve_location: bool = False,
-        verdict: VerdictSettings | None = None,
+        settings: Settings,
+        *,
         copies: VectorStore | None = None,
+        retry: RetryPolicy = FAIL_FAST,
         at_once: AtOnce | None = None,
     ) -> None:
-        """``copies``: the copy vectors' store, required when the embedding has a copy model. ``at_once``: how
-        two independent calls run at the same time (default: a thread pool of the catalog's own; the service
-        passes one whose threads may call its dependencies)."""
+        """Built from settings by ``bento.adapters.assembly.open_catalog`` (the one way every entry point
+        builds it). ``copies``: the copy vectors' store, required when the embedding has a copy model.
+        ``at_once``: how two independent calls run at the same time (default: a thread pool of the
+        catalog's own; the service passes one whose threads may call its dependencies)."""
+        limits = settings.limits
         self.vectors = vectors
         self.copies = copies
         self.store = store
         self.embedding = embedding
         self.limits = limits
         self.decode_limits = DecodeLimits(limits.max_upload_bytes, limits.max_image_pixels, limits.max_decoded_bytes)
-        self.thumbnail_size = thumbnail_size
+        self.thumbnail_size = settings.store.thumbnail_size
         self.retry = retry
-        self.serve_location = serve_location
-        self.verdict_settings = verdict or VerdictSettings()
+        self.serve_location = settings.store.serve_location
+        self.verdict_settings = settings.verdict
         # The two collections' searches of a search run at once (I/O: a search waits for the slower one, not
         # for both in turn). The pool is started on first use.
         self._at_once = at_once or self._in_pool
@@ -213,19 +156,6 @@ class Catalog:
         if first is None or second is None:
             return (first() if first else None, second() if second else None)
         return self._at_once(first, second)
-
-    @classmethod
-    def in_process(cls, settings: Settings, embedding: Embedding, retry: RetryPolicy = FAIL_FAST) -> Catalog:
-        """A catalog that opens Milvus and the image store itself (the ingest job, tools, tests)."""
-        from bento.adapters.storage import open_image_store
-        from bento.adapters.vectors import open_indexes
-
-        copy_model = retry.call(embedding.describe_copy)
-        vectors, copies = open_indexes(settings, retry.call(embedding.describe).info, copy_model.info if copy_model else None)
-        return cls(
-            vectors, open_image_store(settings), embedding, settings.limits, settings.store.thumbnail_size, retry,
-            settings.store.serve_location, settings.verdict, copies,
-        )
 
     def close(self) -> None:
         """Release what the catalog opened (the Milvus connections of in-process vector indexes)."""
@@ -270,18 +200,23 @@ class Catalog:
     def thresholds(self) -> Thresholds:
         """The verdict thresholds: the settings' where given, else those measured for the models (same image and
         near duplicate: the copy model's where one serves)."""
-        settings, similarity = self.verdict_settings, self.model()
         copy = self.copy_model()
-        if copy is None:
-            return Thresholds.of(settings.same_image, settings.near_duplicate, similarity, settings.similar)
-        return Thresholds.of(settings.same_image, settings.near_duplicate, copy.info, settings.similar, similarity)
+        return Thresholds.resolve(self.verdict_settings, self.model(), copy.info if copy else None)
 
-    def embed_pixels(self, pixels: np.ndarray, role: Role = "similarity") -> tuple[np.ndarray, ModelInfo]:
-        """Embed pixels prepared elsewhere (``ingest --service-url``), checked against that model's recipe."""
+    def embed_pixels(
+        self, pixels: np.ndarray, role: Role = "similarity", recipe_version: str | None = None
+    ) -> tuple[np.ndarray, ModelInfo]:
+        """Embed pixels prepared elsewhere (``ingest --service-url``). ``recipe_version``, where the client says
+        it (the ingest client does), must be the serving recipe's: pixels prepared by another version of the
+        recipe (an older client that embeds a view at another side) would pass by their shape alone and be
+        stored as wrong vectors. Their shape is checked once per boundary, not here: by the HTTP route as it
+        reads the .npy body, and by the model (in the embedder's process)."""
         description = self.retry.call(self.embedding.describe) if role == "similarity" else self.copy_model()
         if description is None:
             raise InvalidRequest("No copy model serves here (RIS_MODEL_COPY_NAME=none).")
-        check_pixels(pixels, description.preprocessing.input_sides)
+        served = description.preprocessing.version
+        if recipe_version is not None and recipe_version != served:
+            raise ModelMismatch(f"These pixels were prepared with recipe {recipe_version[:200]!r}; this service embeds {served!r}.")
         return self._embed(pixels, role), description.info
 
     # --- adding ------------------------------------------------------------------------------------
@@ -316,13 +251,13 @@ class Catalog:
         if fresh:
             vectors = self._embed_views([self._views_of(image.prepared) for image in fresh])
             for image, own in zip(fresh, vectors, strict=True):
-                records[image.prepared.id] = image.prepared.record(own, image.label, image.source, image.created_at or now)
+                records[image.prepared.id] = _record(image.prepared, own, image.label, image.source, image.created_at or now)
         copies = self._copies()
         copy_records = self._copy_records(copies, images, existing, records) if copies is not None else []
         # Blobs first (a repair for the existing rows), then the copy rows, then the rows that mark the new
         # images added.
         for image in images if write_blobs else ():
-            self.retry.call(image.prepared.store_blobs, self.store)
+            self.retry.call(_store_blobs, image.prepared, self.store)
         if copies is not None and copy_records:
             self.retry.call(copies.upsert, copy_records)
         if records:
@@ -352,7 +287,7 @@ class Catalog:
                 record = records[image.prepared.id]
                 meta = ImageMetadata(**record.model_dump(exclude={"vector", "views"}))
             copy_records.append(
-                image.prepared.record(own, meta.label, meta.source, meta.created_at or now)
+                _record(image.prepared, own, meta.label, meta.source, meta.created_at or now)
             )
         return copy_records
 
@@ -586,3 +521,20 @@ class Catalog:
 
     def labels(self) -> LabelList:
         return self.retry.call(self.vectors.labels)
+
+
+def _record(prepared: PreparedImage, vectors: np.ndarray, label: str, source: str, created_at: int) -> VectorRecord:
+    """The rows Milvus keeps for an image: its vectors (main view first) and everything shown with a hit."""
+    return VectorRecord(
+        id=prepared.id, label=label, mime=prepared.mime, width=prepared.width, height=prepared.height,
+        size_bytes=len(prepared.data), source=source, created_at=created_at, pixel_hash=prepared.pixel_hash,
+        vector=vectors[0].tolist(), views=[vector.tolist() for vector in vectors[1:]],
+    )
+
+
+def _store_blobs(prepared: PreparedImage, store: ImageStore) -> None:
+    """Original and thumbnail. Callers write these BEFORE the vector row: only a row marks an image as
+    present, so a crash in between leaves a blob to reuse, never a hit without an image."""
+    store.put(prepared.id, "original", prepared.data)
+    if prepared.thumbnail is not None:
+        store.put(prepared.id, "thumbnail", prepared.thumbnail)

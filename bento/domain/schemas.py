@@ -6,47 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from bento.core.config import IndexType
+from bento.core.config import IndexType, VerdictSettings
 from bento.core.errors import ErrorPayload, SearchError
-from models.preprocess import Preprocessing
+from bento.core.ids import IMAGE_ID_PATTERN
+from models.info import CopyModel, ModelDescription, ModelInfo  # noqa: F401 (the API shows them: re-exported)
 
-# A content hash (sha256, lowercase hex) is the only image id the product accepts.
-IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"
 MAX_LABEL_LENGTH = 256
-
-
-class ModelInfo(BaseModel):
-    """Which embedding model serves, and the facts that decide whether two embeddings may be compared."""
-
-    backbone: str
-    model_id: str = Field(description="backbone@weights-digest: embeddings with different ids never mix.")
-    dim: int
-    preprocessing: str = Field(description="Version string of the decode/resize/crop/normalise recipe.")
-    vectors_per_image: int = Field(1, ge=1, description="Vectors stored per image: the main view and the extra views.")
-    same_image_score: float | None = Field(None, description="Measured score from which a hit is the same image.")
-    near_duplicate_score: float | None = Field(None, description="Measured score from which a hit is a near duplicate.")
-    similar_score: float | None = Field(None, description="Measured score below which a hit is unrelated (similarity models).")
-    weights: str = Field(description="Where the weights came from.")
-    pretrained: bool
-    reason: str = Field("", description="Why this backbone was chosen (for `auto`).")
-    store_tag: str = Field("", description="BentoML model-store tag the weights were loaded from.")
-    runtime: str = Field("", description="Inference runtime that computes the embeddings (torch, openvino).")
-    precision: str = Field("", description="Numeric precision of that runtime (fp32, fp16, bf16, int8).")
-
-
-class ModelDescription(BaseModel):
-    """What the embedder tells its callers: the model, its preprocessing recipe (callers prepare pixels with
-    it), and where it runs."""
-
-    info: ModelInfo
-    preprocessing: Preprocessing
-    device: str
-
-
-class CopyModel(BaseModel):
-    """The embedder's answer to "which copy model serves?" (``description`` None: none)."""
-
-    description: ModelDescription | None = None
 
 
 class Health(BaseModel):
@@ -140,18 +105,16 @@ class Thresholds(BaseModel):
     copy_model: bool = False
 
     @classmethod
-    def of(
-        cls, same_image: float | None, near_duplicate: float | None, model: ModelInfo, similar: float | None = None,
-        similarity_model: ModelInfo | None = None,
-    ) -> Thresholds:
-        """The given thresholds where set (RIS_VERDICT_*), else those measured for the models: ``model`` gives the
-        same-image / near-duplicate ones (the copy model where one serves), ``similarity_model`` the floor."""
-        floor_model = similarity_model or model
+    def resolve(cls, verdict: VerdictSettings, similarity: ModelInfo, copy: ModelInfo | None = None) -> Thresholds:
+        """The one threshold rule: the settings' (RIS_VERDICT_*) where set, else those measured for the models.
+        Same image and near duplicate are the copy model's scores where one serves, else the similarity
+        model's; the floor of `similar` is always the similarity model's."""
+        measured = copy or similarity
         return cls(
-            same_image=same_image if same_image is not None else model.same_image_score,
-            near_duplicate=near_duplicate if near_duplicate is not None else model.near_duplicate_score,
-            similar=similar if similar is not None else floor_model.similar_score,
-            copy_model=similarity_model is not None,
+            same_image=verdict.same_image if verdict.same_image is not None else measured.same_image_score,
+            near_duplicate=verdict.near_duplicate if verdict.near_duplicate is not None else measured.near_duplicate_score,
+            similar=verdict.similar if verdict.similar is not None else similarity.similar_score,
+            copy_model=copy is not None,
         )
 
     def verdict(self, score: float) -> Verdict | None:

@@ -1,0 +1,111 @@
+"""Who may do what: API keys and their scopes, the keyless loopback mode (this machine's own users only), and
+the per-client limits of the expensive routes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import psutil
+from fastapi import Depends, Header, Request
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from bento.core.config import get_settings
+from bento.core.errors import (
+    Forbidden,
+    RateLimited,
+)
+from bento.http.auth import KeyTable, Principal, Scope, is_loopback, presented_key
+
+logger = logging.getLogger("ris.service")
+
+
+@functools.lru_cache(maxsize=1)
+def key_table() -> KeyTable:
+    auth = get_settings().auth
+    return KeyTable.from_settings(auth.keys, auth.keys_file, auth.anonymous_scopes)
+
+
+@functools.lru_cache(maxsize=1)
+def listening_on_loopback_only() -> bool:
+    """Whether every socket this API worker listens on is bound to a loopback address.
+
+    BentoML hands its workers an already bound socket, and the ASGI scope names only the address a
+    client reached, so the answer comes from the process's own listening sockets. When they cannot be
+    read, the answer is no (the safe side: no writes without keys)."""
+    try:
+        listening = [c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        logger.warning("cannot read this process's listening sockets; treating the service as exposed")
+        return False
+    return bool(listening) and all(is_loopback(address.ip) for address in listening)
+
+
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def refuse_other_sites(request: Request, scope: Scope) -> None:
+    """The keyless loopback mode is open to this machine's own users only: not to a web page that a DNS
+    rebinding points at 127.0.0.1 (its Host is another name), and not to another site's form posting
+    across origins (no CORS preflight protects a multipart POST)."""
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+    if host not in LOCAL_NAMES:
+        raise Forbidden(f"With no API keys this service answers only to localhost, not to the host name {host!r}.")
+    origin = urlsplit(request.headers.get("origin", "")).hostname
+    cross_site = request.headers.get("sec-fetch-site") == "cross-site" or (origin is not None and origin not in LOCAL_NAMES)
+    if scope != "search" and cross_site:
+        raise Forbidden("With no API keys, writes from another site's pages are refused.")
+
+
+def allowed(scope: Scope) -> Callable[..., Awaitable[Principal]]:
+    """A route dependency: the caller's principal, when it may act in ``scope`` (401/403 otherwise)."""
+
+    async def check(
+        request: Request,
+        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+        x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    ) -> Principal:
+        loopback = listening_on_loopback_only()
+        table = key_table()
+        if loopback and not table.configured:
+            refuse_other_sites(request, scope)
+        principal = table.identify(presented_key(authorization, x_api_key), loopback)
+        table.require(principal, scope, loopback)
+        request.state.principal = principal  # the error handler shows failures' details to admins only
+        return principal
+
+    return check
+
+
+Searcher = Annotated[Principal, Depends(allowed("search"))]
+
+
+Writer = Annotated[Principal, Depends(allowed("write"))]
+
+
+Admin = Annotated[Principal, Depends(allowed("admin"))]
+
+
+class ClientLimits:
+    """Per-client limits of the expensive routes (a moving window per minute, in this worker's memory).
+    Admin principals (the operators' tools, e.g. the remote ingest) are not limited."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.item = RateLimitItemPerMinute(per_minute) if per_minute > 0 else None
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def charge(self, request: Request, principal: Principal, route: str) -> None:
+        if self.item is None or "admin" in principal.scopes:
+            return
+        client = f"key:{principal.name}" if principal.name else f"ip:{request.client.host if request.client else '?'}"
+        if not self.limiter.hit(self.item, route, client):
+            reset = self.limiter.get_window_stats(self.item, route, client).reset_time
+            wait = max(1, math.ceil(reset - time.time()))
+            raise RateLimited(f"Too many {route} requests; at most {self.item.amount} a minute per client.", wait)

@@ -1,0 +1,170 @@
+"""What the routes answer: uploads read and checked, hits and cards with their image URLs, the status page, blobs
+with their cache headers, the embedding endpoint (.npy in, .npy out); blocking work in worker threads."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import anyio
+import numpy as np
+from fastapi import Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from bento.adapters import npy
+from bento.core.config import Settings
+from bento.core.errors import (
+    NotFound,
+    SearchError,
+)
+from bento.domain.catalog import Added, Catalog, SearchResult
+from bento.domain.ports import Embedding, Kind
+from bento.domain.schemas import (
+    GalleryPage,
+    ImageCard,
+    ImageMetadata,
+    IndexSpec,
+    InsertResponse,
+    Limits,
+    ModelDescription,
+    SearchHit,
+    SearchResponse,
+    StatusResponse,
+)
+from bento.http.access import key_table
+from bento.http.auth import Principal
+from models.backbones import Role
+from models.imaging import check_size
+
+logger = logging.getLogger("ris.service")
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    """Read an upload (its body already bounded by EdgeGuard) and check its size."""
+    data = await upload.read(max_bytes + 1)
+    check_size(len(data), max_bytes)
+    return data
+
+
+def while_not_ready(body: Any, ready: bool) -> JSONResponse:
+    """A result computed in the background: 200 once it is ready, 202 (with its state) until then."""
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 202)
+
+
+async def api_ready(catalog: Catalog) -> bool:
+    """The API's own readiness: the vector search service and the image store answer (the embedder is left
+    out: without one, upload searches answer 503 and everything else keeps working)."""
+    try:
+        await in_thread(catalog.vectors.ping)
+        await in_thread(catalog.store.ping)
+    except SearchError as exc:
+        logger.warning("not ready: %s", exc.message)
+        return False
+    return True
+
+
+def card(catalog: Catalog, meta: ImageMetadata) -> dict[str, Any]:
+    """An image as the API shows it: its metadata and where to fetch it (presigned where the store allows)."""
+    return {
+        **meta.model_dump(),
+        "image_url": catalog.direct_url(meta.id, "original") or f"/api/images/{meta.id}",
+        "thumbnail_url": catalog.direct_url(meta.id, "thumbnail") or f"/api/images/{meta.id}/thumbnail",
+    }
+
+
+async def gallery_response(catalog: Catalog, offset: int, limit: int, label: str | None) -> JSONResponse:
+    """A page of the collection: 202 with state "scanning" while the listing is first read."""
+    page = await in_thread(catalog.browse, offset, limit, label)
+    body = GalleryPage(
+        state=page.state, total=page.total, offset=offset, limit=limit, label=label,
+        images=[ImageCard(**card(catalog, meta)) for meta in page.images],
+    )
+    return while_not_ready(body, page.state == "ready")
+
+
+def insert_response(added: Added) -> JSONResponse:
+    """201 for a new image, 200 for bytes already stored (nothing changed)."""
+    message = "Added." if added.created else "Already present; nothing changed."
+    body = InsertResponse(id=added.id, created=added.created, message=message, image=added.image)
+    return JSONResponse(body.model_dump(), status_code=201 if added.created else 200)
+
+
+def search_response(catalog: Catalog, result: SearchResult) -> SearchResponse:
+    hits = [SearchHit(**card(catalog, hit.image), score=round(hit.score, 6), verdict=hit.verdict, match=hit.match) for hit in result.hits]
+    return SearchResponse(**result.model_dump(exclude={"hits"}), hits=hits)
+
+
+async def blob_response(catalog: Catalog, request: Request, image_id: str, kind: Kind) -> Response:
+    """An original or thumbnail, streamed by the service whatever the store (hits carry presigned URLs for
+    direct access): one URL that always works, and a clear 503 when the store is down. The bytes behind an
+    id never change, but an image can be deleted: caches keep it and revalidate on every use (304 while it
+    exists)."""
+    etag = f'"{image_id}-{kind}"'
+    headers = {"Cache-Control": "private, no-cache", "ETag": etag}
+    if request.headers.get("if-none-match") == etag:
+        await in_thread(catalog.metadata, image_id)  # a deleted image is a 404, not a 304
+        return Response(status_code=304, headers=headers)
+    data, media_type = await in_thread(catalog.blob, image_id, kind)
+    return Response(data, media_type=media_type, headers=headers)
+
+
+async def status_response(catalog: Catalog, embedding: Embedding, settings: Settings, principal: Principal) -> StatusResponse:
+    """Count, models, index, backends; where the backends are (URIs, paths, error details) for admins only."""
+    description = await in_thread(embedding.describe)
+    copy = await in_thread(catalog.copy_model)
+    info, problems = await in_thread(catalog.problems)
+    admin = "admin" in principal.scopes
+    limits = Limits(
+        max_upload_bytes=settings.limits.max_upload_bytes,
+        max_image_pixels=settings.limits.max_image_pixels,
+        max_top_k=settings.limits.max_top_k,
+        default_top_k=settings.limits.default_top_k,
+        embed_max_batch_size=settings.batching.max_batch_size,
+        embed_max_latency_ms=settings.batching.max_latency_ms,
+    )
+    store = catalog.store.info()
+    return StatusResponse(
+        ready=not problems,
+        count=info.count if info else -1,
+        model=description.info,
+        device=description.device,
+        copy_model=copy.info if copy else None,
+        copy_device=copy.device if copy else None,
+        index=info.index if info else IndexSpec(index_type=settings.milvus.index_type),
+        metric=info.metric if info else "COSINE",
+        collection=settings.milvus.collection,
+        milvus_backend=settings.milvus.backend,
+        milvus_uri=settings.milvus.uri if admin else None,
+        store=store if admin else store.model_copy(update={"location": None}),
+        limits=limits,
+        thresholds=await in_thread(catalog.thresholds),
+        error="; ".join(problems) if admin or not problems else "a backend is unavailable (details: admin keys)",
+        scopes=sorted(principal.scopes),
+        keys=key_table().configured,
+    )
+
+
+async def serving_model(catalog: Catalog, embedding: Embedding, role: Role) -> ModelDescription:
+    """The similarity model, or the copy model (404 where none serves)."""
+    description = await in_thread(embedding.describe) if role == "similarity" else await in_thread(catalog.copy_model)
+    if description is None:
+        raise NotFound("No copy model serves here (RIS_MODEL_COPY_NAME=none).")
+    return description
+
+
+async def embed_response(catalog: Catalog, embedding: Embedding, request: Request, role: Role) -> Response:
+    """POST /api/embed: .npy uint8 pixels in, .npy float32 vectors out (``X-Recipe-Version``: the recipe the
+    client prepared them with, checked by the catalog)."""
+    recipe = (await serving_model(catalog, embedding, role)).preprocessing
+    pixels = npy.pixels_from_npy(await request.body(), recipe.input_sides, request.headers.get("content-type", ""))
+    vectors, model = await in_thread(catalog.embed_pixels, pixels, role, request.headers.get("x-recipe-version"))
+    body = npy.to_npy(np.asarray(vectors, dtype=np.float32))
+    return Response(body, media_type=npy.MEDIA_TYPE, headers={"X-Model-Id": model.model_id})
