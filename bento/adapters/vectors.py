@@ -28,6 +28,7 @@ from bento.domain.duplicates import (
     find_duplicates,
 )
 from bento.domain.listing import BrowsePage, BrowseQuery, CollectionListing, LabelList, ListedImage
+from bento.domain.ports import MAX_WINDOW
 from bento.domain.schemas import (
     MAX_LABEL_LENGTH,
     ImageMetadata,
@@ -55,8 +56,6 @@ SCHEMA_VERSION = "2"
 MAX_SOURCE_BYTES = 1024
 # Milvus refuses an insert over 64 MB; stay well under it.
 MAX_UPSERT_BYTES = 16 * 1024 * 1024
-# Milvus caps limit + offset of one search.
-MAX_WINDOW = 16384
 # Loading a large collection or building its index legitimately takes longer than one query.
 LOAD_TIMEOUT_S = 300.0
 
@@ -341,6 +340,16 @@ class VectorIndex:
     def _load(self, client: MilvusClient) -> None:
         name = self.settings.milvus.collection
         self._run("load_collection", lambda c, t: c.load_collection(name, timeout=t), client=client, timeout=LOAD_TIMEOUT_S)
+        # A (re)loaded collection answers a Strong query only once its query node has replayed its channel
+        # from the last checkpoint: on a busy server, after an index rebuild, that took over 10 s here, and
+        # the first count after the rebuild failed (503) although the rebuild had succeeded. Loaded means
+        # "answers" here: wait for it within the load's budget.
+        self._run(
+            "count",
+            lambda c, t: c.query(name, filter=MAIN_VIEW, output_fields=["count(*)"], consistency_level="Strong", timeout=t),
+            client=client,
+            timeout=LOAD_TIMEOUT_S,
+        )
 
     def _set_property(self, client: MilvusClient, key: str, value: str) -> None:
         name = self.settings.milvus.collection
