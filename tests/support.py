@@ -14,6 +14,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -199,3 +200,33 @@ def toy_records(n: int, rng: np.random.Generator, label_of=lambda i: f"class{i %
         )
         for i in range(n)
     ]
+
+
+# --- Kubernetes' service-link variables ------------------------------------------------------------
+
+
+def service_link_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The variables the kubelet puts into a pod for every Service of its namespace (service links on,
+    Kubernetes' default), by its rules (pkg/kubelet/envvars): for each Service with a cluster IP,
+    NAME_SERVICE_HOST, NAME_SERVICE_PORT (first port), NAME_SERVICE_PORT_PORTNAME (named ports) and the
+    Docker-link forms NAME_PORT (first port) and NAME_PORT_<port>_<PROTO>{,_PROTO,_PORT,_ADDR}; NAME is
+    the Service's name upper-cased with "-" as "_". Cluster IPs are made up (10.96.0.x)."""
+    env: dict[str, str] = {}
+    services = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None"]
+    for number, service in enumerate(services, start=10):
+        name = service["metadata"]["name"].replace("-", "_").upper()
+        address = service["spec"].get("clusterIP") or f"10.96.0.{number}"
+        ports = service["spec"]["ports"]
+        env[f"{name}_SERVICE_HOST"] = address
+        env[f"{name}_SERVICE_PORT"] = str(ports[0]["port"])
+        for port in ports:
+            if port.get("name"):
+                env[f"{name}_SERVICE_PORT_{port['name'].replace('-', '_').upper()}"] = str(port["port"])
+        for index, port in enumerate(ports):
+            protocol = port.get("protocol", "TCP")
+            url = f"{protocol.lower()}://{address}:{port['port']}"
+            if index == 0:
+                env[f"{name}_PORT"] = url
+            prefix = f"{name}_PORT_{port['port']}_{protocol.upper()}"
+            env.update({prefix: url, f"{prefix}_PROTO": protocol.lower(), f"{prefix}_PORT": str(port["port"]), f"{prefix}_ADDR": address})
+    return env

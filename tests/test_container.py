@@ -29,7 +29,7 @@ import yaml
 from bento.core.ids import content_hash
 from bento.http.auth import hash_key, new_key
 from scripts.devstack import free_port
-from tests.support import ROOT, make_images, metric_samples, metric_sum
+from tests.support import ROOT, make_images, metric_samples, metric_sum, service_link_env
 
 pytestmark = pytest.mark.container
 # The image the cpu overlay runs (the CPU image, no PyTorch), as scripts/container.sh tags it.
@@ -91,7 +91,10 @@ class Container:
         container = spec["containers"][0]
         assert local_image(container["image"]) == IMAGE, f"{workload} runs {container['image']}, the test {IMAGE}"
         config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
-        env: dict[str, str] = {}
+        # What the kubelet adds for every Service of the namespace when service links are on (Kubernetes'
+        # default; the manifests turn them off, and the settings must not fall over where they are on):
+        # RIS_API_PORT=tcp://..., RIS_MILVUS_SERVICE_HOST=... The pod's own env wins over them.
+        env: dict[str, str] = service_link_env(docs)
         for source in container.get("envFrom", []):
             env.update(config_maps[source["configMapRef"]["name"]])
         for entry in container.get("env", []):
@@ -247,7 +250,7 @@ def run_ingest_job(
     Job's args, settings, secrets and security context, the source folder as its volume; their reports.
     ``while_running`` is called with the pods once every pod has started."""
     # Applied beside the overlay: the Job reads the overlay's ConfigMap ris-settings.
-    job = render("jobs/ingest") + [doc for doc in deployed["docs"] if doc["kind"] == "ConfigMap"]
+    job = render("jobs/ingest") + [doc for doc in deployed["docs"] if doc["kind"] in ("ConfigMap", "Service")]  # its namespace's Services: their links too
     spec = next(d for d in job if d["kind"] == "Job")["spec"]
     # The pods run as uid 1034: a world-readable copy of the folder stands in for the source volume.
     source = Path(tempfile.mkdtemp(prefix="ris-ingest-source-"))

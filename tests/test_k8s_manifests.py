@@ -148,6 +148,34 @@ def test_images_are_consistent_and_pinned(rendered: dict[str, list[dict[str, Any
                 assert ":" in image.split("/")[-1] and not image.endswith(":latest"), image
 
 
+def _fully_qualified(image: str) -> bool:
+    """registry-host/path:tag, a release tag (not latest): what a cluster pulls without guessing a registry."""
+    registry, _, rest = image.partition("/")
+    tag = rest.rpartition(":")[2] if ":" in rest else ""
+    return bool(rest) and ("." in registry or ":" in registry) and bool(tag) and tag != "latest"
+
+
+def test_every_image_reference_is_fully_qualified_and_pinned(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Short names resolve to Docker Hub, where MinIO no longer publishes (September 2026): minio and mc
+    come from quay.io; every other image names its registry too. The Milvus Operator's CR and the Helm
+    values of the cluster mode are image references as well."""
+    references: list[str] = []
+    for name in RENDERED:
+        for _, template in pod_templates(rendered[name]):
+            references += [container["image"] for container in containers(template)]
+    cluster = K8S / "milvus-cluster"
+    operator = yaml.safe_load((cluster / "milvus-operator.yaml").read_text())
+    references.append(operator["spec"]["components"]["image"])
+    values = yaml.safe_load((cluster / "values.yaml").read_text())["image"]["all"]
+    references.append(f"{values['repository']}:{values['tag']}")
+    third_party = [image for image in references if image_name(image) not in BENTO_IMAGES]
+    assert len(third_party) >= 5, third_party  # MinIO, mc, etcd, Milvus (standalone, operator, Helm)
+    unqualified = sorted({image for image in references if not _fully_qualified(image)})
+    assert not unqualified, f"not registry/path:release-tag: {unqualified}"
+    minio = [image for image in references if "minio/" in image]
+    assert minio and all(image.startswith("quay.io/minio/") for image in minio), minio
+
+
 # Kinds that have no namespace. Every other kind the renderings contain must be listed in NAMESPACED,
 # so a new kind is classified knowingly (CRD kinds included: ServiceMonitor, ScaledObject).
 CLUSTER_SCOPED = {

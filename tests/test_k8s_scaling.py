@@ -317,3 +317,27 @@ def test_image_ids_in_request_paths_are_rewritten_before_prometheus_stores_them(
         assert stored(malformed).startswith("/api/images/{id}"), malformed
     for route in ("/api/images", "/api/search", "/api/search/id", "/api/labels", "/api/status", "/"):
         assert stored(route) == route
+
+
+def test_scale_to_zero_fails_loudly_and_keeps_the_hpa_behaviour(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Missing metrics must not read as "no requests" and hold the embedder at zero (every upload search a
+    503, nothing alerting): the wake-up trigger errors on an empty answer, and after three errors KEDA's
+    fallback runs one embedder. The scale-out trigger's empty answer (no embedder running) is an explicit 0.
+    The HPA that KEDA makes behaves like the base HPA the overlay deletes."""
+    scaled = one(rendered["overlays/keda"], "ScaledObject", "ris-embedder")["spec"]
+    assert scaled["minReplicaCount"] == 0
+    fallback = scaled["fallback"]
+    assert fallback["replicas"] >= 1 and 1 <= fallback["failureThreshold"] <= 5, fallback
+    triggers = scaled["triggers"]
+    assert triggers and all(t["type"] == "prometheus" for t in triggers)
+    for trigger in triggers:
+        metadata = trigger["metadata"]
+        # KEDA's fallback applies to AverageValue triggers only (the prometheus scaler's default).
+        assert trigger.get("metricType", "AverageValue") == "AverageValue", trigger["name"]
+        explicit_zero = metadata["query"].rstrip().endswith("or vector(0)")
+        assert metadata.get("ignoreNullValues") == "false" or explicit_zero, f"{trigger['name']}: an empty answer reads as 0"
+    wake_up = next(t for t in triggers if "activationThreshold" in t["metadata"])
+    assert wake_up["metadata"].get("ignoreNullValues") == "false", "the wake-up trigger must fail on missing metrics"
+    base = one(rendered["overlays/gpu"], "HorizontalPodAutoscaler", "ris-embedder")["spec"]["behavior"]
+    assert scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == base
+    assert not find(rendered["overlays/keda"], "HorizontalPodAutoscaler", "ris-embedder"), "KEDA owns the embedder's HPA"

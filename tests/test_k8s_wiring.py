@@ -29,7 +29,7 @@ from tests.k8s_support import (
     requires_kubectl,
     service_routes,
 )
-from tests.support import ROOT
+from tests.support import ROOT, service_link_env
 
 pytestmark = requires_kubectl
 
@@ -46,6 +46,28 @@ def test_every_ris_variable_is_a_settings_field(rendered: dict[str, list[dict[st
     assert names, "no RIS_ settings found"
     unknown = sorted(n for n in names if n not in known)
     assert not unknown, f"not settings of bento.core.config.Settings: {unknown}"
+
+
+@pytest.mark.parametrize("overlay", WORKLOADS)
+def test_pods_start_with_the_variables_kubernetes_injects_for_services(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """Kubernetes injects RIS_API_PORT=tcp://..., RIS_MILVUS_SERVICE_HOST=... for the product's own
+    Services (named ris-*): the settings once refused them as unknown RIS_* variables and every bento pod
+    crash-looped. The pods turn service links off, and the settings ignore them even where they are on."""
+    docs = rendered[overlay]
+    for _, template in pod_templates(docs):
+        assert template["spec"].get("enableServiceLinks") is False, template["metadata"].get("labels")
+    links = service_link_env(docs)
+    ris_links = {k: v for k, v in links.items() if k.startswith("RIS_")}
+    assert {"RIS_API_PORT", "RIS_API_SERVICE_HOST"} <= set(ris_links), sorted(links)
+    checked = 0
+    for workload, container in bento_containers(docs):
+        env = {k: v["value"] for k, v in container_env(container, docs).items() if "value" in v}
+        without = settings_from(env)
+        assert settings_from({**env, **links}) == without, f"{workload}: a service-link variable changed a setting"
+        checked += 1
+    assert checked >= 2, "the API and the embedder at least"
 
 
 @pytest.mark.parametrize("overlay", WORKLOADS)

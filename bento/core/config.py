@@ -12,7 +12,9 @@ the two equal.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -348,13 +350,44 @@ def setting_fields() -> Iterator[tuple[str, Any]]:
             yield f"{ENV_PREFIX}{name}".upper(), field
 
 
+# Kubernetes gives every pod variables for every Service of its namespace (unless the pod sets
+# enableServiceLinks: false, as the product's manifests do): for Service "ris-api" with port 3000 named
+# "http", RIS_API_SERVICE_HOST=10.0.0.7, RIS_API_SERVICE_PORT=3000, RIS_API_SERVICE_PORT_HTTP=3000,
+# RIS_API_PORT=tcp://10.0.0.7:3000 and RIS_API_PORT_3000_TCP(_PROTO, _PORT, _ADDR). They share the
+# settings' prefix without being settings: recognised by name and value, they are left alone.
+_LINK_URL = re.compile(r"^(tcp|udp|sctp)://\[?[0-9A-Fa-f:.]+\]?:\d{1,5}$")
+_SERVICE_LINK = re.compile(
+    r"^RIS_[A-Z0-9_]+?_(?:(?P<host>SERVICE_HOST)|(?P<port>SERVICE_PORT(?:_[A-Z0-9_]+)?)"
+    r"|(?P<url>PORT(?:_\d{1,5}_(?:TCP|UDP|SCTP))?)|PORT_\d{1,5}_(?:TCP|UDP|SCTP)_(?:(?P<proto>PROTO)|(?P<number>PORT)|(?P<addr>ADDR)))$"
+)
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is a variable Kubernetes injects for a Service (see above)."""
+    match = _SERVICE_LINK.match(name)
+    if match is None:
+        return False
+    if match["host"] or match["addr"]:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        return True
+    if match["port"] or match["number"]:
+        return value.isdigit()
+    if match["proto"]:
+        return value in ("tcp", "udp", "sctp")
+    return bool(_LINK_URL.match(value))
+
+
 def check_environment(environ: dict[str, str] | None = None) -> None:
-    """Refuse ``RIS_*`` variables that are not settings (typos, renamed settings) with advice."""
+    """Refuse ``RIS_*`` variables that are not settings (typos, renamed settings) with advice; the
+    variables Kubernetes injects for Services are not refused."""
     known = {name for name, _ in setting_fields()}
     environ = dict(os.environ if environ is None else environ)
     problems = []
     for key in sorted(environ):
-        if not key.upper().startswith(ENV_PREFIX) or key.upper() in known:
+        if not key.upper().startswith(ENV_PREFIX) or key.upper() in known or is_service_link(key, environ[key]):
             continue
         renamed = RENAMED.get(key.upper())
         problems.append(f"{key} (now {renamed})" if renamed else f"{key} (not a setting)")
