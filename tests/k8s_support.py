@@ -177,7 +177,8 @@ def service_routes() -> tuple[list[tuple[str, str, set[str]]], set[str]]:
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "app.mount":
             other.add(ast.literal_eval(node.args[0]))
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "FastAPI":
-            other |= {ast.literal_eval(k.value) for k in node.keywords if k.arg in ("docs_url", "openapi_url")}
+            urls = {ast.literal_eval(k.value) for k in node.keywords if k.arg in ("docs_url", "redoc_url", "openapi_url")}
+            other |= urls - {None}
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         params = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]

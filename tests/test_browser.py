@@ -377,6 +377,33 @@ def test_the_page_asks_for_a_key_only_when_an_action_needs_one(browser, keyed_se
     assert not page.errors, page.errors
 
 
+def test_api_docs_render_under_the_csp_and_try_it_out_works_with_a_key(browser, keyed_service, keys, tmp_path):
+    """/docs in a browser under the service's CSP: Swagger UI (served from here) lists the operations, and
+    with the admin key entered under Authorize, "Try it out" on GET /api/status answers 200 as an admin."""
+    page = new_page(browser, keyed_service, bypass_csp=False)
+    page.goto(keyed_service.url + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=60_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert {"/api/search", "/api/images", "/api/status", "/api/embed"} <= {p.strip() for p in paths}, paths
+
+    page.click("button.authorize")
+    api_key = page.locator(".auth-container", has_text="X-API-Key")
+    api_key.locator("input").fill(keys.admin)
+    api_key.locator("button.authorize").click()
+    page.click("button.btn-done")
+    status = page.locator(".opblock-get", has=page.locator(".opblock-summary-path", has_text="/api/status")).first
+    status.locator(".opblock-summary").click()
+    status.locator("button.try-out__btn").click()
+    status.locator("button.execute").click()
+    answer = status.locator(".live-responses-table tbody .response-col_status").first
+    answer.wait_for(timeout=60_000)
+    assert answer.inner_text().strip() == "200"
+    body = status.locator(".live-responses-table tbody .response-col_description").first.inner_text()
+    assert '"admin"' in body and '"ready"' in body, body[:500]
+    screenshot(page, "api-docs", tmp_path)
+    assert not page.errors, page.errors
+
+
 def test_a_private_collection_shows_its_images_to_a_key_holder(browser, efficientnet, keys, photo_set, tmp_path):
     """With no anonymous access at all, <img> tags cannot send a key: the page fetches thumbnails, the
     preview and originals with the key (blob: URLs), under the CSP."""

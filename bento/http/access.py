@@ -12,7 +12,8 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 import psutil
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -64,18 +65,27 @@ def refuse_other_sites(request: Request, scope: Scope) -> None:
         raise Forbidden("With no API keys, writes from another site's pages are refused.")
 
 
+# The two ways to present a key, declared as OpenAPI security schemes (the docs' "Authorize" button, and
+# clients generated from the schema); auto_error off: the key table decides, with the API's own errors.
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", scheme_name="ApiKey", auto_error=False, description="An API key (`python -m bento.http.auth new`)."
+)
+BEARER = HTTPBearer(scheme_name="Bearer", auto_error=False, description="The same key as `Authorization: Bearer KEY`.")
+
+
 def allowed(scope: Scope) -> Callable[..., Awaitable[Principal]]:
     """A route dependency: the caller's principal, when it may act in ``scope`` (401/403 otherwise)."""
 
     async def check(
         request: Request,
-        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-        x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
+        x_api_key: Annotated[str | None, Security(API_KEY_HEADER)] = None,
     ) -> Principal:
         loopback = listening_on_loopback_only()
         table = key_table()
         if loopback and not table.configured:
             refuse_other_sites(request, scope)
+        authorization = f"Bearer {bearer.credentials}" if bearer else None
         principal = table.identify(presented_key(authorization, x_api_key), loopback)
         table.require(principal, scope, loopback)
         request.state.principal = principal  # the error handler shows failures' details to admins only

@@ -3,11 +3,13 @@ the catch-all), and the product's request metrics on the inner BentoML services.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fastapi_swagger
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match
@@ -66,6 +68,17 @@ def count_requests(service: Any) -> None:
     service.add_asgi_middleware(HttpMetrics, routes=routes, not_load=BENTOML_PROBES)
 
 
+SWAGGER_UI_DIR = Path(fastapi_swagger.__file__).parent / "resources"
+
+
+def _docs_page(static_dir: Path) -> Callable[[], FileResponse]:
+    def docs() -> FileResponse:
+        """The API docs: Swagger UI served from here (bento/static/docs.html and docs.js)."""
+        return FileResponse(static_dir / "docs.html", media_type="text/html")
+
+    return docs
+
+
 def make_app(settings: Settings, static_dir: Path) -> tuple[FastAPI, RouteTemplates]:
     """The API's FastAPI app with the edge around it (guard, metrics, error handlers) and its route
     templates (the metrics' labels); service.py adds the routes."""
@@ -74,7 +87,8 @@ def make_app(settings: Settings, static_dir: Path) -> tuple[FastAPI, RouteTempla
         description="Upload a photo, get the most similar images. Errors are JSON: {error, detail}. "
         "Writes and admin actions need an API key (Authorization: Bearer KEY, or X-API-Key).",
         version="0.1.0",
-        docs_url="/docs",
+        docs_url=None,  # FastAPI's page loads Swagger UI from a CDN with an inline script: the CSP blocks both
+        redoc_url=None,
         openapi_url="/openapi.json",
     )
     app.add_middleware(EdgeGuard, settings=settings)
@@ -82,6 +96,9 @@ def make_app(settings: Settings, static_dir: Path) -> tuple[FastAPI, RouteTempla
     # off for this service (they label raw paths: a series per image id); these label route templates.
     routes = RouteTemplates(app, unmatched=is_fallback)
     app.add_middleware(HttpMetrics, routes=routes, not_load=("/ready", "/metrics"))
+    # Swagger UI's files from its package (fastapi-swagger), before the page's own /static.
+    app.mount("/static/swagger", StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
+    app.add_api_route("/docs", _docs_page(static_dir), methods=["GET"], include_in_schema=False)
     install_error_handlers(app)
     return app, routes
