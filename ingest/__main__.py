@@ -7,18 +7,18 @@ import os
 from pathlib import Path
 
 from bento.adapters.assembly import open_catalog
-from bento.core.cli import run_tool
+from bento.core.cli import UsageError, run_tool
 from bento.core.config import Settings
 from bento.core.retry import RetryPolicy
 from bento.domain.ports import Embedding
 from ingest.job import IngestJob, IngestOptions
 from ingest.remote import RemoteEmbedding
-from ingest.sources import S3_SCHEME, open_source
+from ingest.sources import S3_SCHEME, is_sidecar, open_source
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m ingest") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ingest",
+        prog=prog,
         description="Ingest an ImageNet-style folder (<folder>/<label>/<image>) or bucket prefix "
         "(s3://BUCKET/PREFIX, read with the RIS_S3_* settings). Safe to interrupt and rerun.",
     )
@@ -54,8 +54,12 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
         options.workers = max(1, args.workers)
     retry = RetryPolicy(deadline_s=max(0.0, args.retry_seconds))
     embedding: Embedding | None = None
+    if not args.source.startswith(S3_SCHEME) and not Path(args.source).is_dir():
+        raise UsageError(f"{args.source} is not a folder.")
     try:
         source = open_source(args.source, settings)  # a wrong path or URL fails before the model loads
+        if not any(not is_sidecar(file.name) for file in retry.call(source.files)):
+            raise UsageError(f"{source.location} holds no images (hidden and sidecar files are skipped).")
         if args.service_url:
             key = args.api_key or settings.auth.client_key.get_secret_value()
             embedding = RemoteEmbedding(args.service_url, retry, key)

@@ -19,13 +19,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from bento.core.errors import BackendUnavailable, ImageTooLarge, InvalidImage, InvalidRequest, SearchError
 from bento.core.ids import content_hash
 from bento.domain.catalog import Catalog, NewImage, clean_label
-from ingest.sources import FolderSource, ImageSource, SourceFile, shard_of
+from ingest.sources import FolderSource, ImageSource, SourceFile, is_sidecar, shard_of
 from models.pipeline import PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class IngestReport(BaseModel):
     skipped_existing: int = 0
     duplicates: int = 0
     other_shards: int = 0
+    not_images: int = Field(0, description="Sidecar and other known non-image files (.xmp, .txt, .json, ...), skipped.")
     rejected: list[Rejected] = []
     interrupted: bool = False
     seconds: float = 0.0
@@ -61,6 +62,7 @@ class IngestReport(BaseModel):
             f"  already present   {self.skipped_existing}",
             f"  duplicate files   {self.duplicates}",
             *([f"  other shards      {self.other_shards}"] if self.other_shards else []),
+            *([f"  not images        {self.not_images}  (sidecar files: .xmp, .txt, .json, ...)"] if self.not_images else []),
             f"  rejected          {len(self.rejected)}",
         ]
         lines += [f"    {r.path}: {r.reason}" for r in self.rejected[:50]]
@@ -102,10 +104,11 @@ def check_shard(shard_index: int, shard_count: int) -> None:
 
 
 def scan_folder(root: Path) -> Iterator[tuple[Path, str]]:
-    """(path, label) for every non-hidden regular file of a folder, in a stable order."""
+    """(path, label) for every regular file of a folder that is neither hidden nor a sidecar, in a stable order."""
     source = FolderSource(root)
     for file in source.files():
-        yield source.root / file.name, file.label
+        if not is_sidecar(file.name):
+            yield source.root / file.name, file.label
 
 
 class IngestJob:
@@ -158,6 +161,8 @@ class IngestJob:
         report = IngestReport(folder=source.location, model=self.catalog.model().model_id)
         listed = list(self.catalog.retry.call(lambda: list(source.files())))
         report.scanned = len(listed)
+        images = [file for file in listed if not is_sidecar(file.name)]
+        report.not_images, listed = len(listed) - len(images), images
         # This shard's files only, before batching: every batch is full, whatever the number of shards.
         files = [file for file in listed if shard_of(file.name, self.options.shard_count) == self.options.shard_index]
         report.other_shards = len(listed) - len(files)

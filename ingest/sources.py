@@ -54,6 +54,21 @@ def _hidden(name: str) -> bool:
     return any(part.startswith(".") for part in name.split("/"))
 
 
+# Files that live beside photos in real folders and are not images: editors' sidecars (XMP, Apple's AAE,
+# darktable/RawTherapee/DxO settings), camera thumbnails, notes, metadata exports, Windows' Thumbs.db and
+# desktop.ini, shortcuts. The job counts them as "not images" instead of reporting each as rejected.
+SIDECAR_SUFFIXES = frozenset({
+    ".aae", ".csv", ".db", ".dop", ".html", ".ini", ".json", ".lnk", ".log", ".md", ".pdf", ".pp3", ".thm",
+    ".txt", ".url", ".xml", ".xmp", ".yaml", ".yml",
+})
+
+
+def is_sidecar(name: str) -> bool:
+    """Whether a file of a source is a known non-image (see SIDECAR_SUFFIXES); anything else is tried."""
+    suffix = Path(name).suffix.lower()
+    return suffix in SIDECAR_SUFFIXES or name.lower().endswith((".jpg.xmp", ".jpeg.xmp"))
+
+
 class FolderSource:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()

@@ -34,7 +34,8 @@ def test_ingest_then_rerun_skips_everything(backend, efficientnet, photo_set, tm
     # Bad files sit beside good ones and are reported, never fatal.
     extra = tmp_path / "extra"
     (extra / "junk").mkdir(parents=True)
-    (extra / "junk" / "notes.txt").write_text("not an image")
+    (extra / "junk" / "notes.txt").write_text("a sidecar: counted as not an image, not rejected")
+    (extra / "junk" / "fake.png").write_text("not an image")
     good = (root / "cat" / "chelsea.jpg").read_bytes()
     (extra / "junk" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (extra / "junk" / "copy-of-chelsea.jpg").write_bytes(good)  # a duplicate of a file in the main set
@@ -46,10 +47,10 @@ def test_ingest_then_rerun_skips_everything(backend, efficientnet, photo_set, tm
     assert first.collection_count == expected
 
     second = job.run(extra)
-    assert second.ingested == 0 and second.skipped_existing == 1
+    assert second.ingested == 0 and second.skipped_existing == 1 and second.not_images == 1
     reasons = {r.path: r.reason for r in second.rejected}
-    assert set(reasons) == {"junk/notes.txt", "junk/truncated.jpg"}
-    assert "not an image" in reasons["junk/notes.txt"] and "truncated" in reasons["junk/truncated.jpg"]
+    assert set(reasons) == {"junk/fake.png", "junk/truncated.jpg"}
+    assert "not an image" in reasons["junk/fake.png"] and "truncated" in reasons["junk/truncated.jpg"]
 
     third = job.run(folder)
     assert (third.ingested, third.skipped_existing) == (0, expected)
@@ -116,11 +117,45 @@ def test_ingest_with_another_model_is_refused_clearly(backend, efficientnet, pho
     assert len(backend.stored_ids()) == 1  # nothing mixed in
 
 
-def test_missing_folder_is_a_clear_error(tmp_path):
+def test_a_missing_or_empty_folder_is_a_usage_error(tmp_path):
+    """Exit 2 (a usage error), said plainly, with no "rerun to continue" advice: nothing was started."""
     from tests.support import service_env
 
-    result = run_cli(["-m", "ingest", str(tmp_path / "nope"), "--no-progress"], service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0"))
-    assert result.returncode == 1 and "is not a folder" in result.stderr
+    env = service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0")
+    missing = run_cli(["-m", "ingest", str(tmp_path / "nope"), "--no-progress"], env)
+    assert missing.returncode == 2 and "is not a folder" in missing.stderr, missing.stderr[-2000:]
+    empty = tmp_path / "empty"
+    (empty / "label").mkdir(parents=True)
+    (empty / ".DS_Store").write_bytes(b"\0" * 64)
+    (empty / "label" / "notes.txt").write_text("no photos yet")
+    result = run_cli(["-m", "ingest", str(empty), "--no-progress"], env)
+    assert result.returncode == 2 and "holds no images" in result.stderr, result.stderr[-2000:]
+    for answer in (missing, result):
+        assert "rerun" not in answer.stderr.lower() and "Traceback" not in answer.stderr
+
+
+def test_sidecar_and_hidden_files_are_skipped_not_rejected(efficientnet, tmp_path):
+    """A real photo folder: editors' sidecars, notes, Thumbs.db and macOS' hidden files beside the photos
+    are counted as not images (hidden ones not at all); a file that claims to be a photo and is not is
+    still rejected."""
+    from tests.support import service_env
+
+    folder = tmp_path / "photos"
+    make_images(folder, 3)
+    label = next(p for p in folder.iterdir() if p.is_dir())
+    (label / "0000.jpg.xmp").write_text("<x:xmpmeta/>")
+    (label / "notes.txt").write_text("trip")
+    (label / "IMG_0001.AAE").write_text("<plist/>")
+    (label / "Thumbs.db").write_bytes(b"\0" * 32)
+    (label / ".DS_Store").write_bytes(b"\0" * 32)
+    (label / "._0000.jpg").write_bytes(b"\0" * 32)
+    (label / "broken.jpg").write_bytes(b"not a jpeg")
+    env = service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0")
+    result = run_cli(["-m", "ingest", str(folder), "--no-progress", "--json"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["ingested"] == 3 and report["not_images"] == 4, report
+    assert [Path(r["path"]).name for r in report["rejected"]] == ["broken.jpg"], report["rejected"]
 
 
 def test_shards_split_a_folder_without_overlap_each_reading_only_its_share(efficientnet, photo_set, tmp_path):
