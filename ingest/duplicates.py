@@ -15,8 +15,8 @@ from bento.core.config import Settings
 from bento.domain.schemas import Thresholds
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ingest.duplicates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m ingest.duplicates") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threshold", type=float, help="near-duplicate score threshold (default: the model's measured one)")
     parser.add_argument("--groups", type=int, default=50, help="groups to list (default 50; --json lists all)")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")

@@ -458,8 +458,8 @@ def evaluate_service(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ingest.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m ingest.evaluate") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--limit", type=int, default=200, help="originals to use, spread over the folder (default 200)")
     parser.add_argument("--transforms", default=",".join(EDITS), help=f"comma-separated subset of: {', '.join(EDITS)}")

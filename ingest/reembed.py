@@ -189,8 +189,8 @@ def _reembed_similarity(
         catalog.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ingest.reembed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m ingest.reembed") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32, help="images embedded together (default 32)")
     parser.add_argument("--retry-seconds", type=float, default=60.0, help="ride out an unavailable Milvus or store this long")
     parser.add_argument("--drop-missing", action="store_true", help="swap even if some images have no stored original (they are left out)")

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 
 from bento.adapters import npy
-from bento.core.errors import BackendUnavailable, ConnectionDropped, ModelMismatch, NotFound, error_class
+from bento.core.errors import BackendUnavailable, ConnectionDropped, ModelMismatch, NotFound, error_from_answer
 from bento.core.retry import RetryPolicy
 from bento.domain.schemas import ModelDescription
 from models.backbones import Role
@@ -53,15 +53,8 @@ class RemoteEmbedding:
             raise ConnectionDropped(f"{self.base_url}{path}: {exc.__class__.__name__}: {exc}") from exc
         except httpx.TransportError as exc:
             raise BackendUnavailable(f"The service at {self.base_url} is unreachable: {exc.__class__.__name__}: {exc}") from exc
-        if response.status_code >= 500:
-            raise BackendUnavailable(f"{self.base_url}{path} answered HTTP {response.status_code}: {response.text[:300]}")
         if response.status_code >= 400:
-            try:
-                body = response.json()
-                error = error_class(body["error"])(f"{self.base_url}{path}: {body['detail']}")
-            except (ValueError, KeyError, TypeError):
-                error = BackendUnavailable(f"{self.base_url}{path} answered HTTP {response.status_code}: {response.text[:300]}")
-            raise error
+            raise error_from_answer(f"{self.base_url}{path}", response.status_code, response.text)
         return response
 
     def embed(self, pixels: np.ndarray, role: Role = "similarity") -> np.ndarray:

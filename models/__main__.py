@@ -15,8 +15,8 @@ from models.backbones import backbones_of, get_backbone, model_choices
 from models.store import export_openvino, import_model, resolve_model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m models") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import the backbone chosen by the settings into the model store")
     # The stored models of both roles: the similarity models and Meta's SSCD (the packaged copy models are

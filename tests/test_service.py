@@ -85,6 +85,28 @@ def test_search_by_url(client, photo_set, image_host):
     assert client.post("/api/search/url", json={"url": "file:///etc/passwd"}).status_code == 400
 
 
+def test_ris_search_through_the_service_by_file_and_by_url(live_service, photo_set, image_host, tmp_path):
+    """`ris search --service-url`: the same answer as the API's, for a file and for a URL."""
+    import subprocess
+    from pathlib import Path
+
+    from tests.support import PYTHON, ROOT
+
+    query = tmp_path / "q.jpg"
+    query.write_bytes(photo_set["queries"]["rocket"])
+    (image_host.root / "q-ris.jpg").write_bytes(photo_set["queries"]["rocket"])
+    ris = str(Path(PYTHON).parent / "ris")
+    env = live_service.backend.process_env() if live_service.backend else {}
+    for target in (str(query), f"{image_host.url}/q-ris.jpg"):
+        answer = subprocess.run(
+            [ris, "search", target, "--service-url", live_service.url, "--top-k", "2", "--json"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert answer.returncode == 0, answer.stderr[-3000:]
+        hits = json.loads(answer.stdout)["hits"]
+        assert len(hits) == 2 and hits[0]["id"] == content_hash(photo_set["originals"]["rocket"]), target
+
+
 def test_label_filter_and_paging(client, photo_set):
     query = photo_set["queries"]["brick"]
     only = _search(client, query, top_k=10, label="texture").json()["hits"]

@@ -452,5 +452,19 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bento.core.config`` (also ``ris settings``): the settings table, the README's."""
+    import argparse
+    import sys
+
+    argparse.ArgumentParser(prog="python -m bento.core.config", description="Print every RIS_* setting (markdown).").parse_args(argv)
+    try:
+        print(settings_table())  # noqa: T201 (a developer tool: the README's table)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        sys.stdout = None  # type: ignore[assignment]
+    return 0
+
+
 if __name__ == "__main__":
-    print(settings_table())  # noqa: T201 (a developer tool: the README's table)
+    raise SystemExit(main())

@@ -6,6 +6,8 @@ boundary as an :class:`ErrorPayload` and come out as the same class with the sam
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel
 
 
@@ -169,3 +171,16 @@ def error_class(code: str) -> type[SearchError]:
         if cls.code == code:
             return cls
     return SearchError
+
+
+def error_from_answer(where: str, status: int, body: str) -> SearchError:
+    """The domain error an HTTP answer of this product's API carries (its ``{error, detail}`` body) for
+    a caller of the API (the ingest job's embedding client, `ris search`): the same class, the service's
+    message; a 5xx, or a body that is not the API's, is BackendUnavailable."""
+    if status < 500:
+        try:
+            answer = json.loads(body)
+            return error_class(answer["error"])(f"{where}: {answer['detail']}")
+        except (ValueError, KeyError, TypeError):
+            pass
+    return BackendUnavailable(f"{where} answered HTTP {status}: {body[:300]}")

@@ -161,8 +161,8 @@ def presented_key(authorization: str | None, api_key: str | None) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bento.http.auth", description="Make an API key.")
+def main(argv: list[str] | None = None, prog: str = "python -m bento.http.auth") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Make an API key.")
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("new", help="make a key; print it once, and the entry to configure")
     make.add_argument("--name", required=True, help="who holds it (letters, digits, . _ -)")
