@@ -248,7 +248,7 @@ class ImageSearch:
         self.client_limits = access.ClientLimits(self.settings.limits.expensive_per_minute)
         start_embedder_requests([*app_routes.all(), INTERNAL])
         loopback = access.listening_on_loopback_only()
-        # Exactly what is open, once at start (the README's Security section explains the rules).
+        # Exactly what is open, once at start (docs/security.md explains the rules).
         logger.warning("%s (listening on %s).", access.key_table().describe(loopback), "loopback only" if loopback else "a non-loopback address")
 
     async def __is_ready__(self) -> bool:
@@ -292,7 +292,7 @@ class ImageSearch:
 
     @app.post("/api/search/url", response_model=schemas.SearchResponse)
     async def search_url(self, request: Request, principal: Searcher, body: schemas.SearchByUrl) -> schemas.SearchResponse:
-        """Search with an image fetched from a public http(s) URL (see README: Security)."""
+        """Search with an image fetched from a public http(s) URL (see docs/security.md)."""
         self.client_limits.charge(request, principal, "URL search")
         data = await self.fetcher.fetch(body.url)
         return responses.search_response(self.catalog, await in_thread(self.catalog.search_image, data, body))

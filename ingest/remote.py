@@ -24,7 +24,7 @@ class RemoteEmbedding:
 
     def __init__(self, base_url: str, retry: RetryPolicy, api_key: str = "", timeout_s: float = 120.0) -> None:
         self.base_url = base_url.rstrip("/")
-        # /api/embed needs a key with the admin scope wherever keys are configured (README: Security).
+        # /api/embed needs a key with the admin scope wherever keys are configured (docs/security.md).
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
         response = retry.call(self._request, "GET", "/api/model")

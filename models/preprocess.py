@@ -90,7 +90,7 @@ def _crops(fraction: float) -> tuple[View, ...]:
 
 
 # The sets of extra views RIS_MODEL_VIEWS chooses from (bench/robust_search.py measured each on photos with
-# their hard negatives; the README's "Finding the original" section has the table):
+# their hard negatives; docs/evaluation.md, "Finding the original", has the table):
 # - low-res-64: a 64-pixel copy. A tiny thumbnail query found its original first 43 % of the time (the
 #   full-size original is too sharp to look like it); with this view 74 %. One more vector per image, embedded
 #   at a 112-px input: a 64-px copy holds no detail a 224-px input would see (measured: the same recall on

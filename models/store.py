@@ -337,7 +337,7 @@ def load_copy_embedder(settings: Settings, import_if_missing: bool = True) -> Im
 
     ``auto``: Meta's SSCD ResNet-50 where it runs on a GPU and its weights are in the model store (or can be
     had); on a CPU the packaged distilled student (measured on 2 cores: the int8 ResNet-50's copy recall@1,
-    0.994, at about 10x its images/s; README "Models"); Meta's weights on the CPU where the package is
+    0.994, at about 10x its images/s; docs/models.md); Meta's weights on the CPU where the package is
     missing."""
     name = settings.model.copy_name
     if name == "none":

