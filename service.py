@@ -245,7 +245,7 @@ class ImageSearch:
             at_once=in_worker_threads,
         )
         self.fetcher = UrlFetcher(self.settings.fetch, self.settings.limits.max_upload_bytes)
-        self.client_limits = access.ClientLimits(self.settings.limits.expensive_per_minute)
+        self.client_limits = access.ClientLimits.from_settings(self.settings.limits)
         start_embedder_requests([*app_routes.all(), INTERNAL])
         loopback = access.listening_on_loopback_only()
         # Exactly what is open, once at start (docs/security.md explains the rules).

@@ -81,6 +81,9 @@ def test_api_has_the_settings_a_deployment_needs(
     secrets = {s["metadata"]["name"]: set(s["data"]) for s in find(rendered["secrets"], "Secret")}
 
     assert value["RIS_STORE_BACKEND"] == "s3"
+    # Behind the Ingress every client arrives from the controller: without trusted proxies one client's
+    # requests would throttle everyone's.
+    assert settings_from({"RIS_LIMITS_TRUSTED_PROXIES": value["RIS_LIMITS_TRUSTED_PROXIES"]}).limits.trusted_networks
     assert value["RIS_S3_BUCKET"]
     for key in ("RIS_S3_ACCESS_KEY", "RIS_S3_SECRET_KEY"):
         secret, secret_key = env[key]["secret"]

@@ -278,6 +278,38 @@ class LimitsSettings(BaseModel):
     )
     default_top_k: int = Field(12, ge=1, description="Hits returned when a request names no `top_k`.")
     max_top_k: int = Field(200, ge=1, le=16384, description="Largest `top_k` a request may ask for.")
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses or CIDRs of reverse proxies (the Ingress controller) whose "
+        "`X-Forwarded-For` names the client: the per-client limit counts that client, not the proxy. Empty: the "
+        "connection's address.",
+    )
+    storage_uri: str = Field(
+        "memory://",
+        description="Where the per-client limit counts: `memory://` (each API worker on its own) or a shared store "
+        "(`redis://HOST:6379`, for several replicas; the `limits` package's storage URIs).",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in (p.strip() for p in value.split(",") if p.strip()):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"RIS_LIMITS_TRUSTED_PROXIES: {part!r} is not an address or CIDR") from None
+        return value
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _storage_uri(cls, value: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9+]*://", value):
+            raise ValueError(f"RIS_LIMITS_STORAGE_URI: {value!r} is not a storage URI (memory://, redis://HOST:PORT, ...)")
+        return value
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",") if p.strip())
 
 
 class VerdictSettings(BaseModel):

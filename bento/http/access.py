@@ -4,10 +4,11 @@ the per-client limits of the expensive routes."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -15,10 +16,10 @@ import psutil
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from limits import RateLimitItemPerMinute
-from limits.storage import MemoryStorage
+from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from bento.core.config import get_settings
+from bento.core.config import LimitsSettings, get_settings
 from bento.core.errors import (
     Forbidden,
     RateLimited,
@@ -26,6 +27,7 @@ from bento.core.errors import (
 from bento.http.auth import KeyTable, Principal, Scope, is_loopback, presented_key
 
 logger = logging.getLogger("ris.service")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,18 +106,51 @@ Admin = Annotated[Principal, Depends(allowed("admin"))]
 
 
 class ClientLimits:
-    """Per-client limits of the expensive routes (a moving window per minute, in this worker's memory).
-    Admin principals (the operators' tools, e.g. the remote ingest) are not limited."""
+    """Per-client limits of the expensive routes (a moving window per minute). Counted in this worker's
+    memory, or in a shared store (RIS_LIMITS_STORAGE_URI, e.g. Redis) so that several replicas count
+    together. Admin principals (the operators' tools, e.g. the remote ingest) are not limited."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, storage_uri: str = "memory://", trusted: Sequence[Network] = ()) -> None:
         self.item = RateLimitItemPerMinute(per_minute) if per_minute > 0 else None
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
+        self.trusted = tuple(trusted)
+
+    @classmethod
+    def from_settings(cls, limits: LimitsSettings) -> ClientLimits:
+        return cls(limits.expensive_per_minute, limits.storage_uri, limits.trusted_networks)
 
     def charge(self, request: Request, principal: Principal, route: str) -> None:
         if self.item is None or "admin" in principal.scopes:
             return
-        client = f"key:{principal.name}" if principal.name else f"ip:{request.client.host if request.client else '?'}"
+        client = f"key:{principal.name}" if principal.name else f"ip:{client_address(request, self.trusted)}"
         if not self.limiter.hit(self.item, route, client):
             reset = self.limiter.get_window_stats(self.item, route, client).reset_time
             wait = max(1, math.ceil(reset - time.time()))
             raise RateLimited(f"Too many {route} requests; at most {self.item.amount} a minute per client.", wait)
+
+
+def client_address(request: Request, trusted: Sequence[Network]) -> str:
+    """The client's address: the connection's, or, when the connection comes from a trusted proxy, the
+    nearest address in X-Forwarded-For that is not a trusted proxy (read from the right: the entries on
+    the left are whatever the client sent, and anyone can send one)."""
+    peer = request.client.host if request.client else "?"
+    if not trusted or not _is_in(peer, trusted):
+        return peer
+    hops = [hop.strip() for header in request.headers.getlist("x-forwarded-for") for hop in header.split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        if not _is_in(hop, trusted):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # not an address: the header cannot be trusted
+    return peer
+
+
+def _is_in(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
