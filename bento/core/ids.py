@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from bento.core.errors import InvalidRequest
+from bento.core.errors import InvalidParameters
 
 IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"
 _ID_RE = re.compile(IMAGE_ID_PATTERN)
@@ -18,7 +18,7 @@ def content_hash(data: bytes) -> str:
 
 
 def validate_image_id(image_id: str) -> str:
-    """``image_id`` itself, or InvalidRequest when it is not an id."""
+    """``image_id`` itself, or InvalidParameters (422, as a malformed id in a JSON body) when it is not an id."""
     if not _ID_RE.fullmatch(image_id):
-        raise InvalidRequest("An image id is a 64-character lowercase sha256 hex digest.")
+        raise InvalidParameters("An image id is a 64-character lowercase sha256 hex digest.")
     return image_id

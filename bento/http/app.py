@@ -3,20 +3,24 @@ the catch-all), and the product's request metrics on the inner BentoML services.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import fastapi_swagger
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match
 
 from bento.core.config import Settings
-from bento.core.errors import MethodNotAllowed, NotFound
+from bento.core.errors import InvalidParameters, MethodNotAllowed, NotFound
 from bento.core.metrics import HttpMetrics, RouteTemplates, exposition, fixed_routes, leaf_routes
+from bento.domain.schemas import ErrorResponse
 from bento.http.errors import error_response, install_error_handlers
 from bento.http.guard import EdgeGuard
 
@@ -28,13 +32,15 @@ def add_last_routes(app: FastAPI) -> None:
     async def no_such_route(request: Request, unknown: str) -> JSONResponse:
         """Last route: BentoML answers paths no route of ours takes with a plain-text 404; this keeps every
         answer in the API's JSON error shape (a known path with another method is a 405)."""
-        known_path = any(
-            not is_fallback(route) and route.matches(request.scope)[0] == Match.PARTIAL
+        allowed = sorted({
+            method
             for route in leaf_routes(app.router.routes)
-            if isinstance(route, APIRoute)
-        )
-        if known_path:
-            return error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+            if isinstance(route, APIRoute) and not is_fallback(route) and route.matches(request.scope)[0] == Match.PARTIAL
+            for method in route.methods
+        })
+        if allowed:
+            error = MethodNotAllowed(f"{request.method} is not allowed here; {', '.join(allowed)} are")
+            return error_response(error, headers={"Allow": ", ".join(allowed)})
         return error_response(NotFound(f"No route /{unknown}"))
 
     no_such_route.fallback = True  # type: ignore[attr-defined]
@@ -83,6 +89,8 @@ def make_app(settings: Settings, static_dir: Path) -> tuple[FastAPI, RouteTempla
     """The API's FastAPI app with the edge around it (guard, metrics, error handlers) and its route
     templates (the metrics' labels); service.py adds the routes."""
     app = FastAPI(
+        generate_unique_id_function=_operation_id,
+        dependencies=[Depends(refuse_unknown_query)],
         title="Reverse image search",
         description="Upload a photo, get the most similar images. Errors are JSON: {error, detail}. "
         "Writes and admin actions need an API key (Authorization: Bearer KEY, or X-API-Key).",
@@ -101,4 +109,89 @@ def make_app(settings: Settings, static_dir: Path) -> tuple[FastAPI, RouteTempla
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
     app.add_api_route("/docs", _docs_page(static_dir), methods=["GET"], include_in_schema=False)
     install_error_handlers(app)
+    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app, routes
+
+
+def _operation_id(route: APIRoute) -> str:
+    """The route's function name (`search_upload`), not FastAPI's path-and-method compound: the names a
+    generated client's methods get."""
+    return route.name
+
+
+async def refuse_unknown_query(request: Request) -> None:
+    """A query parameter the route does not take is refused (422), not ignored: `top_k` in the query string
+    of POST /api/search (a form field there) silently answered with the default."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not route.include_in_schema:
+        return
+    accepted = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - accepted)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(accepted))}" if accepted else "it takes none"
+        raise InvalidParameters(f"Unknown query parameter {', '.join(unknown)} for {request.method} {route.path}: {takes}.")
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+# Tags of the API's operations, by path (the docs group them; generated clients make a module of each).
+TAGS = {
+    "search": "Search by an uploaded image, a URL or a stored image.",
+    "collection": "The images: add, read, list, delete; labels; duplicate groups.",
+    "operations": "The service: status, models, the index, batch embedding (the ingest job's).",
+}
+
+
+def _tag(path: str) -> str:
+    if path.startswith("/api/search"):
+        return "search"
+    if path.startswith(("/api/images", "/api/labels", "/api/duplicates")):
+        return "collection"
+    return "operations"
+
+
+def _statuses(path: str, method: str, operation: dict[str, Any]) -> dict[int, str]:
+    """The error statuses an operation can really answer, each with the one error body."""
+    statuses = {401: "No API key, or one that is not valid.", 403: "The key does not allow this.", 503: "A backend is unavailable; retry after Retry-After."}
+    if operation.get("parameters") or operation.get("requestBody"):
+        statuses[422] = "A parameter or field is not valid, or unknown (which, and why: `detail`)."
+    if method in ("post", "put", "patch"):
+        statuses[400] = "The request cannot be served as asked (`detail` says why)."
+        statuses[413] = "The body is over this route's limit."
+    if "{image_id}" in path or path == "/api/model" or path == "/api/search/id":
+        statuses[404] = "No such image (or no copy model)."
+    if path in ("/api/search", "/api/images") and method == "post" or path == "/api/embed":
+        statuses[415] = "Not an image format (or body type) the service takes."
+    if path in ("/api/search/url", "/api/images") and method == "post":
+        statuses[429] = "Over the per-client limit; retry after Retry-After."
+    if path in ("/api/index", "/api/embed", "/api/images") and method == "post":
+        statuses[409] = "Conflicts with the collection's model, or with an index rebuild under way."
+    return statuses
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus what clients need: tags, and every error status an operation answers with
+    the one error body (FastAPI documents a 422 body of its own that this service never sends)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            operation["tags"] = [_tag(path)]
+            responses = operation.setdefault("responses", {})
+            for status, description in _statuses(path, method, operation).items():
+                responses[str(status)] = {"description": description, "content": error}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    schema["tags"] = [{"name": name, "description": text} for name, text in TAGS.items()]
+    app.openapi_schema = schema
+    return schema
