@@ -19,6 +19,12 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "==> installing Debian's prometheus for promtool (the alerts' unit tests)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 echo "==> lint"
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-cache

@@ -38,7 +38,7 @@ RENDERED = [
 WORKLOADS = ["overlays/cpu", "overlays/gpu", "overlays/keda", "overlays/gpu-milvus-cluster"]
 INGEST = ["jobs/ingest", "jobs/ingest-minio"]
 # Schema-less custom resources and their owners (checked by hand in tests/test_k8s_manifests.py).
-CRD_KINDS = {"ScaledObject", "ServiceMonitor", "Milvus"}
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule", "Milvus"}
 
 
 def _kubectl() -> str | None:

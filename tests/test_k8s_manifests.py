@@ -185,7 +185,7 @@ CLUSTER_SCOPED = {
 NAMESPACED = {
     "ServiceAccount", "Service", "Deployment", "StatefulSet", "Job", "ConfigMap", "Secret", "PersistentVolumeClaim",
     "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress", "NetworkPolicy", "Role", "RoleBinding",
-    "ServiceMonitor", "PodMonitor", "ScaledObject", "TriggerAuthentication",
+    "ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication",
 }
 
 

@@ -164,8 +164,11 @@ def test_network_policies_admit_only_the_api_and_ingest_to_milvus_and_minio(
         return reach
 
     assert who_reaches("milvus", "grpc") == {"api", "ingest"}
-    assert who_reaches("minio", "s3") == {"api", "ingest", "milvus", "minio-setup"}
+    # Prometheus scrapes MinIO's metrics path on the S3 port (every S3 call still needs keys) and etcd on
+    # its metrics port only: etcd's data port stays Milvus'.
+    assert who_reaches("minio", "s3") == {"api", "ingest", "milvus", "minio-setup", "namespace:monitoring"}
     assert who_reaches("etcd", "client") == {"milvus"}
+    assert who_reaches("etcd", "metrics") == {"namespace:monitoring"}
     assert who_reaches("embedder", "http") == {"api", "namespace:monitoring"}
 
 
