@@ -274,3 +274,22 @@ def test_ingest_job_is_sharded_and_wired(rendered: dict[str, list[dict[str, Any]
         assert source in mounts
         claims = [v for v in volumes if "persistentVolumeClaim" in v]
         assert claims and all(v["persistentVolumeClaim"]["readOnly"] for v in claims)
+
+
+def test_rollouts_stops_and_runs_end_on_a_real_cluster(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """A GPU Deployment never surges (a surge pod waits for a spare GPU that a GPU pool rarely has); Milvus
+    gets time to flush on stop; the ingest Job has a deadline (a stuck run ends and alerts)."""
+    gpu_checked = 0
+    for overlay in WORKLOADS:
+        for workload, template in pod_templates(rendered[overlay]):
+            gpus = [c for c in containers(template) if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})]
+            if gpus and workload["kind"] == "Deployment":
+                rolling = workload["spec"]["strategy"]["rollingUpdate"]
+                assert rolling["maxSurge"] == 0 and rolling["maxUnavailable"] >= 1, f"{overlay}: {rolling}"
+                gpu_checked += 1
+            if workload["metadata"]["name"] == "ris-milvus":
+                assert template["spec"]["terminationGracePeriodSeconds"] >= 60, overlay
+    assert gpu_checked >= 2, "the gpu and keda overlays' embedders"
+    for name in INGEST:
+        job = next(w for w, _ in pod_templates(rendered[name]) if w["kind"] == "Job")
+        assert 3600 <= job["spec"]["activeDeadlineSeconds"] <= 7 * 86400, name
