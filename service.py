@@ -235,11 +235,12 @@ class ImageSearch:
     def __init__(self) -> None:
         self.settings = get_settings()
         self.remote_embedder = RemoteEmbedder(self.embedder, by_url=bool(self.settings.services.embedder_url))
+        self.remote_vectors = RemoteVectors(self.vectors)
         self.catalog = open_catalog(
             self.settings,
             self.remote_embedder,
             retry=FAIL_FAST,  # a request answers 503 at once; only a dropped connection is retried
-            vectors=RemoteVectors(self.vectors),
+            vectors=self.remote_vectors,
             # used where the embedder says a copy model serves (asked lazily: it may be scaled to zero now)
             copies=RemoteVectors(self.vectors, "copy"),
             at_once=in_worker_threads,
@@ -268,10 +269,9 @@ class ImageSearch:
 
     @app.get("/ready", include_in_schema=False)
     async def ready(self) -> JSONResponse:
-        """This API pod's readiness (the Kubernetes probe): the vector search service and the image store
-        answer. Unlike BentoML's /readyz it leaves the embedder out: while no embedder runs (drained, or
-        scaled to zero) upload searches answer 503, and the page, search by id and images keep working."""
-        ready = await responses.api_ready(self.catalog)
+        """This API pod's readiness (the Kubernetes probe): it can serve. Shared backends (Milvus, the image
+        store, the embedder) being down does not take it out of the Service (responses.api_ready says why)."""
+        ready = await responses.api_ready(self.catalog, self.remote_vectors)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.post("/api/search", response_model=schemas.SearchResponse, responses={413: {"model": schemas.ErrorResponse}})

@@ -22,7 +22,7 @@ import pytest
 
 from bento.core.ids import content_hash
 from scripts.devstack import S3Server, stack_env
-from tests.support import PYTHON, ROOT, Backend, ServiceProcess, make_images, run_cli
+from tests.support import PYTHON, ROOT, Backend, ServiceProcess, make_images, metric_samples, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,9 @@ def _service_client(milvus, s3, name: str, tmp_path, **env: str) -> Iterator[htt
 
 def test_s3_outage_under_the_service(milvus_server, own_s3, efficientnet, photo_set, tmp_path):
     """Search by upload keeps working (it needs the embedder and Milvus only; result URLs are signed
-    locally); image fetches, inserts and readiness say 503 until S3 is back, then recover by themselves."""
+    locally); image fetches and inserts say 503 until S3 is back, then recover by themselves. The pod stays
+    ready (/ready: a shared backend's outage must not take every API pod out of the Service); the outage
+    shows in /api/status and in ris_backend_up{backend="store"}."""
     with _service_client(milvus_server, own_s3, "s3", tmp_path, RIS_S3_TIMEOUT_S="2") as client:
         data = photo_set["originals"]["coffee"]
         image_id = client.post("/api/images", files={"file": ("coffee.jpg", data)}, data={"label": "coffee"}).json()["id"]
@@ -111,14 +113,15 @@ def test_s3_outage_under_the_service(milvus_server, own_s3, efficientnet, photo_
         assert fetch.status_code == 503 and "S3" in fetch.json()["detail"]
         insert = client.post("/api/images", files={"file": ("rocket.jpg", photo_set["originals"]["rocket"])})
         assert insert.status_code == 503 and insert.json()["error"] == "backend_unavailable"
-        assert client.get("/readyz").status_code == 503
-        assert client.get("/ready").status_code == 503
+        assert client.get("/readyz").status_code == 503  # BentoML's: every dependency
+        assert client.get("/ready").status_code == 200  # the pod's: it can serve
+        assert _backend_up(client, "store") == 0 and _backend_up(client, "milvus") == 1
         status = client.get("/api/status").json()
         assert status["ready"] is False and "S3" in status["error"]
 
         own_s3.start()
         _wait_for(lambda: client.get("/readyz").status_code == 200, 60, "readiness after S3 came back")
-        assert client.get("/ready").status_code == 200
+        assert client.get("/ready").status_code == 200 and _backend_up(client, "store") == 1
         assert client.get(f"/api/images/{image_id}").content == data
         assert client.post("/api/images", files={"file": ("rocket.jpg", photo_set["originals"]["rocket"])}).status_code == 201
 
@@ -144,15 +147,30 @@ def test_milvus_outage_under_the_service(milvus_server, s3_server, efficientnet,
         operator = client.post("/api/search", files=query, headers=admin)
         assert operator.status_code == 503 and milvus_server.uri.split("//")[-1] in operator.json()["detail"]
         assert client.get("/readyz").status_code == 503
-        assert client.get("/ready").status_code == 503
+        assert client.get("/ready").status_code == 200, "one Milvus outage must not take every API pod out"
+        assert _backend_up(client, "milvus") == 0
+        # What still answers meanwhile: the page, the API docs and schema, the status (ready=false); image
+        # reads need their metadata (in Milvus) and answer 503 with Retry-After like searches.
+        assert all(client.get(path).status_code == 200 for path in ("/", "/docs", "/openapi.json"))
+        thumbnail = client.get(f"/api/images/{image_id}/thumbnail", headers=admin)
+        assert thumbnail.status_code == 503 and thumbnail.headers["retry-after"]
         status = client.get("/api/status", headers=admin)
         assert status.status_code == 200 and status.json()["ready"] is False and "Milvus" in status.json()["error"]
 
         milvus_server.resume()
         _wait_for(lambda: client.get("/readyz").status_code == 200, 90, "readiness after Milvus came back")
-        assert client.get("/ready").status_code == 200
+        assert client.get("/ready").status_code == 200 and _backend_up(client, "milvus") == 1
         hits = client.post("/api/search", files=query).json()["hits"]
         assert hits[0]["id"] == image_id and client.get("/api/status").json()["count"] == 1
+
+
+def _backend_up(client: httpx.Client, backend: str) -> float:
+    """ris_backend_up for a backend, as the API's /metrics has it after a readiness check."""
+    client.get("/ready")
+    samples = metric_samples(client.get("/metrics").text)
+    values = [value for name, labels, value in samples if name == "ris_backend_up" and labels.get("backend") == backend]
+    assert values, f"no ris_backend_up for {backend}"
+    return min(values)
 
 
 class _AnsweringService(ServiceProcess):

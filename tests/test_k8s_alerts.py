@@ -49,7 +49,7 @@ def test_every_alert_is_unit_tested_and_deployed_where_prometheus_runs(rendered)
     alerts = {a["alert"] for a in _alerts(rule)}
     assert {
         "RisApiErrorRatioHigh", "RisEmbedderUnavailable", "RisEmbedderWakeUpStuck", "RisEmbedderColdStartsFrequent",
-        "RisKedaScalerErrors", "RisBackendDown", "RisEtcdDatabaseNearQuota", "RisVolumeFilling", "RisIngestJobFailed",
+        "RisKedaScalerErrors", "RisBackendDown", "RisBackendUnavailable", "RisEtcdDatabaseNearQuota", "RisVolumeFilling", "RisIngestJobFailed",
     } <= alerts
     tests = yaml.safe_load((K8S / "monitoring" / "rules-test.yaml").read_text())["tests"]
     tested = [case for test in tests for case in test["alert_rule_test"]]

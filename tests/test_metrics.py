@@ -179,7 +179,10 @@ def test_the_service_apps_templates() -> None:
     assert route("GET", f"/api/images/{image_id}/x") == route("GET", "/etc/passwd") == UNMATCHED and route("BREW", "/") == "/"
     assert route("GET", "/static/app.js") == "/static/{path}"
     assert not [t for t in service.app_routes.all() if SHA256.search(t)]
-    assert set(LABELS) == {"ris_http_requests_total", "ris_http_request_duration_seconds", "ris_http_requests_in_progress", "ris_embedder_requests_total"}
+    assert set(LABELS) == {
+        "ris_http_requests_total", "ris_http_request_duration_seconds", "ris_http_requests_in_progress",
+        "ris_embedder_requests_total", "ris_backend_up",
+    }
     # BentoML's own request metrics are off for the API (raw paths); on for the embedder (its few routes).
     assert service.ImageSearch.config["metrics"] == {"enabled": False}
     assert "metrics" not in service.Embedder.config

@@ -116,9 +116,15 @@ class RemoteVectors:
     def ensure_ready(self) -> None:
         self.ping()
 
-    def ping(self) -> None:
+    def health(self) -> Health:
+        """The VectorSearch service's answer about its collection: it answering at all is this pod's own
+        readiness; what it says about Milvus is the shared backend's health. Raises only when the call
+        itself fails (the service does not answer)."""
         with calling("vector-search"):
-            health = Health.model_validate(self._proxy.to_sync.health(role=self._role), from_attributes=True)
+            return Health.model_validate(self._proxy.to_sync.health(role=self._role), from_attributes=True)
+
+    def ping(self) -> None:
+        health = self.health()
         if health.error is not None:
             raise health.error.to_exception()
 

@@ -12,6 +12,9 @@ records these instead, labelled by the template of the route that takes the requ
   (histogram) and ``ris_http_requests_in_progress{route, method}``: the API, and the embedder service
   (its API routes, BentoML's probes, ``other``). Probes and scrapes are not load: they are left out of
   the in-progress gauge, so the autoscalers read it as it is.
+- ``ris_backend_up{backend}``: 1 or 0, what the API pod's last check of Milvus (``milvus``) and of the image
+  store (``store``) found; set by every readiness probe. Their outages show here, in /api/status and in the
+  alerts, not by taking every API pod out of its Service (k8s/README.md, "Probes").
 - ``ris_embedder_requests_total{route}``: requests sent (or tried) to the embedder service, by the API
   route that needed them (``internal``: on no request of ours, e.g. the vector-search service learning
   the model to open its index). Counted before the call, so a request that finds the embedder scaled to
@@ -60,6 +63,7 @@ LABELS: dict[str, tuple[str, ...]] = {
     "ris_http_request_duration_seconds": ("route", "method"),
     "ris_http_requests_in_progress": ("route", "method"),
     "ris_embedder_requests_total": ("route",),
+    "ris_backend_up": ("backend",),
 }
 
 _current_route: ContextVar[str] = ContextVar("ris_current_route", default=INTERNAL)
@@ -71,6 +75,7 @@ class _Metrics:
     duration: Any
     in_progress: Any
     embedder_requests: Any
+    backend_up: Any
 
 
 def forget_dead_processes() -> list[int]:
@@ -130,7 +135,17 @@ def _metrics() -> _Metrics:
             "ris_embedder_requests", "Requests sent or tried to the embedder service, by the API route that needed them.",
             LABELS["ris_embedder_requests_total"],
         ),
+        # "livemin": with several API workers, down when any live worker last saw it down.
+        backend_up=Gauge(
+            "ris_backend_up", "Whether a shared backend (milvus, store) answered the API's last check (1) or not (0).",
+            LABELS["ris_backend_up"], multiprocess_mode="livemin",
+        ),
     )
+
+
+def record_backend(backend: str, up: bool) -> None:
+    """What the API's last check of a shared backend found (the readiness probe checks every few seconds)."""
+    _metrics().backend_up.labels(backend).set(1 if up else 0)
 
 
 def count_embedder_request() -> None:

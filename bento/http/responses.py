@@ -14,11 +14,13 @@ from fastapi import Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from bento.adapters import npy
+from bento.adapters.remote import RemoteVectors
 from bento.core.config import Settings
 from bento.core.errors import (
     NotFound,
     SearchError,
 )
+from bento.core.metrics import record_backend
 from bento.domain.catalog import Added, Catalog, SearchResult
 from bento.domain.ports import Embedding, Kind
 from bento.domain.schemas import (
@@ -59,15 +61,26 @@ def while_not_ready(body: Any, ready: bool) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 202)
 
 
-async def api_ready(catalog: Catalog) -> bool:
-    """The API's own readiness: the vector search service and the image store answer (the embedder is left
-    out: without one, upload searches answer 503 and everything else keeps working)."""
+async def api_ready(catalog: Catalog, vectors: RemoteVectors) -> bool:
+    """This API pod's readiness: whether it can serve, i.e. its own vector-search service answers. Milvus
+    and the image store are shared by every API pod: were readiness tied to them, one Milvus restart would
+    take every pod out of the Service at once, and with them the page, /docs, /api/status and the reads of
+    images already in the store. Their health is recorded instead (ris_backend_up, /api/status, the
+    alerts) and the routes that need them answer 503 with Retry-After meanwhile. The embedder is left out
+    likewise (upload searches answer 503 while none runs)."""
     try:
-        await in_thread(catalog.vectors.ping)
-        await in_thread(catalog.store.ping)
-    except SearchError as exc:
+        health = await in_thread(vectors.health)
+    except SearchError as exc:  # the call itself failed: this pod's vector-search service does not answer
         logger.warning("not ready: %s", exc.message)
         return False
+    record_backend("milvus", health.ok)
+    try:
+        await in_thread(catalog.store.ping)
+    except SearchError as exc:
+        logger.warning("image store unavailable: %s", exc.message)
+        record_backend("store", False)
+    else:
+        record_backend("store", True)
     return True
 
 
