@@ -141,3 +141,32 @@ def test_embedding_calls_stay_within_the_batch_limit(tmp_path, monkeypatch):
     catalog.embedding, catalog.retry = Counting(), catalog_module.FAIL_FAST
     out = catalog._embed(np.zeros((12, 2, 2, 3), dtype=np.uint8))
     assert out.shape == (12, 4) and calls == [5, 5, 2]
+
+
+@pytest.mark.parametrize("mode", ["both", "similar"])
+def test_pages_say_whether_more_follow_and_walk_the_whole_list_exactly(both_models, photo_set, tmp_path, mode):
+    """Each page says has_more/next_offset; following next_offset page by page gives exactly the one-page
+    answer (copies first, then similar images, each image once), and the last page says no more."""
+    catalog = local_catalog(Settings(data_dir=tmp_path / "data"), both_models)
+    try:
+        for name, data in photo_set["originals"].items():
+            catalog.add(data, "", f"{name}.jpg")
+        query = photo_set["queries"]["rocket"]
+        whole = catalog.search_image(query, SearchOptions(top_k=50, mode=mode))
+        assert 5 <= len(whole.hits) < 50 and not whole.has_more and whole.next_offset is None
+        if mode == "both":
+            assert whole.hits[0].match == "copy" and whole.hits[-1].match == "similar"
+        walked, offset, pages = [], 0, 0
+        while offset is not None:
+            page = catalog.search_image(query, SearchOptions(top_k=3, offset=offset, mode=mode))
+            assert page.has_more == (page.next_offset is not None)
+            walked += [(hit.image.id, hit.match) for hit in page.hits]
+            offset, pages = page.next_offset, pages + 1
+        assert walked == [(hit.image.id, hit.match) for hit in whole.hits]
+        assert pages == -(-len(whole.hits) // 3)
+        exact = catalog.search_image(query, SearchOptions(top_k=len(whole.hits), mode=mode))
+        assert not exact.has_more and len(exact.hits) == len(whole.hits)  # a page that ends with the list
+        short = catalog.search_image(query, SearchOptions(top_k=len(whole.hits) - 1, mode=mode))
+        assert short.has_more and short.next_offset == len(whole.hits) - 1
+    finally:
+        catalog.close()

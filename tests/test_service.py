@@ -373,6 +373,7 @@ def test_duplicate_report_is_computed_in_the_background_and_paged(client, photo_
     assert body["state"] == "ready" and body["report"]["images"] == client.get("/api/status").json()["count"]
     assert body["report"]["near_duplicate_threshold"] == client.get("/api/status").json()["thresholds"]["near_duplicate"]
     assert len(body["groups"]) <= 2 and body["total_groups"] >= len(body["groups"])
+    assert body["has_more"] == (body["total_groups"] > 2) and body["next_offset"] == (2 if body["has_more"] else None)
     for group in body["groups"]:
         assert len(group["members"]) >= 2 and group["members"][0]["score"] == pytest.approx(1.0, abs=1e-4)
 
@@ -397,6 +398,8 @@ def test_gallery_and_labels_list_the_collection(client, photo_set):
     assert dates == sorted(dates, reverse=True)
     second_page = _ready(client, "/api/images", offset=5, limit=5)
     assert [i["id"] for i in second_page["images"]] == [i["id"] for i in everything["images"][5:10]]
+    assert not everything["has_more"] and everything["next_offset"] is None
+    assert second_page["has_more"] == (count > 10) and second_page["next_offset"] == (10 if count > 10 else None)
     card = everything["images"][0]
     assert card["thumbnail_url"] and card["image_url"] == f"/api/images/{card['id']}"
     assert client.get(card["thumbnail_url"] if card["thumbnail_url"].startswith("/") else card["thumbnail_url"]).status_code == 200

@@ -57,6 +57,7 @@ from bento.domain.schemas import (
     VectorHit,
     VectorQuery,
     VectorRecord,
+    next_page,
 )
 from models.backbones import Role
 from models.imaging import DecodeLimits, without_location
@@ -104,6 +105,8 @@ class SearchResult(BaseModel):
     model: str
     copy_model: str | None = None
     timings: Timings
+    has_more: bool = False
+    next_offset: int | None = None
 
 
 def _ms(start: float) -> float:
@@ -362,13 +365,17 @@ class Catalog:
         top_k = options.top_k or self.limits.default_top_k
         if top_k > self.limits.max_top_k:
             raise InvalidRequest(f"top_k is at most {self.limits.max_top_k}.")
-        # Milvus returns at most MAX_WINDOW rows, and an image may take one row per stored view.
-        copy = self.copy_model()
-        most_views = max(self.model().vectors_per_image, copy.info.vectors_per_image if copy else 1)
-        deepest = MAX_WINDOW // most_views
+        deepest = self._deepest()
         if top_k + options.offset > deepest:
             raise InvalidRequest(f"top_k + offset is at most {deepest}.")
         return top_k, clean_label(options.label) if options.label else None
+
+    def _deepest(self) -> int:
+        """How deep a search may page: Milvus returns at most MAX_WINDOW rows, and an image may take one row
+        per stored view."""
+        copy = self.copy_model()
+        most_views = max(self.model().vectors_per_image, copy.info.vectors_per_image if copy else 1)
+        return MAX_WINDOW // most_views
 
     def search_vector(
         self,
@@ -393,16 +400,19 @@ class Catalog:
         timings = timings or Timings()
         top_k, label = self._checked(options)
         window = options.offset + top_k
+        # One hit more than the page from each list says exactly whether the joined list goes on (a list
+        # cut at window + 1 either has more by itself, or is whole); never past Milvus' deepest window.
+        fetch = min(window + 1, self._deepest())
         thresholds = self.thresholds()
         copy_store = self._copies()
         copy_search, similar_search = None, None
         if copy_vector is not None and copy_store is not None:
-            copy_query = VectorQuery(vector=copy_vector, top_k=window, label=label, min_score=options.min_score)
+            copy_query = VectorQuery(vector=copy_vector, top_k=fetch, label=label, min_score=options.min_score)
             copy_search = lambda: self.retry.call(copy_store.search, copy_query)  # noqa: E731
         if vector is not None:
             recipe = self.retry.call(self.embedding.describe).preprocessing
             similar_query = VectorQuery(
-                vector=vector, top_k=window, label=label, min_score=options.min_score,
+                vector=vector, top_k=fetch, label=label, min_score=options.min_score,
                 views=recipe.views_for_query(1 << 30, 1 << 30) if views is None else views, margins=recipe.view_margins(),
                 extra_vectors=extra_vectors or [],
             )
@@ -422,14 +432,16 @@ class Catalog:
                 continue
             verdict = thresholds.similar_verdict(hit.score) if copy_store is not None else thresholds.verdict(hit.score)
             similar.append(hit.model_copy(update={"verdict": verdict, "match": match}))
-        hits = [*copies, *similar][options.offset : window]
+        joined = [*copies, *similar]
+        hits = joined[options.offset : window]
+        more = len(joined) > window and fetch > window
         timings.search_ms = _ms(started)
         timings.total_ms = round(timings.decode_ms + timings.embed_ms + timings.search_ms, 2)
         copy = self.copy_model()
         return SearchResult(
             query_id=query_id, mode=options.mode, hits=hits, top_k=top_k, offset=options.offset, label=label,
             min_score=options.min_score, model=self.model().model_id, copy_model=copy.info.model_id if copy else None,
-            timings=timings,
+            timings=timings, **next_page(options.offset, len(hits), more),
         )
 
     def _modes(self, options: SearchOptions) -> tuple[bool, bool]:

@@ -66,6 +66,8 @@ class DuplicatePage(BaseModel):
     offset: int = 0
     groups: list[DuplicateGroup] = []
     report: DuplicateReport | None = Field(None, description="The whole report's summary (its groups are paged).")
+    has_more: bool = Field(False, description="Whether a next page exists.")
+    next_offset: int | None = Field(None, description="The `offset` of the next page (null: this is the last one).")
 
 
 class _UnionFind:
@@ -189,7 +191,9 @@ class DuplicateScans:
                 self._running.start()
                 return DuplicatePage(state="running")
         groups = report.groups[query.offset : query.offset + query.limit]
+        more = query.offset + len(groups) < len(report.groups)
         return DuplicatePage(
             state="ready", total_groups=len(report.groups), offset=query.offset, groups=groups,
-            report=report.model_copy(update={"groups": []}),
+            report=report.model_copy(update={"groups": []}), has_more=more,
+            next_offset=query.offset + len(groups) if more else None,
         )

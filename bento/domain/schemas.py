@@ -217,6 +217,8 @@ class GalleryPage(BaseModel):
     limit: int
     label: str | None
     images: list[ImageCard]
+    has_more: bool = Field(False, description="Whether a next page exists.")
+    next_offset: int | None = Field(None, description="The `offset` of the next page (null: this is the last one).")
 
 
 class Timings(BaseModel):
@@ -237,6 +239,8 @@ class SearchResponse(BaseModel):
     model: str
     copy_model: str | None = Field(None, description="The copy model's id (null: none serves).")
     timings: Timings
+    has_more: bool = Field(False, description="Whether a next page exists.")
+    next_offset: int | None = Field(None, description="The `offset` of the next page (null: this is the last one).")
 
 
 class InsertResponse(BaseModel):
@@ -290,3 +294,8 @@ class StatusResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     detail: str
+
+
+def next_page(offset: int, size: int, more: bool) -> dict[str, Any]:
+    """The paging fields of a page of ``size`` items at ``offset``: ``{"has_more", "next_offset"}``."""
+    return {"has_more": more, "next_offset": offset + size if more else None}

@@ -34,6 +34,7 @@ from bento.domain.schemas import (
     SearchHit,
     SearchResponse,
     StatusResponse,
+    next_page,
 )
 from bento.http.access import key_table
 from bento.http.auth import Principal
@@ -99,6 +100,7 @@ async def gallery_response(catalog: Catalog, offset: int, limit: int, label: str
     body = GalleryPage(
         state=page.state, total=page.total, offset=offset, limit=limit, label=label,
         images=[ImageCard(**card(catalog, meta)) for meta in page.images],
+        **next_page(offset, len(page.images), offset + len(page.images) < page.total),
     )
     return while_not_ready(body, page.state == "ready")
 
