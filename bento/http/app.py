@@ -185,10 +185,18 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             operation["tags"] = [_tag(path)]
+            # A key is optional: requests without one get RIS_AUTH_ANONYMOUS_SCOPES (search by default).
+            if operation.get("security") and {} not in operation["security"]:
+                operation["security"].append({})
             responses = operation.setdefault("responses", {})
             for status, description in _statuses(path, method, operation).items():
                 responses[str(status)] = {"description": description, "content": error}
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    # Uploads: OpenAPI 3.1 says a file by contentMediaType; generators read the 3.0 `format: binary`.
+    for body in components.values():
+        for field in body.get("properties", {}).values():
+            if field.get("contentMediaType") == "application/octet-stream":
+                field["format"] = "binary"
     components["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
