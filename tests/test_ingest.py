@@ -156,6 +156,7 @@ def test_sidecar_and_hidden_files_are_skipped_not_rejected(efficientnet, tmp_pat
     report = json.loads(result.stdout)
     assert report["ingested"] == 3 and report["not_images"] == 4, report
     assert [Path(r["path"]).name for r in report["rejected"]] == ["broken.jpg"], report["rejected"]
+    assert "Warning" not in result.stderr, "library warnings (torch's) are kept out of the output"
 
 
 def test_shards_split_a_folder_without_overlap_each_reading_only_its_share(efficientnet, photo_set, tmp_path):

@@ -29,6 +29,10 @@ def run_tool(
     """Set up logging, read the settings, run ``body`` with them and turn its errors into exit codes.
     ``on_failure``: advice printed under a domain error's message (e.g. "rerun the same command")."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Libraries' warnings (torch's deprecations and tracer notes while a model is traced) are for this
+    # project's developers, not for the person running the command: into the log at DEBUG only.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
     try:
         settings = get_settings()
     except (ValidationError, ValueError) as exc:  # a bad value, or an unknown RIS_* variable
