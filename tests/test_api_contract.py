@@ -63,7 +63,7 @@ def client():
     app, _ = make_app(Settings(data_dir=Path("unused")), ROOT / "bento" / "static")
 
     @app.post("/api/search")
-    def upload(top_k: Annotated[int, Form()] = 12) -> dict[str, int]:
+    def upload(self=None, top_k: Annotated[int, Form()] = 12) -> dict[str, int]:  # noqa: ANN001 (as a BentoML class view)
         return {"top_k": top_k}
 
     @app.get("/api/images")

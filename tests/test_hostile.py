@@ -285,6 +285,9 @@ def test_oversized_bodies_are_refused_while_they_stream(client, live_service):
         (lambda c, s, h: c.post("/api/images", files={"file": ("a.png", encode(_photo(77), "PNG"))}, data={"label": "bell\x07"}), 400, "invalid_request"),
         (lambda c, s, h: c.post("/api/images", files={"file": ("a.png", encode(_photo(77), "PNG"))}, data={"label": "x" * 257}), 422, "validation_error"),
         (lambda c, s, h: c.put("/api/images"), 405, "method_not_allowed"),
+        # A form field sent in the query string is refused, not silently ignored.
+        (lambda c, s, h: c.post("/api/search?top_k=3", files={"file": ("a.png", encode(_photo(78), "PNG"))}), 422, "validation_error"),
+        (lambda c, s, h: c.get("/api/images", params={"limt": 5}), 422, "validation_error"),
         (lambda c, s, h: c.post("/api/search/id", json={"id": "f" * 64, "min_score": 2}), 422, "validation_error"),
         (lambda c, s, h: c.get("/api/duplicates", params={"limit": 0}), 422, "validation_error"),
         (lambda c, s, h: c.get("/api/duplicates", params={"limit": 100_000}), 422, "validation_error"),

@@ -125,7 +125,9 @@ async def refuse_unknown_query(request: Request) -> None:
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not route.include_in_schema:
         return
-    accepted = _query_names(route.dependant)
+    # `self`: the service instance of a BentoML class view (injected by BentoML, never sent by a client;
+    # FastAPI's scope["route"] is the route as declared, where it still reads as a query parameter).
+    accepted = _query_names(route.dependant) - {"self"}
     unknown = sorted(set(request.query_params) - accepted)
     if unknown:
         takes = f"it takes {', '.join(sorted(accepted))}" if accepted else "it takes none"
