@@ -262,7 +262,7 @@ class FetchSettings(BaseModel):
         "",
         description="Comma-separated `host`, `host:port`, CIDR or `CIDR:port` entries that may be fetched although private (an intranet); empty: public addresses, ports 80/443 only.",
     )
-    max_concurrent: int = Field(8, ge=1, le=256, description="Fetches in flight at once per API worker; more wait.")
+    max_concurrent: int = Field(8, ge=1, le=256, description="Fetches in flight at once per API worker; more are answered 503 with Retry-After at once (never queued).")
 
 
 class LimitsSettings(BaseModel):
