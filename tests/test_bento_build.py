@@ -189,6 +189,8 @@ FORMATTED_SAMPLES = {
     "RIS_MODEL_VIEWS": "low-res-64,crops-60",
     "RIS_MODEL_COPY_NAME": "sscd-int8",
     "RIS_MODEL_COPY_VIEWS": "crops-60",
+    "RIS_LIMITS_TRUSTED_PROXIES": "10.0.0.0/8,192.168.1.10",
+    "RIS_LIMITS_STORAGE_URI": "redis://cache.example:6379",
 }
 
 

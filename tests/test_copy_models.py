@@ -153,9 +153,10 @@ def test_auto_on_a_cpu_serves_the_packaged_student_and_says_why(photo_set):
     assert float(coffee @ embed(originals["rocket"])) < embedder.info.near_duplicate_score
 
 
-def test_the_packaged_models_are_never_written_to_the_model_store(bentoml_home, sscd):
+def test_the_packaged_models_are_never_written_to_the_model_store(bentoml_home, efficientnet, sscd):
     """Their licence forbids converted copies: loading one stores nothing, in the model store or anywhere
-    under BENTOML_HOME."""
+    under BENTOML_HOME (beside the similarity model, imported there first: run alone, in a random order,
+    the store would not exist yet)."""
     import bentoml
 
     assert not [model for model in bentoml.models.list() if model.tag.name.startswith(("ris-sscd-distilled", "ris-sscd-int8"))]
