@@ -127,11 +127,17 @@ async def refuse_unknown_query(request: Request) -> None:
         return
     # `self`: the service instance of a BentoML class view (injected by BentoML, never sent by a client;
     # FastAPI's scope["route"] is the route as declared, where it still reads as a query parameter).
-    accepted = _query_names(route.dependant) - {"self"}
+    accepted = _ACCEPTED.get(id(route))
+    if accepted is None:  # once per route: its dependency tree does not change
+        accepted = _ACCEPTED[id(route)] = frozenset(_query_names(route.dependant) - {"self"})
     unknown = sorted(set(request.query_params) - accepted)
     if unknown:
         takes = f"it takes {', '.join(sorted(accepted))}" if accepted else "it takes none"
         raise InvalidParameters(f"Unknown query parameter {', '.join(unknown)} for {request.method} {route.path}: {takes}.")
+
+
+# The query parameters each route takes (by the route's id: routes live as long as the app).
+_ACCEPTED: dict[int, frozenset[str]] = {}
 
 
 def _query_names(dependant: Dependant) -> set[str]:
