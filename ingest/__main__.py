@@ -58,7 +58,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"{args.source} is not a folder.")
     try:
         source = open_source(args.source, settings)  # a wrong path or URL fails before the model loads
-        if not any(not is_sidecar(file.name) for file in retry.call(source.files)):
+        if not any(not is_sidecar(file.name) for file in source.files()):  # stops at the first image
             raise UsageError(f"{source.location} holds no images (hidden and sidecar files are skipped).")
         if args.service_url:
             key = args.api_key or settings.auth.client_key.get_secret_value()

@@ -30,6 +30,7 @@ import httpx
 from bento.core.cli import UsageError, run_tool
 from bento.core.config import Settings
 from bento.core.errors import BackendUnavailable, error_from_answer
+from bento.core.output import print_result
 from bento.domain.schemas import SearchOptions, SearchResponse
 
 # The subcommands that are the modules' own command lines, by name: (main, one-line help).
@@ -92,18 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return delegates[command][0](rest, prog=f"ris {command}")
     args = _parser(delegates).parse_args(argv)
     if args.command == "settings":
-        return _print(_settings(args.json))
+        return print_result(_settings(args.json))
     return run_tool("search", lambda settings: _search(args, settings), verbose=False)
-
-
-def _print(text: str) -> int:
-    """Print, and end quietly when the reader stops early (`ris settings | head`)."""
-    try:
-        print(text)  # noqa: T201 (a CLI's output)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        sys.stdout = None  # type: ignore[assignment]  # nothing more can be written; no second error at exit
-    return 0
 
 
 def _settings(as_json: bool) -> str:
@@ -136,7 +127,7 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
         answer = _search_service(args, settings, options, is_url)
     else:
         answer = _search_here(args, settings, options, is_url)
-    return _print(answer.model_dump_json(indent=2) if args.json else _table(answer))
+    return print_result(answer.model_dump_json(indent=2) if args.json else _table(answer))
 
 
 def _search_here(args: argparse.Namespace, settings: Settings, options: SearchOptions, is_url: bool) -> SearchResponse:

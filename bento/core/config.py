@@ -487,15 +487,11 @@ def get_settings() -> Settings:
 def main(argv: list[str] | None = None) -> int:
     """``python -m bento.core.config`` (also ``ris settings``): the settings table (docs/settings.md)."""
     import argparse
-    import sys
+
+    from bento.core.output import print_result
 
     argparse.ArgumentParser(prog="python -m bento.core.config", description="Print every RIS_* setting (markdown).").parse_args(argv)
-    try:
-        print(settings_table())  # noqa: T201 (a developer tool: docs/settings.md's table)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `... | head`: the reader has what it wanted
-        sys.stdout = None  # type: ignore[assignment]
-    return 0
+    return print_result(settings_table())
 
 
 if __name__ == "__main__":

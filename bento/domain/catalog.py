@@ -360,15 +360,15 @@ class Catalog:
             raise NotFound(f"No image with id {image_id}.")
 
     # --- searching ---------------------------------------------------------------------------------
-    def _checked(self, options: SearchOptions) -> tuple[int, str | None]:
-        """(top_k, label) of a search, checked before any work is done for it."""
+    def _checked(self, options: SearchOptions) -> tuple[int, str | None, int]:
+        """(top_k, label, the deepest a search may page) of a search, checked before any work is done for it."""
         top_k = options.top_k or self.limits.default_top_k
         if top_k > self.limits.max_top_k:
             raise InvalidRequest(f"top_k is at most {self.limits.max_top_k}.")
         deepest = self._deepest()
         if top_k + options.offset > deepest:
             raise InvalidRequest(f"top_k + offset is at most {deepest}.")
-        return top_k, clean_label(options.label) if options.label else None
+        return top_k, clean_label(options.label) if options.label else None, deepest
 
     def _deepest(self) -> int:
         """How deep a search may page: Milvus returns at most MAX_WINDOW rows, and an image may take one row
@@ -398,11 +398,11 @@ class Catalog:
         similar hits once the copies (at most as many) are left out of them."""
         started = time.perf_counter()
         timings = timings or Timings()
-        top_k, label = self._checked(options)
+        top_k, label, deepest = self._checked(options)
         window = options.offset + top_k
         # One hit more than the page from each list says exactly whether the joined list goes on (a list
         # cut at window + 1 either has more by itself, or is whole); never past Milvus' deepest window.
-        fetch = min(window + 1, self._deepest())
+        fetch = min(window + 1, deepest)
         thresholds = self.thresholds()
         copy_store = self._copies()
         copy_search, similar_search = None, None
