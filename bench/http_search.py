@@ -44,7 +44,7 @@ def main() -> int:
     def pct(values: list[float], q: float) -> float:
         return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
-    print(f"{status['count']} images, model {status['model']['model_id']}, {status['index']['index_type']}, {status['milvus_backend']}")
+    print(f"{status['image_count']} images, model {status['model']['model_id']}, {status['index']['index_type']}, {status['milvus_backend']}")
     print(f"{'measure':<22} {'p50 ms':>8} {'p99 ms':>8}")
     for name, values in (("HTTP round trip", wall), ("server total", server_total), ("embed", embed), ("vector search", search)):
         print(f"{name:<22} {statistics.median(values):>8.1f} {pct(values, 99):>8.1f}")

@@ -235,7 +235,7 @@ def search_scenarios(args: argparse.Namespace, work: Path, log: Path, uploads: l
                     status = httpx.get(f"{url}/api/status", timeout=10).json()
                     r = sequential(url, uploads, args.requests)
                 print(
-                    f"| {backend} | {status['count']} | {status['index']['index_type']} | {seconds:.0f} | {r['p50']:.0f} | "
+                    f"| {backend} | {status['image_count']} | {status['index']['index_type']} | {seconds:.0f} | {r['p50']:.0f} | "
                     f"{r['p99']:.0f} | {r['search_p50']:.1f} | {r['search_p99']:.1f} |"
                 )
         finally:

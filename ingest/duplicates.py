@@ -41,7 +41,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
         print(report.model_dump_json(indent=2))  # noqa: T201
         return 0
     print(  # noqa: T201
-        f"{report.images} images: {report.exact_groups} groups of exact duplicates, {report.near_groups} groups of near "
+        f"{report.image_count} images: {report.exact_groups} groups of exact duplicates, {report.near_groups} groups of near "
         f"duplicates (score >= {threshold:.3f}); {report.read_seconds:.1f} s reading, {report.seconds:.1f} s comparing."
     )
     for group in report.groups[: args.groups]:

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 from tqdm import tqdm
 
 from bento.core.errors import BackendUnavailable, ImageTooLarge, InvalidImage, InvalidRequest, SearchError
@@ -48,17 +48,26 @@ class IngestReport(BaseModel):
     rejected: list[Rejected] = []
     interrupted: bool = False
     seconds: float = 0.0
-    collection_count: int = -1
+    image_count: int = Field(-1, description="Images in the collection after the run (-1: not read).")
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def images_per_s(self) -> float:
-        return self.ingested / self.seconds if self.seconds > 0 else 0.0
+    def handled(self) -> int:
+        """This shard's files that were dealt with (added, present already, duplicate or rejected)."""
+        return self.ingested + self.skipped_existing + self.duplicates + len(self.rejected)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def files_per_s(self) -> float:
+        """The one rate: files handled per second, as the progress bar counts them (a rerun that finds
+        everything present is fast, and says so, rather than reporting 0 images/s)."""
+        return round(self.handled / self.seconds, 1) if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
         lines = [
             f"Ingest of {self.folder} with {self.model}{' (INTERRUPTED: rerun to finish)' if self.interrupted else ''}",
             f"  scanned           {self.scanned}",
-            f"  ingested          {self.ingested}  ({self.images_per_s:.1f} images/s over {self.seconds:.1f} s)",
+            f"  ingested          {self.ingested}",
             f"  already present   {self.skipped_existing}",
             f"  duplicate files   {self.duplicates}",
             *([f"  other shards      {self.other_shards}"] if self.other_shards else []),
@@ -68,8 +77,9 @@ class IngestReport(BaseModel):
         lines += [f"    {r.path}: {r.reason}" for r in self.rejected[:50]]
         if len(self.rejected) > 50:
             lines.append(f"    ... and {len(self.rejected) - 50} more")
-        if self.collection_count >= 0:
-            lines.append(f"  collection now    {self.collection_count} images")
+        lines.append(f"  rate              {self.files_per_s:.1f} files/s  ({self.handled} files in {self.seconds:.1f} s)")
+        if self.image_count >= 0:
+            lines.append(f"  collection now    {self.image_count} images")
         return "\n".join(lines)
 
 
@@ -171,7 +181,7 @@ class IngestJob:
         batch = self.options.batch_size
         chunks = [files[i : i + batch] for i in range(0, len(files), batch)]
         seen: set[str] = set()
-        bar = tqdm(total=len(files), unit="img", disable=not self.options.progress, desc="ingest", dynamic_ncols=True)
+        bar = tqdm(total=len(files), unit="file", disable=not self.options.progress, desc="ingest", dynamic_ncols=True)
         pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="ingest-decode")
         pending: deque[Future[_Chunk]] = deque()
         lookahead = self.options.workers + 1  # bounded: memory stays at a few chunks of pixels
@@ -196,7 +206,7 @@ class IngestJob:
             report.seconds = round(time.perf_counter() - started, 3)
         if not report.interrupted:
             self.catalog.retry.call(self.catalog.vectors.flush)
-        report.collection_count = self.catalog.retry.call(self.catalog.vectors.count)
+        report.image_count = self.catalog.retry.call(self.catalog.vectors.count)
         return report
 
     def _write_chunk(self, chunk: _Chunk, seen: set[str], report: IngestReport) -> None:

@@ -40,7 +40,7 @@ SUFFIX = "__reembed"
 @dataclass
 class ReembedReport:
     collection: str
-    total: int = 0
+    image_count: int = 0  # images in the collection (read so far)
     embedded: int = 0
     already_done: int = 0
     missing_originals: list[str] = field(default_factory=list)
@@ -49,7 +49,7 @@ class ReembedReport:
 
     def summary(self) -> str:
         lines = [
-            f"Re-embedded {self.embedded} images of {self.total} in '{self.collection}' ({self.already_done} were done before)."
+            f"Re-embedded {self.embedded} images of {self.image_count} in '{self.collection}' ({self.already_done} were done before)."
         ]
         if self.copies_added:
             lines.append(f"Added copy vectors for {self.copies_added} images.")
@@ -172,13 +172,13 @@ def _reembed_similarity(
             return report
         target.ensure_ready()  # creates C__reembed with today's model and recipe (or checks it)
         for batch in _batches(target.images_of(name), batch_size):
-            report.total += len(batch)
+            report.image_count += len(batch)
             done = retry.call(target.existing_ids, [image.id for image in batch])
             report.already_done += len(done)
             images = _from_originals(catalog, [image for image in batch if image.id not in done], retry, report)
             catalog.add_many(images, write_blobs=False)
             report.embedded += len(images)
-            logger.info("Re-embedded %d of the %d images read so far", report.embedded + report.already_done, report.total)
+            logger.info("Re-embedded %d of the %d images read so far", report.embedded + report.already_done, report.image_count)
         if report.missing_originals and not drop_missing:
             return report
         target.flush()

@@ -55,6 +55,38 @@ def test_every_error_status_is_documented_with_the_one_error_body(spec):
     assert {413, 415, 422} <= by_id["search_upload"] and 429 in by_id["search_url"] and 404 in by_id["get_image"]
 
 
+def _answer_properties(spec):
+    """(schema, property, definition) of every property of every schema an answer uses."""
+    schemas = spec["components"]["schemas"]
+    for name, schema in schemas.items():
+        for prop, definition in schema.get("properties", {}).items():
+            yield name, prop, definition
+
+
+def _types(definition) -> set[str]:
+    options = definition.get("anyOf", [definition])
+    return {option.get("type", "") for option in options} | {option.get("format", "") for option in options}
+
+
+def test_one_name_per_concept_and_one_form_of_a_time(spec):
+    """A number of images is `image_count` wherever it appears, a list's length `total`; a point in time is
+    an ISO 8601 string, a duration a number in milliseconds with `_ms` in its name."""
+    seen = list(_answer_properties(spec))
+    assert len(seen) > 100
+    for schema, prop, definition in seen:
+        where = f"{schema}.{prop}"
+        assert prop not in {"count", "images_count", "total_groups", "collection_count"}, where
+        if prop == "images":
+            assert "array" in _types(definition), f"{where}: a number of images is image_count"
+        if prop.endswith("_at") or prop == "as_of":
+            assert "date-time" in _types(definition), f"{where}: times are ISO 8601"
+        assert not prop.endswith(("_seconds", "_s")) and prop != "seconds", f"{where}: durations are *_ms"
+    names = {(schema, prop) for schema, prop, _ in seen}
+    for schema in ("StatusResponse", "LabelList", "LabelCount", "DuplicateReport"):
+        assert (schema, "image_count") in names, schema
+    assert {("GalleryPage", "total"), ("DuplicatePage", "total"), ("DuplicateReport", "compare_ms")} <= names
+
+
 @pytest.fixture(scope="module")
 def client():
     from bento.core.config import Settings

@@ -245,11 +245,11 @@ def test_gallery_pages_newest_first_and_filters_by_label(browser, page_service, 
         assert hit_ids(page, "#gallery .hit") == [image["id"] for image in listing["images"][:48]]
 
     options = page.locator("#gallery-label option").all_inner_texts()
-    assert options[1:] == [f"{entry['label'] or '(no label)'} ({entry['count']})" for entry in labels["labels"]]
+    assert options[1:] == [f"{entry['label'] or '(no label)'} ({entry['image_count']})" for entry in labels["labels"]]
     chosen = labels["labels"][-1]
     page.select_option("#gallery-label", chosen["label"])
-    page.wait_for_function(f"document.querySelector('#gallery-count').textContent.startsWith('{chosen['count']} images')")
-    assert {page.locator(".label").nth(i).inner_text() for i in range(chosen["count"])} == {chosen["label"]}
+    page.wait_for_function(f"document.querySelector('#gallery-count').textContent.startsWith('{chosen['image_count']} images')")
+    assert {page.locator(".label").nth(i).inner_text() for i in range(chosen["image_count"])} == {chosen["label"]}
     assert page.locator("#labels-list option").count() == len([e for e in labels["labels"] if e["label"]])
     assert not page.errors, page.errors
 
@@ -263,7 +263,7 @@ def test_multi_file_upload_reports_each_file(browser, page_service, api, photo_s
     present.write_bytes(photo_set["originals"]["coffee"])
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 this is not a JPEG")
-    before = api.get("/api/status").json()["count"]
+    before = api.get("/api/status").json()["image_count"]
 
     page = new_page(browser, page_service)
     page.goto(page_service.url + "/#collection")
@@ -280,7 +280,7 @@ def test_multi_file_upload_reports_each_file(browser, page_service, api, photo_s
     page.wait_for_function(f"document.querySelector('#gallery .hit')?.dataset.id === '{new_id}'")
     assert page.locator("#gallery .hit .label").first.inner_text() == "rockets sideways"
     page.wait_for_selector("#gallery-label option[value='rockets sideways']", state="attached")
-    assert api.get("/api/status").json()["count"] == before + 1
+    assert api.get("/api/status").json()["image_count"] == before + 1
     screenshot(page, "collection", tmp_path)
     assert not page.errors, page.errors
 

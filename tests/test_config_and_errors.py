@@ -63,6 +63,15 @@ def test_the_settings_page_is_the_generated_table():
     assert sorted(documented) == sorted(name for name, _ in setting_fields()), "each setting once, no stale rows"
 
 
+def test_the_settings_page_quotes_the_refusal_of_a_renamed_setting_as_the_service_prints_it():
+    page = (ROOT / "docs" / "settings.md").read_text()
+    quoted = re.findall(r"`(RIS_[A-Z0-9_]+) \(now (RIS_[A-Z0-9_]+)\)`", page)
+    assert quoted, "the page shows what a renamed setting's refusal looks like"
+    for old, new in quoted:
+        with pytest.raises(ValueError, match=re.escape(f"{old} (now {new})")):
+            check_environment({old: "x"})
+
+
 # Where the HTTP API answers each domain error (bento.http.errors.HTTP_STATUS, the one table at the edge).
 @pytest.mark.parametrize(
     ("error", "status"),

@@ -81,7 +81,7 @@ def test_short_milvus_outage_during_ingest_is_ridden_out_by_retries(milvus_serve
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
     assert "Retrying" in stderr or "retrying" in stderr.lower()
-    assert json.loads(stdout)["collection_count"] == 160 == len(backend.stored_ids())
+    assert json.loads(stdout)["image_count"] == 160 == len(backend.stored_ids())
 
 
 @contextlib.contextmanager
@@ -161,7 +161,7 @@ def test_milvus_outage_under_the_service(milvus_server, s3_server, efficientnet,
         _wait_for(lambda: client.get("/readyz").status_code == 200, 90, "readiness after Milvus came back")
         assert client.get("/ready").status_code == 200 and _backend_up(client, "milvus") == 1
         hits = client.post("/api/search", files=query).json()["hits"]
-        assert hits[0]["id"] == image_id and client.get("/api/status").json()["count"] == 1
+        assert hits[0]["id"] == image_id and client.get("/api/status").json()["image_count"] == 1
 
 
 def _backend_up(client: httpx.Client, backend: str) -> float:

@@ -162,7 +162,7 @@ def test_hostile_files_get_exact_answers_and_only_valid_ones_are_added(client, l
     max_upload = client.get("/api/status").json()["limits"]["max_upload_bytes"]
     valid, invalid = valid_cases(), invalid_cases(max_upload)
     assert len(valid) + len(invalid) >= 40
-    before = client.get("/api/status").json()["count"]
+    before = client.get("/api/status").json()["image_count"]
     added: list[str] = []
     wrong: list[str] = []
     try:
@@ -176,7 +176,7 @@ def test_hostile_files_get_exact_answers_and_only_valid_ones_are_added(client, l
                 assert body["id"] == content_hash(case.data)
         assert not wrong, "\n".join(wrong)
         assert client.get("/readyz").status_code == 200
-        assert client.get("/api/status").json()["count"] == before + len(valid) == before + len(set(added))
+        assert client.get("/api/status").json()["image_count"] == before + len(valid) == before + len(set(added))
 
         # The same files as search queries: the same answers, no 5xx, no hang.
         for case in invalid:
@@ -199,7 +199,7 @@ def test_hostile_files_get_exact_answers_and_only_valid_ones_are_added(client, l
     finally:
         for image_id in added:
             client.delete(f"/api/images/{image_id}")
-    assert client.get("/api/status").json()["count"] == before
+    assert client.get("/api/status").json()["image_count"] == before
 
 
 def _raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, bytes]:

@@ -44,12 +44,16 @@ def test_ingest_then_rerun_skips_everything(backend, efficientnet, photo_set, tm
     expected = sum(1 for _ in scan_folder(root))
     first = job.run(folder)
     assert (first.scanned, first.ingested, first.skipped_existing, first.rejected) == (expected, expected, 0, [])
-    assert first.collection_count == expected
+    assert first.image_count == expected
 
     second = job.run(extra)
     assert second.ingested == 0 and second.skipped_existing == 1 and second.not_images == 1
     reasons = {r.path: r.reason for r in second.rejected}
     assert set(reasons) == {"junk/fake.png", "junk/truncated.jpg"}
+    # One rate, of what the progress bar counts: every file of the shard dealt with (not the sidecar).
+    assert second.handled == 3 and second.files_per_s == pytest.approx(3 / second.seconds, rel=0.05, abs=0.06)
+    assert f"{second.files_per_s:.1f} files/s" in second.summary() and "images/s" not in second.summary()
+    assert json.loads(second.model_dump_json())["files_per_s"] == second.files_per_s
     assert "not an image" in reasons["junk/fake.png"] and "truncated" in reasons["junk/truncated.jpg"]
 
     third = job.run(folder)

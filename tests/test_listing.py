@@ -33,7 +33,7 @@ def test_pages_are_newest_first_with_ties_broken_by_id_and_filter_by_label():
     assert _ids(listing, label="dog", limit=10) == [9, 6, 3, 0]
     assert listing.page(BrowseQuery(label="dog"))[0].total == 4
     assert _ids(listing, label="nobody") == []
-    assert [(entry.label, entry.count) for entry in listing.labels().labels] == [("cat", 6), ("dog", 4)]
+    assert [(entry.label, entry.image_count) for entry in listing.labels().labels] == [("cat", 6), ("dog", 4)]
 
 
 def test_writes_through_this_process_show_on_the_next_page_without_a_scan():
@@ -48,7 +48,7 @@ def test_writes_through_this_process_show_on_the_next_page_without_a_scan():
     listing.upserted([_image(3, "b", 30), _image(1, "c", 10)])  # a new image, and a label changed
     listing.deleted([f"{2:064x}"])
     assert _ids(listing) == [3, 1]
-    assert {entry.label: entry.count for entry in listing.labels().labels} == {"b": 1, "c": 1}
+    assert {entry.label: entry.image_count for entry in listing.labels().labels} == {"b": 1, "c": 1}
     assert len(scans) == 1
 
 
@@ -198,7 +198,7 @@ def test_the_listing_of_a_real_collection(tmp_path):
         assert newest.total == 29 and [meta.id for meta in newest.images] == [records[i].id for i in (28, 27, 26)]
         unlabelled = index.browse(BrowseQuery(label="", limit=50))
         assert {meta.id for meta in unlabelled.images} == {records[i].id for i in (0, 5, 10, 15, 20, 25)}
-        counts = {entry.label: entry.count for entry in index.labels().labels}
+        counts = {entry.label: entry.image_count for entry in index.labels().labels}
         assert counts == {"class0": 12, "class1": 11, "": 6}
     finally:
         index.close()
@@ -206,7 +206,7 @@ def test_the_listing_of_a_real_collection(tmp_path):
     # Another process's view of the same collection: a fresh listing scanned from Milvus agrees.
     reopened = VectorIndex(settings, toy_model())
     try:
-        assert {entry.label: entry.count for entry in reopened.labels().labels} == counts
+        assert {entry.label: entry.image_count for entry in reopened.labels().labels} == counts
         assert [meta.id for meta in reopened.browse(BrowseQuery(limit=3)).images] == [records[i].id for i in (28, 27, 26)]
     finally:
         reopened.close()

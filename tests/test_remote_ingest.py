@@ -61,7 +61,7 @@ def test_ingest_through_a_running_service(milvus_lite_server, efficientnet, phot
         assert report["ingested"] == expected and report["model"].startswith("efficientnet-lite0@")
         with httpx.Client(base_url=service.url, timeout=60) as client:
             status = client.get("/api/status").json()
-            assert status["count"] == expected and status["milvus_backend"] == "milvus-server"
+            assert status["image_count"] == expected and status["milvus_backend"] == "milvus-server"
             response = client.post("/api/search", files={"file": ("q.jpg", photo_set["queries"]["chelsea"])})
             assert response.json()["hits"][0]["id"] == content_hash(photo_set["originals"]["chelsea"])
     finally:

@@ -4,6 +4,7 @@ import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -30,7 +31,7 @@ def _search(client, data: bytes, **form) -> httpx.Response:
 def test_status_reports_model_index_and_count(client, photo_set, live_service):
     status = client.get("/api/status").json()
     expected = sum(1 for p in photo_set["root"].rglob("*") if p.is_file())
-    assert status["ready"] is True and status["count"] == expected and status["error"] == ""
+    assert status["ready"] is True and status["image_count"] == expected and status["error"] == ""
     assert status["model"]["backbone"] == "efficientnet-lite0" and status["model"]["dim"] == 1280
     assert status["index"]["index_type"] == "HNSW" and "cpu" in status["device"]
     # The default CPU runtime, and what /status says about it (runtime + precision are recorded).
@@ -120,14 +121,14 @@ def test_insert_is_idempotent_and_delete_removes_everything(client):
     image = Image.new("RGB", (300, 200), (10, 120, 200))
     image.paste((250, 240, 10), (50, 50, 150, 120))
     data = encode(image, "PNG")
-    count = client.get("/api/status").json()["count"]
+    count = client.get("/api/status").json()["image_count"]
     created = client.post("/api/images", files={"file": ("flag.png", data, "image/png")}, data={"label": "flag"})
     assert created.status_code == 201, created.text
     image_id = created.json()["id"]
     assert image_id == content_hash(data) and created.json()["created"] is True
     again = client.post("/api/images", files={"file": ("other-name.png", data, "image/png")}, data={"label": "flag"})
     assert again.status_code == 200 and again.json()["created"] is False
-    assert client.get("/api/status").json()["count"] == count + 1
+    assert client.get("/api/status").json()["image_count"] == count + 1
     hit = _search(client, data, top_k=1).json()["hits"][0]
     assert hit["id"] == image_id and hit["label"] == "flag"  # visible to the very next search
     original = client.get(f"/api/images/{image_id}")
@@ -138,7 +139,7 @@ def test_insert_is_idempotent_and_delete_removes_everything(client):
     assert client.get(f"/api/images/{image_id}").status_code == 404
     assert client.get(f"/api/images/{image_id}/thumbnail").status_code == 404
     assert client.delete(f"/api/images/{image_id}").status_code == 404
-    assert client.get("/api/status").json()["count"] == count
+    assert client.get("/api/status").json()["image_count"] == count
 
 
 @pytest.mark.parametrize(
@@ -288,7 +289,7 @@ def test_restart_keeps_the_data(backend, efficientnet, photo_set):
                 assert added.status_code == 201, added.text
             service.stop()
             service.start()
-            assert own.get("/api/status").json()["count"] == 2
+            assert own.get("/api/status").json()["image_count"] == 2
             top = _search(own, photo_set["queries"]["coins"], top_k=1).json()["hits"][0]
             assert top["id"] == content_hash(photo_set["originals"]["coins"])
     finally:
@@ -370,10 +371,10 @@ def test_duplicate_report_is_computed_in_the_background_and_paged(client, photo_
             break
         time.sleep(0.1)
     body = page.json()
-    assert body["state"] == "ready" and body["report"]["images"] == client.get("/api/status").json()["count"]
+    assert body["state"] == "ready" and body["report"]["image_count"] == client.get("/api/status").json()["image_count"]
     assert body["report"]["near_duplicate_threshold"] == client.get("/api/status").json()["thresholds"]["near_duplicate"]
-    assert len(body["groups"]) <= 2 and body["total_groups"] >= len(body["groups"])
-    assert body["has_more"] == (body["total_groups"] > 2) and body["next_offset"] == (2 if body["has_more"] else None)
+    assert len(body["groups"]) <= 2 and body["total"] >= len(body["groups"])
+    assert body["has_more"] == (body["total"] > 2) and body["next_offset"] == (2 if body["has_more"] else None)
     for group in body["groups"]:
         assert len(group["members"]) >= 2 and group["members"][0]["score"] == pytest.approx(1.0, abs=1e-4)
 
@@ -391,11 +392,13 @@ def _ready(client, path: str, **params):
 def test_gallery_and_labels_list_the_collection(client, photo_set):
     """Newest first and paged, by label; the label counts add up to the collection; an image added or
     deleted through the service shows on the next page (no waiting for a rescan)."""
-    count = client.get("/api/status").json()["count"]
+    count = client.get("/api/status").json()["image_count"]
     everything = _ready(client, "/api/images", limit=200)
     assert everything["state"] == "ready" and everything["total"] == count == len(everything["images"])
-    dates = [image["created_at"] for image in everything["images"]]
-    assert dates == sorted(dates, reverse=True)
+    # Every time on the wire is ISO 8601 in UTC (Milvus keeps Unix seconds).
+    dates = [datetime.fromisoformat(image["created_at"]) for image in everything["images"]]
+    assert dates == sorted(dates, reverse=True) and all(date.tzinfo == UTC for date in dates)
+    assert everything["images"][0]["created_at"].endswith("Z") and datetime.fromisoformat(everything["as_of"]) >= dates[0]
     second_page = _ready(client, "/api/images", offset=5, limit=5)
     assert [i["id"] for i in second_page["images"]] == [i["id"] for i in everything["images"][5:10]]
     assert not everything["has_more"] and everything["next_offset"] is None
@@ -405,9 +408,9 @@ def test_gallery_and_labels_list_the_collection(client, photo_set):
     assert client.get(card["thumbnail_url"] if card["thumbnail_url"].startswith("/") else card["thumbnail_url"]).status_code == 200
 
     labels = _ready(client, "/api/labels")
-    assert sum(entry["count"] for entry in labels["labels"]) == labels["images"] == count
-    assert [e["count"] for e in labels["labels"]] == sorted((e["count"] for e in labels["labels"]), reverse=True)
-    by_label = {entry["label"]: entry["count"] for entry in labels["labels"]}
+    assert sum(entry["image_count"] for entry in labels["labels"]) == labels["image_count"] == count
+    assert [e["image_count"] for e in labels["labels"]] == sorted((e["image_count"] for e in labels["labels"]), reverse=True)
+    by_label = {entry["label"]: entry["image_count"] for entry in labels["labels"]}
     person = _ready(client, "/api/images", label="person", limit=200)
     assert person["total"] == by_label["person"] and {i["label"] for i in person["images"]} == {"person"}
     assert _ready(client, "/api/images", label="no such label")["total"] == 0
@@ -417,7 +420,7 @@ def test_gallery_and_labels_list_the_collection(client, photo_set):
     assert added.status_code == 201
     newest = _ready(client, "/api/images", limit=1)
     assert newest["images"][0]["id"] == added.json()["id"] and newest["total"] == count + 1
-    assert {e["label"]: e["count"] for e in _ready(client, "/api/labels")["labels"]}["gallery test"] == 1
+    assert {e["label"]: e["image_count"] for e in _ready(client, "/api/labels")["labels"]}["gallery test"] == 1
     assert client.delete(f"/api/images/{added.json()['id']}").status_code == 200
     assert _ready(client, "/api/images", limit=1)["images"][0]["id"] != added.json()["id"]
     assert "gallery test" not in {e["label"] for e in _ready(client, "/api/labels")["labels"]}

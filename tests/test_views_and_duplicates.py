@@ -204,7 +204,7 @@ def test_duplicate_groups_are_exact_on_a_constructed_collection():
     report = find_duplicates(images, near_threshold=0.95)
     groups = {(g.kind, tuple(sorted(m.id for m in g.members))) for g in report.groups}
     assert groups == {("exact", ("a", "b")), ("near", ("a", "b", "c")), ("near", ("e", "f"))}
-    assert (report.exact_groups, report.near_groups, report.images) == (1, 2, 6)
+    assert (report.exact_groups, report.near_groups, report.image_count) == (1, 2, 6)
     near = next(g for g in report.groups if g.kind == "near" and len(g.members) == 3)
     assert near.members[0].score == pytest.approx(1.0) and all(m.score >= 0.95 for m in near.members)
     # A high threshold leaves only the exact group.
@@ -237,7 +237,7 @@ def test_the_service_scan_runs_in_the_background_and_pages(index):
         time.sleep(0.05)
     # Five pairs of identical vectors (i, i + 5); pair (0, 5) also has the same pixels: it is one exact
     # group (not repeated as a near one), and the four others are near groups.
-    assert page.total_groups == 5 and len(page.groups) == 2 and page.groups[0].kind == "exact"
+    assert page.total == 5 and len(page.groups) == 2 and page.groups[0].kind == "exact"
     rest = index.duplicates(DuplicateQuery(near_threshold=0.99, offset=2, limit=10))
     assert rest.state == "ready" and len(rest.groups) == 3 and all(g.kind == "near" for g in rest.groups)
     assert index.duplicates(DuplicateQuery(near_threshold=0.99, refresh=True)).state == "running"

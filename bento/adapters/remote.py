@@ -147,7 +147,7 @@ class RemoteVectors:
         return self._call(int, lambda client: client.delete(ids=ids, role=self._role))
 
     def count(self) -> int:
-        return self.info().count
+        return self.info().image_count
 
     def info(self) -> IndexInfo:
         return self._call(IndexInfo, lambda client: client.info(role=self._role))

@@ -623,10 +623,10 @@ class VectorIndex:
         return int(rows[0]["count(*)"])
 
     def info(self) -> IndexInfo:
-        count = self.count()
+        image_count = self.count()
         return IndexInfo(
             collection=self.settings.milvus.collection,
-            count=count,
+            image_count=image_count,
             model=self.model,
             index=self._spec or index_spec(self.settings.milvus.index_type),
             metric=METRIC,

@@ -51,18 +51,18 @@ class DuplicateGroup(BaseModel):
 
 
 class DuplicateReport(BaseModel):
-    images: int
+    image_count: int = Field(description="Images compared.")
     near_duplicate_threshold: float
     exact_groups: int
     near_groups: int
-    read_seconds: float = Field(description="Reading the vectors from the collection.")
-    seconds: float = Field(description="Comparing every pair and grouping.")
+    read_ms: float = Field(description="Reading the vectors from the collection (milliseconds).")
+    compare_ms: float = Field(description="Comparing every pair and grouping (milliseconds).")
     groups: list[DuplicateGroup] = Field(description="Exact groups first, then near groups; larger groups first.")
 
 
 class DuplicatePage(BaseModel):
     state: Literal["ready", "running"]
-    total_groups: int = 0
+    total: int = Field(0, description="Groups in the whole report.")
     offset: int = 0
     groups: list[DuplicateGroup] = []
     report: DuplicateReport | None = Field(None, description="The whole report's summary (its groups are paged).")
@@ -91,7 +91,7 @@ class _UnionFind:
 def find_duplicates(images: Iterable[ImageVector], near_threshold: float) -> DuplicateReport:
     started = time.perf_counter()
     rows = sorted(images, key=lambda image: image.id)  # a stable report for the same collection
-    read_seconds = time.perf_counter() - started
+    read_ms = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
     ids = [row.id for row in rows]
     vectors = np.stack([row.vector for row in rows]).astype(np.float32, copy=False) if rows else np.zeros((0, 0), np.float32)
@@ -139,12 +139,12 @@ def find_duplicates(images: Iterable[ImageVector], near_threshold: float) -> Dup
     groups.sort(key=lambda group: -len(group.members))
     near_groups.sort(key=lambda group: -len(group.members))
     report = DuplicateReport(
-        images=len(ids), near_duplicate_threshold=near_threshold, exact_groups=len(groups), near_groups=len(near_groups),
-        read_seconds=round(read_seconds, 3), seconds=round(time.perf_counter() - started, 3), groups=[*groups, *near_groups],
+        image_count=len(ids), near_duplicate_threshold=near_threshold, exact_groups=len(groups), near_groups=len(near_groups),
+        read_ms=round(read_ms, 1), compare_ms=round((time.perf_counter() - started) * 1000, 1), groups=[*groups, *near_groups],
     )
     logger.info(
-        "Duplicates of %d images: %d exact and %d near groups in %.1f s", report.images, report.exact_groups,
-        report.near_groups, report.seconds,
+        "Duplicates of %d images: %d exact and %d near groups in %.0f ms", report.image_count, report.exact_groups,
+        report.near_groups, report.compare_ms,
     )
     return report
 
@@ -193,7 +193,7 @@ class DuplicateScans:
         groups = report.groups[query.offset : query.offset + query.limit]
         more = query.offset + len(groups) < len(report.groups)
         return DuplicatePage(
-            state="ready", total_groups=len(report.groups), offset=query.offset, groups=groups,
+            state="ready", total=len(report.groups), offset=query.offset, groups=groups,
             report=report.model_copy(update={"groups": []}), has_more=more,
             next_offset=query.offset + len(groups) if more else None,
         )

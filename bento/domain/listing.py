@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from bento.core.errors import SearchError
-from bento.domain.schemas import MAX_LABEL_LENGTH, ImageMetadata
+from bento.domain.schemas import MAX_LABEL_LENGTH, ImageMetadata, PreciseUnixTime
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +56,21 @@ class BrowsePage(BaseModel):
     limit: int = 0
     label: str | None = None
     images: list[ImageMetadata] = Field(default_factory=list)
-    as_of: float | None = Field(None, description="Unix time of the scan behind this page (writes through this service show at once).")
+    as_of: PreciseUnixTime | None = Field(
+        None, description="When the scan behind this page was made (ISO 8601, UTC; writes through this service show at once)."
+    )
 
 
 class LabelCount(BaseModel):
     label: str = Field(description='The label ("" for images without one).')
-    count: int
+    image_count: int = Field(description="Images with this label.")
 
 
 class LabelList(BaseModel):
     state: ListingState
     labels: list[LabelCount] = Field(default_factory=list, description="Most used first.")
-    images: int = 0
-    as_of: float | None = None
+    image_count: int = Field(0, description="Images in the collection.")
+    as_of: PreciseUnixTime | None = Field(None, description="When the scan behind this list was made (ISO 8601, UTC).")
 
 
 def _raw_ids(ids: Iterable[str]) -> np.ndarray:
@@ -145,8 +147,8 @@ class _Snapshot:
 
     def label_counts(self) -> list[LabelCount]:
         counts = np.bincount(self.codes, minlength=len(self.labels))
-        listed = [LabelCount(label=label, count=int(count)) for label, count in zip(self.labels, counts, strict=True) if count]
-        return sorted(listed, key=lambda entry: (-entry.count, entry.label))
+        listed = [LabelCount(label=label, image_count=int(count)) for label, count in zip(self.labels, counts, strict=True) if count]
+        return sorted(listed, key=lambda entry: (-entry.image_count, entry.label))
 
 
 @dataclass
@@ -296,4 +298,4 @@ class CollectionListing:
         snapshot = self._current()
         if snapshot is None:
             return LabelList(state="scanning")
-        return LabelList(state="ready", labels=snapshot.label_counts(), images=len(snapshot.codes), as_of=snapshot.as_of)
+        return LabelList(state="ready", labels=snapshot.label_counts(), image_count=len(snapshot.codes), as_of=snapshot.as_of)

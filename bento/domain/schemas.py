@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer, TypeAdapter
 
 from bento.core.config import IndexType, VerdictSettings
 from bento.core.errors import ErrorPayload, SearchError
@@ -12,6 +13,29 @@ from bento.core.ids import IMAGE_ID_PATTERN
 from models.info import CopyModel, ModelDescription, ModelInfo  # noqa: F401 (the API shows them: re-exported)
 
 MAX_LABEL_LENGTH = 256
+
+
+def _unix_seconds(value: Any) -> Any:
+    """A time as Unix seconds: the number itself, or an ISO 8601 string (what the JSON form carries)."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return value  # not ISO 8601: the number check says what is wrong
+    return value
+
+
+def _iso_8601(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+# Points in time. Inside the product (Milvus rows, the listing's arrays) they are Unix seconds; every JSON
+# answer carries them as ISO 8601 in UTC ("2026-12-07T15:50:56Z"), the one form of a time on the wire.
+# (Durations are numbers with their unit in the name: ``*_ms``.)
+UnixTime = Annotated[int, BeforeValidator(_unix_seconds), PlainSerializer(_iso_8601, return_type=datetime, when_used="json")]
+PreciseUnixTime = Annotated[
+    float, BeforeValidator(_unix_seconds), PlainSerializer(_iso_8601, return_type=datetime, when_used="json")
+]
 
 
 class Health(BaseModel):
@@ -61,7 +85,7 @@ class ImageMetadata(BaseModel):
     height: int
     size_bytes: int
     source: str = Field("", description="Where the image came from (file name or URL); informational only.")
-    created_at: int = Field(description="Unix seconds.")
+    created_at: UnixTime = Field(description="When it was added (ISO 8601, UTC).")
 
 
 class VectorRecord(ImageMetadata):
@@ -146,7 +170,7 @@ class VectorHit(BaseModel):
 
 class IndexInfo(BaseModel):
     collection: str
-    count: int
+    image_count: int
     model: ModelInfo
     index: IndexSpec
     metric: str
@@ -193,7 +217,7 @@ class ImageCard(BaseModel):
     mime: str
     size_bytes: int
     source: str
-    created_at: int = Field(description="When it was added (Unix seconds).")
+    created_at: UnixTime = Field(description="When it was added (ISO 8601, UTC).")
 
 
 class SearchHit(ImageCard):
@@ -273,7 +297,7 @@ class StoreInfo(BaseModel):
 
 class StatusResponse(BaseModel):
     ready: bool
-    count: int
+    image_count: int = Field(description="Images in the collection (-1: Milvus cannot say now).")
     model: ModelInfo
     device: str
     copy_model: ModelInfo | None = Field(None, description="The copy-detection model (null: RIS_MODEL_COPY_NAME=none).")

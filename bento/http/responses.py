@@ -148,7 +148,7 @@ async def status_response(catalog: Catalog, embedding: Embedding, settings: Sett
     store = catalog.store.info()
     return StatusResponse(
         ready=not problems,
-        count=info.count if info else -1,
+        image_count=info.image_count if info else -1,
         model=description.info,
         device=description.device,
         copy_model=copy.info if copy else None,

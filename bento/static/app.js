@@ -106,7 +106,7 @@ async function refreshStatus() {
   try {
     status = await api("/api/status", { quiet: true });
     const m = status.model;
-    $("status").textContent = `${status.count} image${status.count === 1 ? "" : "s"} · model ${m.backbone} (${m.pretrained ? m.weights : "random weights"}) · ${status.index.index_type} · ${status.milvus_backend}`
+    $("status").textContent = `${status.image_count} image${status.image_count === 1 ? "" : "s"} · model ${m.backbone} (${m.pretrained ? m.weights : "random weights"}) · ${status.index.index_type} · ${status.milvus_backend}`
       + (status.ready ? "" : " · NOT READY: " + status.error);
   } catch (e) {
     $("status").textContent = "status unavailable: " + e.message;
@@ -124,11 +124,11 @@ async function refreshLabels() {
   } catch (e) {
     return; // the label list is a convenience: the views show their own errors
   }
-  $("labels-list").replaceChildren(...labels.filter((l) => l.label).map((l) => new Option(`${l.count} images`, l.label)));
+  $("labels-list").replaceChildren(...labels.filter((l) => l.label).map((l) => new Option(`${l.image_count} images`, l.label)));
   const select = $("gallery-label");
   const chosen = select.value;
-  const options = [new Option(`all (${labels.reduce((n, l) => n + l.count, 0)})`, "*")];
-  for (const l of labels) options.push(new Option(`${l.label || "(no label)"} (${l.count})`, l.label));
+  const options = [new Option(`all (${labels.reduce((n, l) => n + l.image_count, 0)})`, "*")];
+  for (const l of labels) options.push(new Option(`${l.label || "(no label)"} (${l.image_count})`, l.label));
   select.replaceChildren(...options);
   select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "*";
 }
@@ -201,7 +201,7 @@ function openPreview(image) {
   const rows = [
     ["Score", image.score !== undefined ? image.score.toFixed(4) + (image.verdict ? " · " + VERDICTS[image.verdict] : "") : null],
     ["Size", `${image.width}×${image.height} px · ${formatBytes(image.size_bytes)} · ${image.mime}`],
-    ["Added", image.created_at ? new Date(image.created_at * 1000).toLocaleString() : null],
+    ["Added", image.created_at ? new Date(image.created_at).toLocaleString() : null],
     ["Source", image.source || null],
     ["Id", image.id],
   ];
@@ -527,11 +527,11 @@ async function loadDuplicates(append, refresh, ticket) {
     return;
   }
   const report = page.report;
-  $("dup-summary").textContent = `${report.images} images · ${report.exact_groups} exact and ${report.near_groups} near-duplicate groups (score ≥ ${report.near_duplicate_threshold}) · scanned in ${report.seconds} s`;
+  $("dup-summary").textContent = `${report.image_count} images · ${report.exact_groups} exact and ${report.near_groups} near-duplicate groups (score ≥ ${report.near_duplicate_threshold}) · compared in ${(report.compare_ms / 1000).toFixed(1)} s`;
   for (const group of page.groups) $("dup-groups").append(groupView(group));
   dupShown = offset + page.groups.length;
-  $("dup-more").hidden = dupShown >= page.total_groups;
-  say($("dup-message"), page.total_groups ? "" : "No duplicates found.", false);
+  $("dup-more").hidden = dupShown >= page.total;
+  say($("dup-message"), page.total ? "" : "No duplicates found.", false);
 }
 
 function groupView(group) {
