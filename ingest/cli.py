@@ -5,6 +5,8 @@
     ris evaluate FOLDER         measure retrieval on your photos
     ris duplicates              the duplicate report of the collection
     ris reembed                 re-embed the collection in place (another model or recipe)
+    ris backup FOLDER           back up the collection (vectors; --images: originals too)
+    ris restore FOLDER          restore a backup into the settings' Milvus and image store
     ris models ...              import, export or show the model the service loads
     ris keys new ...            make an API key
     ris settings                every RIS_* setting with its default
@@ -40,7 +42,7 @@ Main = Callable[..., int]
 def _delegates() -> dict[str, tuple[Main, str]]:
     from bento.http import auth
     from ingest import __main__ as ingest_main
-    from ingest import duplicates, evaluate, reembed
+    from ingest import backup, duplicates, evaluate, reembed
     from models import __main__ as models_main
 
     return {
@@ -48,6 +50,14 @@ def _delegates() -> dict[str, tuple[Main, str]]:
         "evaluate": (evaluate.main, "measure retrieval (recall@1, same-photo) on a folder of your photos"),
         "duplicates": (duplicates.main, "report the duplicate images of the collection"),
         "reembed": (reembed.main, "re-embed the collection in place from its stored originals"),
+        "backup": (
+            lambda rest, prog: backup.main(["backup", *rest], prog=prog.rsplit(" ", 1)[0]),
+            "back up the collection's vectors (and with --images its originals) into a folder",
+        ),
+        "restore": (
+            lambda rest, prog: backup.main(["restore", *rest], prog=prog.rsplit(" ", 1)[0]),
+            "restore a backup into the settings' Milvus (and image store)",
+        ),
         "models": (models_main.main, "import, export or show the model the service loads"),
         "keys": (auth.main, "make an API key (`ris keys new --name NAME --scope SCOPE`)"),
     }

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from bento.adapters.assembly import open_catalog
@@ -27,6 +26,7 @@ from bento.adapters.vectors import VectorIndex, copy_collection
 from bento.core.cli import run_tool
 from bento.core.config import Settings
 from bento.core.errors import SearchError
+from bento.core.iterate import batched
 from bento.core.retry import RetryPolicy
 from bento.domain.catalog import Catalog, NewImage
 from bento.domain.ports import Embedding
@@ -61,17 +61,6 @@ class ReembedReport:
             )
         lines.append("The collection now holds the new embeddings." if self.swapped else "Not swapped yet: rerun to finish.")
         return "\n".join(lines)
-
-
-def _batches(items: Iterator[ImageMetadata], size: int) -> Iterator[list[ImageMetadata]]:
-    batch: list[ImageMetadata] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 class _SimilarityOnly:
@@ -132,7 +121,7 @@ def _fill_copies(
     added = 0
     try:
         copies.ensure_ready()
-        for batch in _batches(similarity.images_of(settings.milvus.collection), batch_size):
+        for batch in batched(similarity.images_of(settings.milvus.collection), batch_size):
             done = retry.call(copies.existing_ids, [image.id for image in batch])
             images = _from_originals(catalog, [image for image in batch if image.id not in done], retry, report)
             catalog.add_many(images, write_blobs=False)  # the similarity rows exist: only copy rows are written
@@ -171,7 +160,7 @@ def _reembed_similarity(
             report.swapped = True
             return report
         target.ensure_ready()  # creates C__reembed with today's model and recipe (or checks it)
-        for batch in _batches(target.images_of(name), batch_size):
+        for batch in batched(target.images_of(name), batch_size):
             report.image_count += len(batch)
             done = retry.call(target.existing_ids, [image.id for image in batch])
             report.already_done += len(done)

@@ -34,9 +34,11 @@ BENTO_IMAGES = {BENTO_IMAGE, BENTO_CPU_IMAGE}
 RENDERED = [
     "namespace",
     "overlays/cpu", "overlays/gpu", "overlays/keda", "overlays/gpu-milvus-cluster", "jobs/ingest", "jobs/ingest-minio",
+    "jobs/backup", "jobs/restore",
 ]
 WORKLOADS = ["overlays/cpu", "overlays/gpu", "overlays/keda", "overlays/gpu-milvus-cluster"]
 INGEST = ["jobs/ingest", "jobs/ingest-minio"]
+BACKUP = ["jobs/backup", "jobs/restore"]
 # Schema-less custom resources and their owners (checked by hand in tests/test_k8s_manifests.py).
 CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule", "Milvus"}
 
@@ -106,8 +108,12 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def pod_templates(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(workload, pod template) for every Deployment, StatefulSet and Job."""
-    return [(d, d["spec"]["template"]) for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")]
+    """(workload, pod template) for every Deployment, StatefulSet, Job and CronJob."""
+    return [
+        (d, d["spec"]["jobTemplate"]["spec"]["template"] if d["kind"] == "CronJob" else d["spec"]["template"])
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job", "CronJob")
+    ]
 
 
 def containers(template: dict[str, Any]) -> list[dict[str, Any]]:
@@ -137,7 +143,7 @@ def container_env(container: dict[str, Any], docs: list[dict[str, Any]]) -> dict
 
 def rendering_context(rendered: dict[str, list[dict[str, Any]]], name: str) -> list[dict[str, Any]]:
     """What a rendering runs beside: the ingest Jobs are applied next to the workloads (ris-settings)."""
-    return rendered[name] + (rendered["overlays/cpu"] if name in INGEST else [])
+    return rendered[name] + (rendered["overlays/cpu"] if name in INGEST + BACKUP else [])
 
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:

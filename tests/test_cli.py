@@ -14,7 +14,7 @@ from bento.core.ids import content_hash
 from tests.support import PYTHON, ROOT, run_cli, service_env
 
 RIS = str(Path(PYTHON).parent / "ris")
-SUBCOMMANDS = ["search", "ingest", "evaluate", "duplicates", "reembed", "models", "keys", "settings"]
+SUBCOMMANDS = ["search", "ingest", "evaluate", "duplicates", "reembed", "backup", "restore", "models", "keys", "settings"]
 
 
 def ris(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -183,7 +183,7 @@ CLUSTER_SCOPED = {
     "IngressClass", "CustomResourceDefinition", "ClusterIssuer", "ClusterTriggerAuthentication",
 }
 NAMESPACED = {
-    "ServiceAccount", "Service", "Deployment", "StatefulSet", "Job", "ConfigMap", "Secret", "PersistentVolumeClaim",
+    "ServiceAccount", "Service", "Deployment", "StatefulSet", "Job", "CronJob", "ConfigMap", "Secret", "PersistentVolumeClaim",
     "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress", "NetworkPolicy", "Role", "RoleBinding",
     "ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication",
 }

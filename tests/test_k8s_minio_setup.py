@@ -178,9 +178,13 @@ def _mc_scripts(rendered: dict[str, list[dict[str, Any]]]) -> list[tuple[str, st
     for name in RENDERED:
         for workload, template in pod_templates(rendered[name]):
             for container in containers(template):
-                if container["image"].split(":")[0] == "quay.io/minio/mc":
-                    assert container["command"][0] in ("/bin/sh", "sh") and len(container["args"]) == 1
-                    scripts.append((f"{name} {workload['metadata']['name']}", container["args"][0]))
+                if container["image"].split(":")[0] != "quay.io/minio/mc":
+                    continue
+                if "command" not in container:  # the image's entrypoint, mc itself: `mc mirror ...`
+                    assert container["args"][0] in ("mirror", "cp", "ping"), container["args"]
+                    continue
+                assert container["command"][0] in ("/bin/sh", "sh") and len(container["args"]) == 1
+                scripts.append((f"{name} {workload['metadata']['name']}", container["args"][0]))
     return scripts
 
 

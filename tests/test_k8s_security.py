@@ -43,7 +43,8 @@ ENFORCED_CHECKS = [
     "CKV_K8S_117", "CKV_K8S_118", "CKV_K8S_119", "CKV_K8S_152", "CKV_K8S_153", "CKV_K8S_154", "CKV2_K8S_6",
 ]
 ALLOWED_SKIPS = {
-    "CKV_K8S_40": {"ris-api", "ris-embedder", "ris-ingest"},  # the bento image's own uid 1034
+    # the bento image's own uid 1034 (the backup pods: in every container, so each step reads the last's files)
+    "CKV_K8S_40": {"ris-api", "ris-embedder", "ris-ingest", "ris-backup", "ris-restore"},
     "CKV_K8S_22": {"ris-milvus"},  # Milvus' root filesystem not verified read-only
     "CKV_K8S_116": {"ris-etcd"}, "CKV_K8S_117": {"ris-etcd"}, "CKV_K8S_119": {"ris-etcd"},  # etcd TLS
 }
@@ -57,7 +58,7 @@ def test_secrets_are_never_in_workload_renderings(rendered: dict[str, list[dict[
     for name in RENDERED:
         assert not find(rendered[name], "Secret"), f"{name} renders a Secret: credentials belong in k8s/secrets"
     assert {d["metadata"]["name"] for d in find(rendered["secrets"], "Secret")} == {
-        "ris-minio-root", "ris-s3", "ris-milvus-s3", "ris-api-keys", "ris-ingest-key",
+        "ris-minio-root", "ris-s3", "ris-milvus-s3", "ris-api-keys", "ris-ingest-key", "ris-backup-target",
     }
     for real in ("k8s/secrets/ris-s3.env", "k8s/secrets/ris-ingest-key.env", "k8s/secrets/ris-api-keys"):
         ignored = subprocess.run(["git", "check-ignore", "-q", real], cwd=ROOT, capture_output=True, timeout=30)
@@ -150,7 +151,7 @@ def test_network_policies_admit_only_the_api_and_ingest_to_milvus_and_minio(
     policies = find(docs, "NetworkPolicy")
     deny = one(docs, "NetworkPolicy", "default-deny-ingress")
     assert deny["spec"]["podSelector"] == {} and "ingress" not in deny["spec"]
-    pods = [t for _, t in pod_templates(docs + rendered["jobs/ingest"])]
+    pods = [t for _, t in pod_templates(docs + rendered["jobs/ingest"] + rendered["jobs/backup"] + rendered["jobs/restore"])]
 
     def who_reaches(component: str, port: str) -> set[str]:
         target = next(t for t in pods if _component(t) == component)
@@ -163,11 +164,11 @@ def test_network_policies_admit_only_the_api_and_ingest_to_milvus_and_minio(
                 reach.add("namespace:" + source["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
         return reach
 
-    assert who_reaches("milvus", "grpc") == {"api", "ingest"}
+    assert who_reaches("milvus", "grpc") == {"api", "ingest", "backup", "restore"}
     # Prometheus scrapes MinIO's metrics path on the S3 port (every S3 call still needs keys) and etcd on
     # its metrics port only: etcd's data port stays Milvus'.
-    assert who_reaches("minio", "s3") == {"api", "ingest", "milvus", "minio-setup", "namespace:monitoring"}
-    assert who_reaches("etcd", "client") == {"milvus"}
+    assert who_reaches("minio", "s3") == {"api", "ingest", "milvus", "minio-setup", "backup", "restore", "namespace:monitoring"}
+    assert who_reaches("etcd", "client") == {"milvus", "backup"}
     assert who_reaches("etcd", "metrics") == {"namespace:monitoring"}
     assert who_reaches("embedder", "http") == {"api", "namespace:monitoring"}
 

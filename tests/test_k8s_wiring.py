@@ -293,3 +293,63 @@ def test_rollouts_stops_and_runs_end_on_a_real_cluster(rendered: dict[str, list[
     for name in INGEST:
         job = next(w for w, _ in pod_templates(rendered[name]) if w["kind"] == "Job")
         assert 3600 <= job["spec"]["activeDeadlineSeconds"] <= 7 * 86400, name
+
+
+def _bucket_of(path: str) -> tuple[str, str]:
+    alias, _, rest = path.partition("/")
+    return alias, rest.split("/")[0]
+
+
+def test_backup_and_restore_pods_hand_each_other_the_same_files(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The backup pod's steps write and upload the same folder, with flags `python -m ingest.backup` has;
+    the restore pod fetches what the backup uploaded, puts the originals back before the rows, and runs
+    the restore on that folder. The buckets mirrored are the ones the setup Job creates, read with the
+    least-privilege user that owns each."""
+    cli = (ROOT / "ingest" / "backup.py").read_text()
+    (cron,) = find(rendered["jobs/backup"], "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    backup_pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    steps = {c["name"]: c for c in containers({"spec": backup_pod})}
+    assert [c["name"] for c in backup_pod["initContainers"]] == ["etcd-snapshot", "collection"]
+    collection = steps["collection"]["args"]
+    assert collection[:4] == ["python", "-m", "ingest.backup", "backup"]
+    for flag in (a.split("=")[0] for a in collection if a.startswith("--")):
+        assert f'"{flag}"' in cli, f"python -m ingest.backup has no {flag}"
+    folder = collection[4]
+    snapshot = steps["etcd-snapshot"]["command"]
+    assert snapshot[:2] == ["etcdctl", "--endpoints=http://ris-etcd:2379"] and snapshot[-1].startswith(folder + "/")
+    etcd = one(rendered["overlays/cpu"], "Service", "ris-etcd")
+    assert any(p["port"] == 2379 for p in etcd["spec"]["ports"])
+
+    def mount(container: dict[str, Any], volume: str) -> str:
+        return next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume)
+
+    for name in ("etcd-snapshot", "collection", "upload"):
+        assert mount(steps[name], "backups") == folder, name
+    assert steps["upload"]["args"][-2:] == [folder, "target/ris-backups"]
+
+    setup = one(rendered["overlays/cpu"], "Job", "ris-minio-setup")["spec"]["template"]["spec"]["containers"][0]
+    setup_env = container_env(setup, rendered["overlays/cpu"])
+    mirrored = {_bucket_of(steps[name]["args"][-2]): _bucket_of(steps[name]["args"][-1]) for name in ("images", "milvus")}
+    assert mirrored == {
+        ("ris", setup_env["IMAGES_BUCKET"]["value"]): ("target", "ris-images"),
+        ("milvus", setup_env["MILVUS_BUCKET"]["value"]): ("target", "ris-milvus"),
+    }
+    env = container_env(steps["images"], rendered["overlays/cpu"])
+    assert env["APP_ACCESS_KEY"]["secret"][0] == setup_env["APP_ACCESS_KEY"]["secret"][0], "the images bucket's user"
+    assert env["MILVUS_ACCESS_KEY"]["secret"][0] == setup_env["MILVUS_ACCESS_KEY"]["secret"][0], "the milvus bucket's user"
+    assert env["MC_HOST_target"]["secret"] == ("ris-backup-target", "MC_HOST_target")
+    defined = [e["name"] for e in steps["images"]["env"]]
+    for item in steps["images"]["env"]:  # $(VAR) expands only from variables defined before it
+        for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", item.get("value", "")):
+            assert var in defined[: defined.index(item["name"])], f"$({var}) in {item['name']}"
+
+    restore_pod = one(rendered["jobs/restore"], "Job", "ris-restore")["spec"]["template"]["spec"]
+    steps = {c["name"]: c for c in containers({"spec": restore_pod})}
+    assert [c["name"] for c in restore_pod["initContainers"]] == ["fetch", "images"], "originals before rows"
+    assert steps["fetch"]["args"][-2] == "target/ris-backups" and steps["images"]["args"][-2:] == ["target/ris-images", "ris/images"]
+    restore = steps["restore"]["args"]
+    assert restore[:5] == ["python", "-m", "ingest.backup", "restore", steps["fetch"]["args"][-1]]
+    assert mount(steps["fetch"], "backups") == mount(steps["restore"], "backups") == restore[4]
+    for flag in (a.split("=")[0] for a in restore if a.startswith("--")):
+        assert f'"{flag}"' in cli, f"python -m ingest.backup restore has no {flag}"

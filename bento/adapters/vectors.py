@@ -143,6 +143,18 @@ def copy_collection(name: str) -> str:
     return f"{name}__copy"
 
 
+def recorded_model(properties: dict[str, str]) -> ModelInfo | None:
+    """The model facts a collection records (what its guard compares), or None for a collection this
+    product did not make: enough to open it without loading the model (a backup, a restore)."""
+    if f"{_P}model_id" not in properties:
+        return None
+    return ModelInfo(
+        backbone=properties[f"{_P}backbone"], model_id=properties[f"{_P}model_id"], dim=int(properties[f"{_P}dim"]),
+        preprocessing=properties[f"{_P}preprocessing"], vectors_per_image=int(properties.get(f"{_P}vectors_per_image", "1")),
+        weights="as recorded by the collection", pretrained=True,
+    )
+
+
 def open_indexes(settings: Settings, similarity: ModelInfo, copy: ModelInfo | None) -> tuple[VectorIndex, VectorIndex | None]:
     """The similarity collection's index and, where a copy model serves, the copy collection's (connected lazily)."""
     copies = VectorIndex(settings, copy, copy_collection(settings.milvus.collection)) if copy is not None else None
@@ -239,6 +251,11 @@ class VectorIndex:
             raise
 
     # --- collection lifecycle -------------------------------------------------------------------------
+    def index_in_use(self) -> IndexSpec:
+        """The collection's index (as recorded when it was built)."""
+        self.ensure_ready()
+        return self._spec or index_spec(self.settings.milvus.index_type)
+
     def model_properties(self) -> dict[str, str]:
         return {
             f"{_P}model_id": self.model.model_id,
@@ -294,7 +311,7 @@ class VectorIndex:
         cosine 0.99 of the fp32 reference (models/runtime.py), so the record is for audit, not refusal."""
         self._runtimes = [r for r in props.get(f"{_P}runtimes", "").split(",") if r]
         label = self._runtime_label()
-        if label in self._runtimes:
+        if label in self._runtimes or not self.model.runtime:  # no runtime: a tool that embeds nothing (a backup)
             return
         self._runtimes.append(label)
         logger.info("Collection %s: embeddings now also come from %s", self.settings.milvus.collection, label)
@@ -314,8 +331,8 @@ class VectorIndex:
         schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_BYTES)
         schema.add_field("created_at", DataType.INT64)
         schema.add_field("pixel_hash", DataType.VARCHAR, max_length=32)
-        self._runtimes = [self._runtime_label()]
-        properties = {**self.model_properties(), f"{_P}index": spec.model_dump_json(), f"{_P}runtimes": self._runtimes[0]}
+        self._runtimes = [self._runtime_label()] if self.model.runtime else []
+        properties = {**self.model_properties(), f"{_P}index": spec.model_dump_json(), f"{_P}runtimes": ",".join(self._runtimes)}
         # The index is created in a second call: passing it to create_collection makes pymilvus ask
         # Milvus Lite for a timestamp it does not implement, which logs a scary (harmless) traceback.
         name = self.settings.milvus.collection
@@ -532,6 +549,36 @@ class VectorIndex:
             while batch := self._run("query_iterator.next", lambda c, t: iterator.next()):
                 for row in batch:
                     yield ImageVector(row["id"], row["pixel_hash"], np.asarray(row["vector"], dtype=np.float32))
+        finally:
+            iterator.close()
+
+    def records(self, batch_size: int = 500) -> Iterator[tuple[ImageMetadata, str, np.ndarray]]:
+        """Every image whole, for a backup: its metadata, pixel digest and all its vectors (views x dim,
+        float32), in batches of main-view rows whose extra views are read by key. An image deleted between
+        the two reads (its views gone) is left out: a backup holds whole images only."""
+        name = self.settings.milvus.collection
+        views = self.model.vectors_per_image
+        iterator = self._run(
+            "query_iterator",
+            lambda c, t: c.query_iterator(
+                name, batch_size=batch_size, filter=MAIN_VIEW, output_fields=[*HIT_FIELDS, "pixel_hash", "vector"], timeout=t
+            ),
+        )
+        try:
+            while batch := self._run("query_iterator.next", lambda c, t: iterator.next()):
+                extra: dict[str, list[float]] = {}
+                if views > 1:
+                    keys = [f"{row['id']}:{view}" for row in batch for view in range(1, views)]
+                    rows = self._run(
+                        "get", lambda c, t, keys=keys: c.get(name, ids=keys, output_fields=["key", "vector"], timeout=t)
+                    )
+                    extra = {row["key"]: row["vector"] for row in rows}
+                for row in batch:
+                    keys = [f"{row['id']}:{view}" for view in range(1, views)]
+                    if any(key not in extra for key in keys):
+                        continue
+                    vectors = np.asarray([row["vector"], *(extra[key] for key in keys)], dtype=np.float32)
+                    yield ImageMetadata(**{k: row[k] for k in HIT_FIELDS}), row["pixel_hash"], vectors
         finally:
             iterator.close()
 
