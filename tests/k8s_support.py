@@ -34,11 +34,11 @@ BENTO_IMAGES = {BENTO_IMAGE, BENTO_CPU_IMAGE}
 RENDERED = [
     "namespace",
     "overlays/cpu", "overlays/gpu", "overlays/keda", "overlays/gpu-milvus-cluster", "jobs/ingest", "jobs/ingest-minio",
-    "jobs/backup", "jobs/restore",
+    "jobs/backup", "jobs/backup-milvus-cluster", "jobs/restore",
 ]
 WORKLOADS = ["overlays/cpu", "overlays/gpu", "overlays/keda", "overlays/gpu-milvus-cluster"]
 INGEST = ["jobs/ingest", "jobs/ingest-minio"]
-BACKUP = ["jobs/backup", "jobs/restore"]
+BACKUP = ["jobs/backup", "jobs/backup-milvus-cluster", "jobs/restore"]
 # Schema-less custom resources and their owners (checked by hand in tests/test_k8s_manifests.py).
 CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule", "Milvus"}
 

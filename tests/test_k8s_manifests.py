@@ -35,6 +35,7 @@ from tests.k8s_support import (
     requires_kubectl,
     tool,
 )
+from tests.support import ROOT
 
 pytestmark = requires_kubectl
 
@@ -301,3 +302,29 @@ def test_statefulsets_are_governed_by_headless_services(rendered: dict[str, list
             ]
             assert clients, f"{where}: no ClusterIP Service for clients"
     assert checked
+
+
+def test_every_helm_install_is_pinned_to_a_chart_version() -> None:
+    """`helm install` without --version takes whatever the chart repository serves that day: another
+    Milvus than the one these manifests were written for, values keys that no longer exist."""
+    commands = []
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *K8S.rglob("*.md"), *K8S.rglob("*.yaml")]:
+        text = re.sub(r"\\\n\s*#?\s*", " ", path.read_text())  # continued lines joined
+        commands += [(path.name, m.group(0)) for m in re.finditer(r"helm (?:install|upgrade)[^\n`]*", text)]
+    assert len(commands) >= 5, commands
+    for where, command in commands:
+        assert re.search(r"--version \d+\.\d+\.\d+", command), f"{where}: {command}"
+    # The Milvus chart's version is the one whose Milvus is the image every manifest names.
+    values = yaml.safe_load((K8S / "milvus-cluster" / "values.yaml").read_text())
+    assert values["image"]["all"]["tag"] == "v2.5.10", "pin the matching chart (4.2.47 serves Milvus 2.5.10)"
+    assert all("4.2.47" in c for _, c in commands if "milvus/milvus " in c)
+
+
+def test_the_kind_cluster_can_run_the_ingress_controller_and_the_readme_uses_it() -> None:
+    config = yaml.safe_load((K8S / "kind-cluster.yaml").read_text())
+    (node,) = config["nodes"]
+    assert 'node-labels: "ingress-ready=true"' in node["kubeadmConfigPatches"][0]
+    assert {(m["containerPort"], m["hostPort"]) for m in node["extraPortMappings"]} == {(80, 80), (443, 443)}
+    readme = (K8S / "README.md").read_text()
+    assert "kind create cluster --name ris --config k8s/kind-cluster.yaml" in readme
+    assert "metrics-server" in readme and "need a CNI that enforces them" not in readme

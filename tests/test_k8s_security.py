@@ -275,3 +275,122 @@ def test_ingest_pods_reach_minio_milvus_and_the_api(rendered: dict[str, list[dic
                     for source in sources
                 )
                 assert admitted, f"{overlay}: {job} pods cannot reach {component}:{port}"
+
+
+# --- egress: every connection a pod's settings name is allowed on both sides, and nothing else ----------
+_SERVICE_REF = re.compile(r"(?:https?://(?:[^@/\s]*@)?)?\b(ris-[a-z0-9-]+?)(?:\.ris(?:\.svc(?:\.cluster\.local)?)?)?:(\d+)\b")
+
+
+def _peer_matches(peer: dict[str, Any], labels: dict[str, str], namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return False  # ipBlocks are for addresses off the cluster here
+    if "namespaceSelector" in peer:
+        wanted = peer["namespaceSelector"].get("matchLabels", {})
+        if wanted and wanted.get("kubernetes.io/metadata.name") != namespace:
+            return False
+    elif namespace != "ris":
+        return False
+    return matches(peer.get("podSelector", {}).get("matchLabels", {}), labels)
+
+
+def _rule_allows(rule: dict[str, Any], peers_key: str, labels: dict[str, str], namespace: str, port: int, protocol: str) -> bool:
+    ports = rule.get("ports")
+    if ports is not None and not any(p["port"] == port and p.get("protocol", "TCP") == protocol for p in ports):
+        return False
+    peers = rule.get(peers_key)
+    return peers is None or any(_peer_matches(peer, labels, namespace) for peer in peers)
+
+
+def _egress_allowed(policies, source: dict[str, Any], labels: dict[str, str], namespace: str, port: int, protocol: str = "TCP") -> bool:
+    selecting = [
+        p for p in policies
+        if "Egress" in p["spec"]["policyTypes"] and matches(p["spec"]["podSelector"].get("matchLabels", {}), source["metadata"]["labels"])
+    ]
+    assert selecting, f"{_component(source)}: no egress policy selects it (egress would be open)"
+    return any(_rule_allows(rule, "to", labels, namespace, port, protocol) for p in selecting for rule in p["spec"].get("egress", []))
+
+
+def _ingress_allowed(policies, target: dict[str, Any], source_labels: dict[str, str], port_name: str) -> bool:
+    sources = _allowed_sources(policies, target, port_name)
+    return any(not s or _peer_matches(s, source_labels, "ris") for s in sources)
+
+
+def _connections(template: dict[str, Any], docs: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """(Service name, port) of every in-namespace Service a pod's containers name in their settings,
+    commands and arguments (RIS_MILVUS_URI, ETCD_ENDPOINTS, --service-url=..., mc alias URLs...)."""
+    found: set[tuple[str, int]] = set()
+    for container in containers(template):
+        texts = [str(v.get("value", "")) for v in container_env(container, docs).values()]
+        texts += [str(a) for a in container.get("command", []) + container.get("args", [])]
+        for text in texts:
+            found |= {(name, int(port)) for name, port in _SERVICE_REF.findall(text)}
+    return found
+
+
+@pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu", "overlays/keda"])
+def test_every_connection_a_pod_is_configured_for_is_allowed_both_ways_and_no_other(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay] + rendered["jobs/ingest"] + rendered["jobs/backup"] + rendered["jobs/restore"]
+    policies = find(docs, "NetworkPolicy")
+    assert one(docs, "NetworkPolicy", "default-deny-egress")["spec"] == {"podSelector": {}, "policyTypes": ["Egress"]}
+    pods = [t for _, t in pod_templates(docs)]
+    dns = {"k8s-app": "kube-dns"}
+    checked: set[tuple[str, str]] = set()
+    for source in pods:
+        who = _component(source)
+        assert _egress_allowed(policies, source, dns, "kube-system", 53, "UDP"), f"{who}: no DNS"
+        for service_name, port in _connections(source, docs):
+            service = one(docs, "Service", service_name)
+            (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+            if matches(service["spec"]["selector"], source["metadata"]["labels"]):
+                continue  # its own address (etcd's --advertise-client-urls)
+            targets = [t for t in pods if matches(service["spec"]["selector"], t["metadata"]["labels"])]
+            assert targets, f"{who} -> {service_name}: no pod behind it"
+            for target in targets:
+                (number,) = [
+                    c["containerPort"] for c in containers(target) for c in c.get("ports", []) if c["name"] == service_port["targetPort"]
+                ]
+                labels = target["metadata"]["labels"]
+                assert _egress_allowed(policies, source, labels, "ris", number), f"{who} -> {service_name}:{port} (egress)"
+                assert _ingress_allowed(policies, target, source["metadata"]["labels"], service_port["targetPort"]), (
+                    f"{who} -> {service_name}:{port} (ingress)"
+                )
+                checked.add((who, _component(target)))
+    assert {("api", "embedder"), ("api", "milvus"), ("api", "minio"), ("milvus", "etcd"), ("milvus", "minio"),
+            ("minio-setup", "minio"), ("ingest", "api"), ("backup", "etcd"), ("backup", "milvus"), ("restore", "minio")} <= checked, checked
+
+    # Nothing else in the namespace: the embedder, etcd and MinIO reach no pod; no rule is open to every
+    # address and port; the API reaches the internet on 80/443 only, never a private range.
+    for component in ("embedder", "etcd", "minio"):
+        source = next(t for t in pods if _component(t) == component)
+        for target in pods:
+            for port in (3000, 19530, 9000, 2379):
+                assert not _egress_allowed(policies, source, target["metadata"]["labels"], "ris", port), (component, _component(target))
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("ports"), f"{policy['metadata']['name']}: a rule open on every port"
+            if "to" not in rule:
+                assert {p["port"] for p in rule["ports"]} == {443}, policy["metadata"]["name"]
+    api_web = [peer["ipBlock"] for rule in one(docs, "NetworkPolicy", "egress-api")["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer]
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(api_web[0]["except"])
+    assert {"fc00::/7", "fe80::/10"} <= set(api_web[1]["except"])
+
+
+def test_with_milvus_in_cluster_mode_the_clients_reach_its_namespace_and_the_backup_skips_etcd(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["overlays/gpu-milvus-cluster"] + rendered["jobs/ingest"] + rendered["jobs/backup-milvus-cluster"]
+    policies = find(docs, "NetworkPolicy")
+    uri = one(docs, "ConfigMap", "ris-settings")["data"]["RIS_MILVUS_URI"]
+    host, port = uri.removeprefix("http://").split(":")
+    namespace = host.split(".")[1]
+    proxy = {"app.kubernetes.io/component": "proxy", "app.kubernetes.io/name": "milvus"}
+    for _, template in pod_templates(docs):
+        if template["metadata"]["labels"].get("ris.example.com/milvus-client") == "true":
+            assert _egress_allowed(policies, template, proxy, namespace, int(port)), _component(template)
+    assert not find(docs, "NetworkPolicy", "egress-milvus"), "no standalone Milvus to allow"
+    (cron,) = find(rendered["jobs/backup-milvus-cluster"], "CronJob")
+    spec = cron["spec"]["jobTemplate"]["spec"]["template"]
+    assert [c["name"] for c in spec["spec"]["initContainers"]] == ["collection"]
+    assert "ris.example.com/etcd-client" not in spec["metadata"]["labels"]
