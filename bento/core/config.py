@@ -183,7 +183,7 @@ class MilvusSettings(BaseModel):
     )
     search_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
         "Session",
-        description="Consistency of searches: `Session` (this service's own writes are always seen), `Strong` (~200 ms more on a server), `Bounded`, `Eventually`.",
+        description="Consistency of searches: `Session` (this service's own writes are always seen), `Strong` (waits for the server's next time tick: slower, docs/deployment.md), `Bounded`, `Eventually`.",
     )
     timeout_s: float = Field(10.0, gt=0, description="Timeout of one Milvus call; past it the API answers 503.")
 
