@@ -43,7 +43,7 @@ def test_operation_ids_are_the_routes_names_and_each_has_a_tag(spec):
 
 def test_every_error_status_is_documented_with_the_one_error_body(spec):
     error = {"$ref": "#/components/schemas/ErrorResponse"}
-    assert set(spec["components"]["schemas"]["ErrorResponse"]["properties"]) == {"error", "detail"}
+    assert set(spec["components"]["schemas"]["ErrorResponse"]["properties"]) == {"error", "detail", "errors"}
     assert "HTTPValidationError" not in str(spec), "FastAPI's own 422 body is never sent"
     for method, path, op in _operations(spec):
         statuses = {int(s): r for s, r in op["responses"].items()}
@@ -116,8 +116,18 @@ def test_an_unknown_query_parameter_is_refused_not_ignored(client):
     assert client.get("/api/images?limit=5&offset=2").json() == {"limit": 5, "offset": 2}
     typo = client.get("/api/images?limt=5")
     assert typo.status_code == 422 and "limt" in typo.json()["detail"] and "limit, offset" in typo.json()["detail"]
+    assert typo.json()["errors"] == [{"location": "query", "field": "limt", "message": "not a parameter of this operation"}]
     # Pages that are not the API are lenient (a browser may add tracking parameters to /docs).
     assert client.get("/docs?utm_source=x").status_code == 200
+
+
+def test_a_validation_error_lists_each_field_and_other_errors_carry_no_list(client):
+    bad = client.get("/api/images?limit=0&offset=x")
+    body = bad.json()
+    assert bad.status_code == 422 and body["error"] == "validation_error"
+    assert {(e["location"], e["field"]) for e in body["errors"]} == {("query", "limit"), ("query", "offset")}
+    assert all(e["message"] for e in body["errors"]) and "query.limit" in body["detail"]
+    assert "errors" not in client.get("/no/such/route").json(), "only a 422 has a field list"
 
 
 def test_a_wrong_method_is_405_with_allow(client):

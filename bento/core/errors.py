@@ -70,9 +70,14 @@ class RequestTooLarge(SearchError):
 
 
 class InvalidParameters(InvalidRequest):
-    """A request whose parameters or body fail validation (which fields, and why, in the message)."""
+    """A request whose parameters or body fail validation (which fields, and why, in the message; each one
+    also in ``fields`` for clients that show the error beside the field)."""
 
     code = "validation_error"
+
+    def __init__(self, message: str, *, fields: list[tuple[str, str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or []  # (where: query/body/path/header, field, what is wrong)
 
 
 class MethodNotAllowed(SearchError):

@@ -241,6 +241,9 @@ class GalleryPage(BaseModel):
     limit: int
     label: str | None
     images: list[ImageCard]
+    as_of: PreciseUnixTime | None = Field(
+        None, description="When the listing behind this page was read (ISO 8601, UTC; writes through this service show at once)."
+    )
     has_more: bool = Field(False, description="Whether a next page exists.")
     next_offset: int | None = Field(None, description="The `offset` of the next page (null: this is the last one).")
 
@@ -315,9 +318,18 @@ class StatusResponse(BaseModel):
     keys: bool = Field(False, description="Whether the service has API keys (else writes are open to localhost only).")
 
 
+class FieldError(BaseModel):
+    location: str = Field(description="Where the field is: `query`, `body` (JSON or form), `path` or `header`.")
+    field: str = Field(description="The field's name (`top_k`; nested: `a.b`).")
+    message: str
+
+
 class ErrorResponse(BaseModel):
-    error: str
+    """Every error answer: a stable code, a sentence for people, and for a 422 which fields are wrong."""
+
+    error: str = Field(description="A stable code (`validation_error`, `not_found`, `rate_limited`, ...).")
     detail: str
+    errors: list[FieldError] | None = Field(None, description="422 only: one entry per invalid or unknown field.")
 
 
 def next_page(offset: int, size: int, more: bool) -> dict[str, Any]:

@@ -133,7 +133,10 @@ async def refuse_unknown_query(request: Request) -> None:
     unknown = sorted(set(request.query_params) - accepted)
     if unknown:
         takes = f"it takes {', '.join(sorted(accepted))}" if accepted else "it takes none"
-        raise InvalidParameters(f"Unknown query parameter {', '.join(unknown)} for {request.method} {route.path}: {takes}.")
+        raise InvalidParameters(
+            f"Unknown query parameter {', '.join(unknown)} for {request.method} {route.path}: {takes}.",
+            fields=[("query", name, "not a parameter of this operation") for name in unknown],
+        )
 
 
 # The query parameters each route takes (by the route's id: routes live as long as the app).
@@ -205,7 +208,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for field in body.get("properties", {}).values():
             if field.get("contentMediaType") == "application/octet-stream":
                 field["format"] = "binary"
-    components["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(error_schema.pop("$defs", {}))  # FieldError beside it, where the $ref points
+    components["ErrorResponse"] = error_schema
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     schema["tags"] = [{"name": name, "description": text} for name, text in TAGS.items()]

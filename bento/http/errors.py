@@ -33,6 +33,7 @@ from bento.core.errors import (
 )
 from bento.domain.schemas import (
     ErrorResponse,
+    FieldError,
 )
 
 logger = logging.getLogger("ris.service")
@@ -89,13 +90,14 @@ def error_body(error: SearchError, reveal: bool = True, status: int | None = Non
     elif status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="reverse-image-search"'
     detail = error.message if reveal or error.public or status < 500 else PUBLIC_DETAIL.get(status, PUBLIC_DETAIL[500])
-    return status, ErrorResponse(error=error.code, detail=detail), headers
+    fields = [FieldError(location=where, field=name, message=what) for where, name, what in getattr(error, "fields", [])]
+    return status, ErrorResponse(error=error.code, detail=detail, errors=fields or None), headers
 
 
 def error_response(error: SearchError, reveal: bool = True, status: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     """``error_body`` as a JSON response (``headers``: more headers, e.g. a 405's Allow)."""
     status, body, own = error_body(error, reveal, status)
-    return JSONResponse(body.model_dump(), status_code=status, headers={**own, **(headers or {})})
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=status, headers={**own, **(headers or {})})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -114,8 +116,9 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return error_response(InvalidParameters(problems))
+    fields = [(str(e["loc"][0]), ".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]), e["msg"]) for e in exc.errors()]
+    problems = "; ".join(f"{where}.{name}: {message}" for where, name, message in fields)
+    return error_response(InvalidParameters(problems, fields=fields))
 
 
 async def _domain_error(request: Request, exc: SearchError) -> JSONResponse:

@@ -59,7 +59,7 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
 
 def while_not_ready(body: Any, ready: bool) -> JSONResponse:
     """A result computed in the background: 200 once it is ready, 202 (with its state) until then."""
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 202)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 202)
 
 
 async def api_ready(catalog: Catalog, vectors: RemoteVectors) -> bool:
@@ -98,7 +98,7 @@ async def gallery_response(catalog: Catalog, offset: int, limit: int, label: str
     """A page of the collection: 202 with state "scanning" while the listing is first read."""
     page = await in_thread(catalog.browse, offset, limit, label)
     body = GalleryPage(
-        state=page.state, total=page.total, offset=offset, limit=limit, label=label,
+        state=page.state, total=page.total, offset=offset, limit=limit, label=label, as_of=page.as_of,
         images=[ImageCard(**card(catalog, meta)) for meta in page.images],
         **next_page(offset, len(page.images), offset + len(page.images) < page.total),
     )
@@ -109,7 +109,7 @@ def insert_response(added: Added) -> JSONResponse:
     """201 for a new image, 200 for bytes already stored (nothing changed)."""
     message = "Added." if added.created else "Already present; nothing changed."
     body = InsertResponse(id=added.id, created=added.created, message=message, image=added.image)
-    return JSONResponse(body.model_dump(), status_code=201 if added.created else 200)
+    return JSONResponse(body.model_dump(mode="json"), status_code=201 if added.created else 200)
 
 
 def search_response(catalog: Catalog, result: SearchResult) -> SearchResponse:
