@@ -158,10 +158,32 @@ class MilvusServer(_Server):
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    # The PyPI launcher checks each port by binding it without SO_REUSEADDR. Right after a crash the
+    # killed server's ports sit in TIME_WAIT for a minute, so that check fails: it then moves the proxy to
+    # the next free port (clients knock on the old one for ever) or refuses to start. Milvus itself (Go)
+    # binds with SO_REUSEADDR, as servers do: the launcher's check is made to do the same, so that a
+    # restart right after kill -9 comes back on its own ports, as a restarted pod does behind its Service.
+    _LAUNCHER = (
+        "import socket, sys, milvus\n"
+        "def try_bind_port(self, port):\n"
+        "    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+        "    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "    try:\n"
+        "        sock.bind(('127.0.0.1', port))\n"
+        "        sock.listen()\n"
+        "        return sock\n"
+        "    except OSError:\n"
+        "        sock.close()\n"
+        "        return None\n"
+        "milvus.MilvusServerConfig.try_bind_port = try_bind_port\n"
+        "sys.argv[0] = 'milvus-server'\n"
+        "sys.exit(milvus.main())\n"
+    )
+
     def command(self) -> list[str]:
         ports = [arg for name, port in self.internal_ports.items() for arg in (f"--{name}-port", str(port))]
         extra = ["--extra-config", f"common.session.ttl={self.session_ttl_s}"] if self.session_ttl_s else []
-        return [str(BIN / "milvus-server"), "--data", str(self.data_dir), "--proxy-port", str(self.port), *ports, *extra]
+        return [sys.executable, "-c", self._LAUNCHER, "--data", str(self.data_dir), "--proxy-port", str(self.port), *ports, *extra]
 
     def healthy(self) -> bool:
         from pymilvus import MilvusClient

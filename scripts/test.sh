@@ -37,6 +37,10 @@ echo "==> fast tests, random order"
 .venv/bin/python -m pytest -ra -m "not slow and not container" -p random_order --random-order-bucket=global --durations=10
 echo "==> slow tests (real Milvus, S3, bentoml serve, Chromium)"
 .venv/bin/python -m pytest -ra -m "slow and not container" --durations=15
+# Faults under load, short (~5 min): each dependency killed and restarted while an ingest, searches and
+# inserts run; exits 1 if an acknowledged write is lost, a 500 answers, or something never recovers.
+echo "==> faults under load (bench/fault_load.py --quick)"
+.venv/bin/python bench/fault_load.py --quick
 # The image built here with podman and run as deployed (~1 min warm, ~6 min on a fresh machine).
 echo "==> container: build the image, run it as the manifests deploy it"
 exec scripts/container-test.sh
