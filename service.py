@@ -328,10 +328,16 @@ class ImageSearch:
         return await responses.gallery_response(self.catalog, offset, limit, label)
 
     @app.get("/api/labels", response_model=LabelList, responses={202: {"model": LabelList}})
-    async def labels(self, _: Searcher) -> Response:
-        """Every label in use and how many images carry it, most used first ("" counts images without one)."""
+    async def labels(
+        self,
+        _: Searcher,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> Response:
+        """Every label in use and how many images carry it, most used first ("" counts images without one),
+        paged like every list (`has_more`, `next_offset`)."""
         labels = await in_thread(self.catalog.labels)
-        return responses.while_not_ready(labels, labels.state == "ready")
+        return responses.labels_page(labels, offset, limit)
 
     @app.get("/api/images/{image_id}", responses={404: {"model": schemas.ErrorResponse}})
     async def get_image(self, request: Request, _: Searcher, image_id: str) -> Response:

@@ -85,6 +85,12 @@ def test_one_name_per_concept_and_one_form_of_a_time(spec):
     for schema in ("StatusResponse", "LabelList", "LabelCount", "DuplicateReport"):
         assert (schema, "image_count") in names, schema
     assert {("GalleryPage", "total"), ("DuplicatePage", "total"), ("DuplicateReport", "compare_ms")} <= names
+    # Every list and search pages the same way.
+    for page in ("GalleryPage", "DuplicatePage", "SearchResponse", "LabelList"):
+        assert {(page, "has_more"), (page, "next_offset"), (page, "offset")} <= names, page
+    lists = {op["operationId"]: {p["name"] for p in op.get("parameters", []) if p["in"] == "query"} for _, _, op in _operations(spec)}
+    for operation in ("gallery", "labels", "duplicates"):
+        assert {"offset", "limit"} <= lists[operation], operation
 
 
 @pytest.fixture(scope="module")

@@ -411,6 +411,10 @@ def test_gallery_and_labels_list_the_collection(client, photo_set):
     assert sum(entry["image_count"] for entry in labels["labels"]) == labels["image_count"] == count
     assert [e["image_count"] for e in labels["labels"]] == sorted((e["image_count"] for e in labels["labels"]), reverse=True)
     by_label = {entry["label"]: entry["image_count"] for entry in labels["labels"]}
+    assert labels["total"] == len(labels["labels"]) >= 2 and not labels["has_more"] and labels["next_offset"] is None
+    first, rest = _ready(client, "/api/labels", limit=1), _ready(client, "/api/labels", offset=1, limit=1000)
+    assert first["has_more"] and first["next_offset"] == 1 and first["total"] == labels["total"]
+    assert first["labels"] + rest["labels"] == labels["labels"] and not rest["has_more"]
     person = _ready(client, "/api/images", label="person", limit=200)
     assert person["total"] == by_label["person"] and {i["label"] for i in person["images"]} == {"person"}
     assert _ready(client, "/api/images", label="no such label")["total"] == 0

@@ -68,8 +68,12 @@ class LabelCount(BaseModel):
 
 class LabelList(BaseModel):
     state: ListingState
-    labels: list[LabelCount] = Field(default_factory=list, description="Most used first.")
+    labels: list[LabelCount] = Field(default_factory=list, description="Most used first (this page of them).")
     image_count: int = Field(0, description="Images in the collection.")
+    total: int = Field(0, description="Labels in use (the whole list this page belongs to).")
+    offset: int = 0
+    has_more: bool = Field(False, description="Whether a next page exists.")
+    next_offset: int | None = Field(None, description="The `offset` of the next page (null: this is the last one).")
     as_of: PreciseUnixTime | None = Field(None, description="When the scan behind this list was made (ISO 8601, UTC).")
 
 

@@ -22,6 +22,7 @@ from bento.core.errors import (
 )
 from bento.core.metrics import record_backend
 from bento.domain.catalog import Added, Catalog, SearchResult
+from bento.domain.listing import LabelList
 from bento.domain.ports import Embedding, Kind
 from bento.domain.schemas import (
     GalleryPage,
@@ -60,6 +61,16 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
 def while_not_ready(body: Any, ready: bool) -> JSONResponse:
     """A result computed in the background: 200 once it is ready, 202 (with its state) until then."""
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 202)
+
+
+def labels_page(labels: LabelList, offset: int, limit: int) -> JSONResponse:
+    """A page of the label list (the list is held whole by the listing: labels are far fewer than images)."""
+    chosen = labels.labels[offset : offset + limit]
+    page = labels.model_copy(
+        update={"labels": chosen, "total": len(labels.labels), "offset": offset,
+                **next_page(offset, len(chosen), offset + len(chosen) < len(labels.labels))}
+    )
+    return while_not_ready(page, page.state == "ready")
 
 
 async def api_ready(catalog: Catalog, vectors: RemoteVectors) -> bool:

@@ -115,19 +115,26 @@ async function refreshStatus() {
 }
 
 let labels = [];
+let labelledImages = 0;
 
 async function refreshLabels() {
   try {
-    const answer = await api("/api/labels", { quiet: true });
-    if (answer.state !== "ready") { setTimeout(refreshLabels, 2000); return; }
-    labels = answer.labels;
+    const all = [];
+    let answer = { next_offset: 0 };
+    while (answer.next_offset !== null) {
+      answer = await api(`/api/labels?offset=${answer.next_offset}&limit=1000`, { quiet: true });
+      if (answer.state !== "ready") { setTimeout(refreshLabels, 2000); return; }
+      all.push(...answer.labels);
+    }
+    labels = all;
+    labelledImages = answer.image_count;
   } catch (e) {
     return; // the label list is a convenience: the views show their own errors
   }
   $("labels-list").replaceChildren(...labels.filter((l) => l.label).map((l) => new Option(`${l.image_count} images`, l.label)));
   const select = $("gallery-label");
   const chosen = select.value;
-  const options = [new Option(`all (${labels.reduce((n, l) => n + l.image_count, 0)})`, "*")];
+  const options = [new Option(`all (${labelledImages})`, "*")];
   for (const l of labels) options.push(new Option(`${l.label || "(no label)"} (${l.image_count})`, l.label));
   select.replaceChildren(...options);
   select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "*";
