@@ -174,9 +174,9 @@ def backup(settings: Settings, destination: Path, *, images: bool, retry: RetryP
     folder = destination / f"{PREFIX}{stamp}{PARTIAL}"
     if final.exists():
         raise UsageError(f"{final} exists already; wait a second and rerun.")
-    folder.mkdir(parents=True, exist_ok=True)
     store: ImageStore | None = open_image_store(settings) if images else None
-    opened = _collections(settings, retry)
+    opened = _collections(settings, retry)  # first: a usage error leaves no folder behind
+    folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(created_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"), collections=[], images=images)
     report = BackupReport(path=str(final), collections={})
     copied: set[str] = set()

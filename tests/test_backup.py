@@ -142,6 +142,7 @@ def test_the_commands_exit_codes(tmp_path):
     env = service_env(tmp_path / "data")
     missing = run_cli(["-m", "ingest.cli", "backup", str(tmp_path / "out")], env, timeout=120)
     assert missing.returncode == 2 and "no collection" in missing.stderr, missing.stderr
+    assert not (tmp_path / "out").exists(), "nothing written for a usage error"
     nothing = run_cli(["-m", "ingest.cli", "restore", str(tmp_path)], env, timeout=120)
     assert nothing.returncode == 2 and "no complete backup" in nothing.stderr, nothing.stderr
     helped = run_cli(["-m", "ingest.cli", "backup", "--help"], env, timeout=120)
