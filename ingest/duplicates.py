@@ -42,7 +42,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print(  # noqa: T201
         f"{report.image_count} images: {report.exact_groups} groups of exact duplicates, {report.near_groups} groups of near "
-        f"duplicates (score >= {threshold:.3f}); {report.read_seconds:.1f} s reading, {report.seconds:.1f} s comparing."
+        f"duplicates (score >= {threshold:.3f}); {report.read_ms / 1000:.1f} s reading, {report.compare_ms / 1000:.1f} s comparing."
     )
     for group in report.groups[: args.groups]:
         members = ", ".join(f"{m.id[:12]} ({m.score:.3f})" for m in group.members)

@@ -86,3 +86,11 @@ def test_search_in_this_process_as_a_table_and_as_json(efficientnet, photo_set, 
     assert header.split()[:3] == ["#", "score", "verdict"], header
     assert first.split()[0] == "1" and content_hash(original.read_bytes())[:12] in first, first
     assert "hits;" in table.stdout.splitlines()[-1]
+
+    # The duplicate report of the same collection, as a table and as JSON (one image per content: none).
+    report = ris(["duplicates", "--threshold", "0.99"], env)
+    assert report.returncode == 0, report.stderr[-3000:]
+    images = sum(1 for p in folder.iterdir() if p.is_file())
+    assert report.stdout.startswith(f"{images} images:") and "s comparing" in report.stdout, report.stdout
+    as_json = json.loads(ris(["duplicates", "--threshold", "0.99", "--json"], env).stdout)
+    assert as_json["image_count"] == images and as_json["compare_ms"] >= 0
