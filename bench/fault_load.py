@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from load_check import service_name  # noqa: E402
+from load_check import format_statuses, service_name  # noqa: E402
 from run import machine  # noqa: E402
 from serving import query_photos  # noqa: E402
 
@@ -171,7 +171,7 @@ class Load:
                 return Done(op, True, attempts, image_id)
             if status is not None and status not in (429, 503):
                 return Done(op, False, attempts)  # not something to retry: a bug (the table shows it)
-            if time.monotonic() - started + wait > RETRY_BUDGET_S or self._stop.is_set() and time.monotonic() - started > RETRY_BUDGET_S:
+            if time.monotonic() - started + wait > RETRY_BUDGET_S:
                 return Done(op, False, attempts)
             await asyncio.sleep(wait)
 
@@ -465,7 +465,7 @@ def table(phases: list[PhaseResult]) -> list[str]:
         "| --- | --- | ---: | --- | ---: | ---: | --- | --- | --- | --- | --- | --- |",
     ]
     for p in phases:
-        statuses = ", ".join(f"{s}: {n}" for s, n in p.statuses.items())
+        statuses = format_statuses(p.statuses)
         lines.append(
             f"| {p.fault} | {p.injected} | {p.error_window_s} | {statuses} | {p.server_errors} / {p.without_retry_after} "
             f"| {p.recovered_s if p.recovered_s is not None else 'never'} | {p.requests} ({p.retried_ok} / {p.lost}) "

@@ -289,6 +289,11 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value != value else f"{value:.{digits}f}"  # NaN: no successful request
 
 
+def format_statuses(statuses: dict[str, int]) -> str:
+    """``{"200": 41, "503": 2}`` as a table cell: ``200: 41, 503: 2`` (``-`` when empty)."""
+    return ", ".join(f"{label}: {count}" for label, count in statuses.items()) or "-"
+
+
 def table(rows: list[Row]) -> list[str]:
     lines = [
         "| scenario | clients | seconds | requests | statuses | requests/s (200/201) | p50 ms | p99 ms | searches with hits "
@@ -296,7 +301,7 @@ def table(rows: list[Row]) -> list[str]:
         "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        statuses = ", ".join(f"{label}: {count}" for label, count in r.statuses.items()) or "-"
+        statuses = format_statuses(r.statuses)
         lines.append(
             f"| {r.scenario} | {r.clients} | {r.seconds:.1f} | {r.requests} | {statuses} | {r.ok_per_s:.1f} | {fmt(r.p50_ms)} "
             f"| {fmt(r.p99_ms)} | {r.with_hits} | {fmt(r.rss_before_mb)} | {fmt(r.rss_peak_mb)} | {fmt(r.rss_after_mb)} |"

@@ -248,7 +248,9 @@ def restore(settings: Settings, location: Path, *, images: bool, retry: RetryPol
     manifest = read_manifest(folder)
     if images and not manifest.images:
         raise UsageError(f"{folder} holds no images (it was made without --images); restore without --images.")
-    for entry in manifest.collections:  # every file checked before anything is written
+    # Every file checked before anything is written (and read again when written: holding a whole backup
+    # in memory to save one read would not scale).
+    for entry in manifest.collections:
         for chunk in entry.chunks:
             _read_chunk(folder, chunk)
     store = open_image_store(settings) if images else None
