@@ -536,21 +536,29 @@ class VectorIndex:
             self._listing.deleted(present)
         return len(present)
 
-    def main_vectors(self, batch_size: int = 1000) -> Iterator[ImageVector]:
-        """Every image's main-view vector and pixel digest (the duplicate finder, the re-embed job)."""
-        name = self.settings.milvus.collection
+    def _scan(
+        self, fields: list[str], *, batch_size: int, row_filter: str = MAIN_VIEW, name: str | None = None,
+        client: MilvusClient | None = None, **options: Any,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """A whole collection (this one unless ``name``) in batches of rows: the one query-iterator loop,
+        every call bounded and retried like any other, the iterator closed whatever happens."""
+        name = name or self.settings.milvus.collection
         iterator = self._run(
             "query_iterator",
-            lambda c, t: c.query_iterator(
-                name, batch_size=batch_size, filter=MAIN_VIEW, output_fields=["id", "pixel_hash", "vector"], timeout=t
-            ),
+            lambda c, t: c.query_iterator(name, batch_size=batch_size, filter=row_filter, output_fields=fields, timeout=t, **options),
+            client=client,
         )
         try:
-            while batch := self._run("query_iterator.next", lambda c, t: iterator.next()):
-                for row in batch:
-                    yield ImageVector(row["id"], row["pixel_hash"], np.asarray(row["vector"], dtype=np.float32))
+            while batch := self._run("query_iterator.next", lambda c, t: iterator.next(), client=client):
+                yield batch
         finally:
             iterator.close()
+
+    def main_vectors(self, batch_size: int = 1000) -> Iterator[ImageVector]:
+        """Every image's main-view vector and pixel digest (the duplicate finder, the re-embed job)."""
+        for batch in self._scan(["id", "pixel_hash", "vector"], batch_size=batch_size):
+            for row in batch:
+                yield ImageVector(row["id"], row["pixel_hash"], np.asarray(row["vector"], dtype=np.float32))
 
     def records(self, batch_size: int = 500) -> Iterator[tuple[ImageMetadata, str, np.ndarray]]:
         """Every image whole, for a backup: its metadata, pixel digest and all its vectors (views x dim,
@@ -558,29 +566,18 @@ class VectorIndex:
         the two reads (its views gone) is left out: a backup holds whole images only."""
         name = self.settings.milvus.collection
         views = self.model.vectors_per_image
-        iterator = self._run(
-            "query_iterator",
-            lambda c, t: c.query_iterator(
-                name, batch_size=batch_size, filter=MAIN_VIEW, output_fields=[*HIT_FIELDS, "pixel_hash", "vector"], timeout=t
-            ),
-        )
-        try:
-            while batch := self._run("query_iterator.next", lambda c, t: iterator.next()):
-                extra: dict[str, list[float]] = {}
-                if views > 1:
-                    keys = [f"{row['id']}:{view}" for row in batch for view in range(1, views)]
-                    rows = self._run(
-                        "get", lambda c, t, keys=keys: c.get(name, ids=keys, output_fields=["key", "vector"], timeout=t)
-                    )
-                    extra = {row["key"]: row["vector"] for row in rows}
-                for row in batch:
-                    keys = [f"{row['id']}:{view}" for view in range(1, views)]
-                    if any(key not in extra for key in keys):
-                        continue
-                    vectors = np.asarray([row["vector"], *(extra[key] for key in keys)], dtype=np.float32)
-                    yield ImageMetadata(**{k: row[k] for k in HIT_FIELDS}), row["pixel_hash"], vectors
-        finally:
-            iterator.close()
+        for batch in self._scan([*HIT_FIELDS, "pixel_hash", "vector"], batch_size=batch_size):
+            extra: dict[str, list[float]] = {}
+            if views > 1:
+                keys = [f"{row['id']}:{view}" for row in batch for view in range(1, views)]
+                rows = self._run("get", lambda c, t, keys=keys: c.get(name, ids=keys, output_fields=["key", "vector"], timeout=t))
+                extra = {row["key"]: row["vector"] for row in rows}
+            for row in batch:
+                keys = [f"{row['id']}:{view}" for view in range(1, views)]
+                if any(key not in extra for key in keys):
+                    continue
+                vectors = np.asarray([row["vector"], *(extra[key] for key in keys)], dtype=np.float32)
+                yield ImageMetadata(**{k: row[k] for k in HIT_FIELDS}), row["pixel_hash"], vectors
 
     def find_duplicates(self, near_threshold: float) -> DuplicateReport:
         return find_duplicates(self.main_vectors(), near_threshold)
@@ -591,20 +588,9 @@ class VectorIndex:
 
     # --- the gallery and the labels (a listing kept in memory: Milvus cannot sort or group a query) ----------
     def _listed_images(self) -> Iterator[ListedImage]:
-        name = self.settings.milvus.collection
-        iterator = self._run(
-            "query_iterator",
-            lambda c, t: c.query_iterator(
-                name, batch_size=4096, filter=MAIN_VIEW, output_fields=["id", "label", "created_at"], timeout=t,
-                # Every write made before the scan starts is in it (those made during it are replayed).
-                consistency_level="Strong",
-            ),
-        )
-        try:
-            while batch := self._run("query_iterator.next", lambda c, t: iterator.next()):
-                yield from (ListedImage(row["id"], row["label"], int(row["created_at"])) for row in batch)
-        finally:
-            iterator.close()
+        # Strong: every write made before the scan starts is in it (those made during it are replayed).
+        for batch in self._scan(["id", "label", "created_at"], batch_size=4096, consistency_level="Strong"):
+            yield from (ListedImage(row["id"], row["label"], int(row["created_at"])) for row in batch)
 
     def browse(self, query: BrowseQuery) -> BrowsePage:
         """A page of the collection, newest first (state "scanning" until the first listing is read)."""
@@ -637,17 +623,8 @@ class VectorIndex:
         props = self.properties_of(name) or {}
         self._load_named(client, name)
         main_rows = MAIN_VIEW if props.get(f"{_P}schema_version", "1") != "1" else ""
-        iterator = self._run(
-            "query_iterator",
-            lambda c, t: c.query_iterator(name, batch_size=batch_size, filter=main_rows, output_fields=HIT_FIELDS, timeout=t),
-            client=client,
-        )
-        try:
-            while batch := self._run("query_iterator.next", lambda c, t: iterator.next(), client=client):
-                for row in batch:
-                    yield ImageMetadata(**{k: row[k] for k in HIT_FIELDS})
-        finally:
-            iterator.close()
+        for batch in self._scan(HIT_FIELDS, batch_size=batch_size, row_filter=main_rows, name=name, client=client):
+            yield from (ImageMetadata(**{k: row[k] for k in HIT_FIELDS}) for row in batch)
 
     def _load_named(self, client: MilvusClient, name: str) -> None:
         self._run("load_collection", lambda c, t: c.load_collection(name, timeout=t), client=client, timeout=LOAD_TIMEOUT_S)
