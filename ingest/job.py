@@ -176,7 +176,7 @@ class IngestJob:
         # This shard's files only, before batching: every batch is full, whatever the number of shards.
         files = [file for file in listed if shard_of(file.name, self.options.shard_count) == self.options.shard_index]
         report.other_shards = len(listed) - len(files)
-        self.catalog.retry.call(self.catalog.vectors.ensure_ready)
+        self.catalog.ensure_ready()
         started = time.perf_counter()
         batch = self.options.batch_size
         chunks = [files[i : i + batch] for i in range(0, len(files), batch)]

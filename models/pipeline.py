@@ -3,8 +3,10 @@ thumbnailed and preprocessed image, ready for the embedder."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 
 from bento.core.errors import InvalidRequest
 from bento.core.ids import content_hash
-from models.imaging import DecodeLimits, decode_image, draft_min_side, make_thumbnail
+from models.imaging import DecodeLimits, decode_image, draft_min_side, make_thumbnail, usable_cpus
 from models.preprocess import Preprocessing
 
 
@@ -25,7 +27,9 @@ class PreparedImage:
     height: int
     pixels: np.ndarray  # (crop, crop, 3) uint8, the main view: what a query is embedded from
     thumbnail: bytes | None
-    pixel_hash: str  # equal for the same picture in other bytes (other metadata, a lossless re-save)
+    # equal for the same picture in other bytes (other metadata, a lossless re-save); images to store only (the
+    # exact-duplicate key): a query does not need it, and hashing the decoded pixels costs ~2.5 ms of a ~20 ms search
+    pixel_hash: str | None
     # every view of the recipe, main first, each (side, side, 3) at its input side (images to store only)
     views: tuple[np.ndarray, ...] | None = None
     # a small query at each smaller input side of the views it meets (Preprocessing.query_sides; queries only)
@@ -83,12 +87,19 @@ def prepare_image(
     largest = max(preprocessing.resize, copy.resize if copy is not None else 0)
     decoded = decode_image(data, limits, draft_min_side(largest, draft_scale))
     image = decoded.image
+    # The copy model's pixels are made beside the similarity model's: Pillow releases the GIL while it
+    # resizes, so a lone query on 2 cores is prepared in about the time of one model's resize.
+    copy_work: Future[tuple[np.ndarray, ...]] | None = None
+    if copy is not None:
+        copy_work = _beside().submit(copy.view_pixels if all_views else lambda whole: (copy.to_pixels(whole),), image)
     views = preprocessing.view_pixels(image) if all_views else None
     pixels = views[0] if views is not None else preprocessing.to_pixels(image)
     sides = [] if all_views else preprocessing.query_sides(decoded.width, decoded.height)
+    side_pixels = {side: preprocessing.to_pixels(image, side) for side in sides}
     thumbnail = make_thumbnail(image, thumbnail_size) if thumbnail_size else None
-    copy_views = copy.view_pixels(image) if copy is not None and all_views else None
-    copy_pixels = (copy_views[0] if copy_views is not None else copy.to_pixels(image)) if copy is not None else None
+    exact_key = pixel_hash(image) if all_views else None
+    copy_made = copy_work.result() if copy_work is not None else None
+    copy_views = copy_made if all_views else None
     return PreparedImage(
         id=content_hash(data),
         data=data,
@@ -97,12 +108,18 @@ def prepare_image(
         height=decoded.height,
         pixels=pixels,
         thumbnail=thumbnail,
-        pixel_hash=pixel_hash(image),
+        pixel_hash=exact_key,
         views=views,
-        side_pixels={side: preprocessing.to_pixels(image, side) for side in sides},
-        copy_pixels=copy_pixels,
+        side_pixels=side_pixels,
+        copy_pixels=copy_made[0] if copy_made is not None else None,
         copy_views=copy_views,
     )
+
+
+@functools.cache
+def _beside() -> ThreadPoolExecutor:
+    """The threads that prepare the copy model's pixels beside the similarity model's (started on first use)."""
+    return ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="prepare-copy")
 
 
 def pixel_hash(image: Image.Image) -> str:

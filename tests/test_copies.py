@@ -213,3 +213,44 @@ def test_a_fresh_catalogs_first_search_opens_both_collections_at_once(both_model
         finally:
             catalog.close()
             server_manager_instance.release_server(settings.milvus.uri)
+
+
+def test_the_copy_collection_is_searched_while_the_similarity_model_embeds(both_models, photo_set, tmp_path):
+    """A search embeds the copy query first, then the similarity query while the copy collection is searched
+    (I/O overlapping compute). The similarity model here waits for the copy search to have started: run one
+    after the other, it would wait in vain."""
+    import threading
+
+    copy_search_started = threading.Event()
+
+    class SimilarityWaits(Counting):
+        def __init__(self, inner) -> None:
+            super().__init__(inner)
+            self.seen_started: list[bool] = []
+
+        def embed(self, pixels: np.ndarray, role: str = "similarity") -> np.ndarray:
+            if role == "similarity":
+                self.seen_started.append(copy_search_started.wait(timeout=10))
+            return super().embed(pixels, role)
+
+    catalog = local_catalog(Settings(data_dir=tmp_path / "data"), both_models)
+    try:
+        catalog.add(photo_set["originals"]["horse"], "horse", "horse.jpg")
+        copies = catalog.copies
+        search = copies.search
+
+        def signalling_search(query):
+            copy_search_started.set()
+            return search(query)
+
+        copies.search = signalling_search
+        catalog.embedding = waiting = SimilarityWaits(both_models)
+        result = catalog.search_image(photo_set["originals"]["horse"], SearchOptions(top_k=2))
+        assert waiting.seen_started == [True]
+        assert result.hits[0].match == "copy" and result.hits[0].image.label == "horse"
+        assert result.timings.embed_ms > 0 and result.timings.search_ms >= 0
+        assert result.timings.total_ms == pytest.approx(
+            result.timings.decode_ms + result.timings.embed_ms + result.timings.search_ms, abs=0.05
+        )
+    finally:
+        catalog.close()

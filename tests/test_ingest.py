@@ -121,6 +121,20 @@ def test_ingest_with_another_model_is_refused_clearly(backend, efficientnet, pho
     assert len(backend.stored_ids()) == 1  # nothing mixed in
 
 
+def test_ingest_with_another_copy_model_is_refused_before_anything_is_written(backend, efficientnet, photo_set):
+    """A copy model other than the copy collection's is refused with nothing written (no originals either,
+    though blobs go first in the write order)."""
+    first = run_cli(["-m", "ingest", str(photo_set["root"] / "cat"), "--no-progress"], backend.process_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(
+        ["-m", "ingest", str(photo_set["root"]), "--no-progress"], backend.process_env(RIS_MODEL_COPY_NAME="sscd-int8")
+    )
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert "holds embeddings of another model" in second.stderr and "__copy" in second.stderr, second.stderr[-2000:]
+    stored = backend.stored_ids()  # read only now: a Lite file is held by one process at a time
+    assert len(stored) == 1 and backend.blob_ids() == stored
+
+
 def test_a_missing_or_empty_folder_is_a_usage_error(tmp_path):
     """Exit 2 (a usage error), said plainly, with no "rerun to continue" advice: nothing was started."""
     from tests.support import service_env

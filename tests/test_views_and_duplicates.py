@@ -165,6 +165,30 @@ def test_a_small_query_is_also_prepared_at_the_low_res_side():
     assert prepare_image(_png(photo), limits, recipe, None, all_views=True).side_pixels == {}
 
 
+def test_both_models_pixels_come_from_one_decode_and_only_a_stored_image_gets_its_exact_key():
+    """The copy model's pixels (made in a helper thread beside the similarity model's) are its recipe applied
+    to the same decoded picture, its views too for an image to store; the exact-duplicate key (a hash of the
+    decoded pixels) is made for an image to store only: a query never uses it."""
+    from models.imaging import DecodeLimits
+    from models.pipeline import prepare_image
+    from models.preprocess import VIEW_SETS
+
+    recipe = Preprocessing(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    copy_recipe = Preprocessing(resize=288, crop=288, mean=(0.0,) * 3, std=(1.0,) * 3, fit="square", views=VIEW_SETS["crops-60"])
+    limits = DecodeLimits(max_bytes=10**7, max_pixels=10**8)
+    photo = Image.effect_mandelbrot((640, 480), (-2, -1.2, 1, 1.2), 60).convert("RGB")
+    query = prepare_image(_png(photo), limits, recipe, None, copy=copy_recipe)
+    stored = prepare_image(_png(photo), limits, recipe, 64, all_views=True, copy=copy_recipe)
+    assert np.array_equal(query.copy_pixels, copy_recipe.to_pixels(photo)) and query.copy_views is None
+    assert np.array_equal(query.pixels, recipe.to_pixels(photo))
+    assert stored.copy_views is not None and len(stored.copy_views) == 1 + len(VIEW_SETS["crops-60"])
+    for made, expected in zip(stored.copy_views, copy_recipe.view_pixels(photo), strict=True):
+        assert np.array_equal(made, expected)
+    assert np.array_equal(stored.copy_pixels, stored.copy_views[0])
+    assert query.pixel_hash is None and stored.pixel_hash == pixel_hash(photo)
+    assert prepare_image(_png(photo), limits, recipe, None).copy_pixels is None  # no copy model, no copy pixels
+
+
 def test_a_recipe_has_at_most_one_smaller_input_side():
     """Each input side has its own batcher in the embedder: the main crop's and one smaller side's."""
     from pydantic import ValidationError

@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -109,6 +109,16 @@ class SearchResult(BaseModel):
     next_offset: int | None = None
 
 
+@dataclass
+class SimilarQuery:
+    """The similarity side of a search: the query's vector, the query embedded at other input sides (searched
+    as well, best per image), and the stored views to compare with (None: those every query meets)."""
+
+    vector: list[float]
+    extra_vectors: list[list[float]] = field(default_factory=list)
+    views: list[int] | None = None
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
@@ -181,6 +191,14 @@ class Catalog:
     def _copies(self) -> VectorStore | None:
         """The copy vectors' store, when a copy model serves."""
         return self.copies if self.copy_model() is not None else None
+
+    def ensure_ready(self) -> None:
+        """Open (or create) every collection an add writes to, the copy model's too: a collection that holds
+        another model is refused before any work is done for it, and a new one is created up front."""
+        self.retry.call(self.vectors.ensure_ready)
+        copies = self._copies()
+        if copies is not None:
+            self.retry.call(copies.ensure_ready)
 
     def prepare(self, data: bytes, *, to_store: bool) -> PreparedImage:
         """Check, decode and preprocess untrusted bytes (InvalidImage / ImageTooLarge / ... on bad input).
@@ -377,27 +395,23 @@ class Catalog:
         most_views = max(self.model().vectors_per_image, copy.info.vectors_per_image if copy else 1)
         return MAX_WINDOW // most_views
 
-    def search_vector(
+    def _search(
         self,
-        vector: list[float] | None,
         options: SearchOptions,
         query_id: str | None,
-        timings: Timings | None = None,
-        views: list[int] | None = None,
-        extra_vectors: list[list[float]] | None = None,
-        copy_vector: list[float] | None = None,
+        timings: Timings,
+        make_similar: Callable[[], SimilarQuery] | None,
+        copy_vector: list[float] | None,
     ) -> SearchResult:
-        """One page of the answer to both questions (``options.mode``): the copies (copy-model hits at or above
-        the near-duplicate threshold, best first), then the similar images (similarity-model hits, best first),
-        each image once. ``vector``: the similarity query (None: no similar list); ``views``: the stored views
-        to compare it with (default: those every query is compared with); ``extra_vectors``: the query embedded
-        at other input sides, searched as well (best per image); ``copy_vector``: the copy query (None: no
-        copies list).
+        """One page of the answer to both questions: the copies (copy-model hits at or above the near-duplicate
+        threshold, best first), then the similar images (similarity-model hits, best first), each image once.
+        ``make_similar`` makes the similarity query (None: no similar list); it runs while the copy collection
+        is searched, so a query's similarity embedding overlaps that search. ``copy_vector``: the copy query (None:
+        no copies list).
 
         Paging is exact: a page of the joined list needs at most offset + top_k copies, and at most that many
         similar hits once the copies (at most as many) are left out of them."""
-        started = time.perf_counter()
-        timings = timings or Timings()
+        started, embedded_before = time.perf_counter(), timings.embed_ms
         top_k, label, deepest = self._checked(options)
         window = options.offset + top_k
         # One hit more than the page from each list says exactly whether the joined list goes on (a list
@@ -405,18 +419,23 @@ class Catalog:
         fetch = min(window + 1, deepest)
         thresholds = self.thresholds()
         copy_store = self._copies()
-        copy_search, similar_search = None, None
+        copy_search: Callable[[], list[VectorHit]] | None = None
+        similar_search: Callable[[], list[VectorHit]] | None = None
         if copy_vector is not None and copy_store is not None:
             copy_query = VectorQuery(vector=copy_vector, top_k=fetch, label=label, min_score=options.min_score)
             copy_search = lambda: self.retry.call(copy_store.search, copy_query)  # noqa: E731
-        if vector is not None:
+        if make_similar is not None:
             recipe = self.retry.call(self.embedding.describe).preprocessing
-            similar_query = VectorQuery(
-                vector=vector, top_k=fetch, label=label, min_score=options.min_score,
-                views=recipe.views_for_query(1 << 30, 1 << 30) if views is None else views, margins=recipe.view_margins(),
-                extra_vectors=extra_vectors or [],
-            )
-            similar_search = lambda: self.retry.call(self.vectors.search, similar_query)  # noqa: E731
+
+            def search_similar() -> list[VectorHit]:
+                query = make_similar()
+                return self.retry.call(self.vectors.search, VectorQuery(
+                    vector=query.vector, top_k=fetch, label=label, min_score=options.min_score,
+                    views=recipe.views_for_query(1 << 30, 1 << 30) if query.views is None else query.views,
+                    margins=recipe.view_margins(), extra_vectors=query.extra_vectors,
+                ))
+
+            similar_search = search_similar
         # Both collections at once; the similar list may hold an image the copies list has: it is left out.
         similar_hits, copy_hits = self._both(similar_search, copy_search)
         copies: list[VectorHit] = []
@@ -435,7 +454,8 @@ class Catalog:
         joined = [*copies, *similar]
         hits = joined[options.offset : window]
         more = len(joined) > window and fetch > window
-        timings.search_ms = _ms(started)
+        # The similarity embedding made within counts as embedding, not searching.
+        timings.search_ms = round(_ms(started) - (timings.embed_ms - embedded_before), 2)
         timings.total_ms = round(timings.decode_ms + timings.embed_ms + timings.search_ms, 2)
         copy = self.copy_model()
         return SearchResult(
@@ -459,19 +479,26 @@ class Catalog:
         timings = Timings()
         prepared = self.prepare(data, to_store=False)
         timings.decode_ms = _ms(started)
-        embed_started = time.perf_counter()
         # One model after the other: embedding is compute, and two at once on the same cores only contend
-        # (measured: end-to-end p50 1.72x the recipe before with them at once, 1.27x in turn, 2 cores).
-        vector, extra_vectors, views, copy_vector = None, None, None, None
-        if want_similar:
-            vector = self._embed(prepared.pixels[None])[0].tolist()
-            # A small query, also at its low-res views' input side (one call per side: a batch is one shape).
-            extra_vectors = [self._embed(pixels[None])[0].tolist() for pixels in prepared.side_pixels.values()]
-            views = self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height)
+        # (measured: end-to-end p50 1.72x the recipe before with them at once, 1.27x in turn, 2 cores). The
+        # copy model goes first, so its collection's search (I/O) runs while the similarity model embeds.
+        copy_vector = None
         if want_copies and prepared.copy_pixels is not None:
             copy_vector = self._embed(prepared.copy_pixels[None], "copy")[0].tolist()
-        timings.embed_ms = _ms(embed_started)
-        return self.search_vector(vector, options, prepared.id, timings, views, extra_vectors, copy_vector)
+        timings.embed_ms = _ms(started) - timings.decode_ms
+
+        def similar_query() -> SimilarQuery:
+            embed_started = time.perf_counter()
+            query = SimilarQuery(
+                vector=self._embed(prepared.pixels[None])[0].tolist(),
+                # A small query, also at its low-res views' input side (one call per side: a batch is one shape).
+                extra_vectors=[self._embed(pixels[None])[0].tolist() for pixels in prepared.side_pixels.values()],
+                views=self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height),
+            )
+            timings.embed_ms += _ms(embed_started)
+            return query
+
+        return self._search(options, prepared.id, timings, similar_query if want_similar else None, copy_vector)
 
     def search_stored(self, image_id: str, options: SearchOptions) -> SearchResult:
         """Search with an image of the collection (its stored vectors: no decoding, no embedding)."""
@@ -484,7 +511,8 @@ class Catalog:
         copy_vector = self.retry.call(self.copies.get_vector, image_id) if want_copies and self.copies is not None else None
         if want_copies and copy_vector is None:  # its copy row is missing (added before the copy model): re-add repairs it
             logger.warning("image %s has no copy vector; searching its similar images only", image_id)
-        return self.search_vector(vector if want_similar else None, options, image_id, copy_vector=copy_vector)
+        similar = (lambda: SimilarQuery(vector=vector)) if want_similar else None
+        return self._search(options, image_id, Timings(), similar, copy_vector)
 
     # --- the collection ----------------------------------------------------------------------------
     def problems(self) -> tuple[IndexInfo | None, list[str]]:
@@ -537,6 +565,8 @@ class Catalog:
 
 def _record(prepared: PreparedImage, vectors: np.ndarray, label: str, source: str, created_at: int) -> VectorRecord:
     """The rows Milvus keeps for an image: its vectors (main view first) and everything shown with a hit."""
+    if prepared.pixel_hash is None:
+        raise ValueError("an image to store is prepared with to_store=True (a query's preparation has no pixel hash)")
     return VectorRecord(
         id=prepared.id, label=label, mime=prepared.mime, width=prepared.width, height=prepared.height,
         size_bytes=len(prepared.data), source=source, created_at=created_at, pixel_hash=prepared.pixel_hash,
