@@ -2,14 +2,16 @@
 
 Exact duplicates (the same pixels in different files) and near duplicates (edited copies scoring at least
 the near-duplicate threshold: the model's measured one, RIS_VERDICT_NEAR_DUPLICATE, or --threshold),
-grouped, larger groups first. Reads the collection only; it changes nothing.
+grouped, larger groups first. Compared on the copy vectors where a copy model serves (it is made for this
+question), else on the similarity vectors: as the service's duplicate review. Reads the collections only;
+it changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from bento.adapters.vectors import VectorIndex
+from bento.adapters.vectors import open_indexes
 from bento.core.cli import UsageError, run_tool
 from bento.core.config import Settings
 from bento.domain.schemas import Thresholds
@@ -25,18 +27,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m ingest.duplicates
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    from models.store import resolve_model
+    from models.store import load_embedders
 
-    model = resolve_model(settings).info
+    # The models decide which collection and which threshold (the same rule as the service's), so they are
+    # loaded, though nothing is embedded.
+    embedders = load_embedders(settings)
+    similarity = embedders.describe().info
+    copy = embedders.describe_copy()
+    copy_model = copy.info if copy is not None else None
     verdict = settings.verdict if args.threshold is None else settings.verdict.model_copy(update={"near_duplicate": args.threshold})
-    threshold = Thresholds.resolve(verdict, model).near_duplicate
+    threshold = Thresholds.resolve(verdict, similarity, copy_model).near_duplicate
     if threshold is None:
         raise UsageError("no near-duplicate threshold is known for this model; pass --threshold")
-    index = VectorIndex(settings, model)
+    similarity_index, copy_index = open_indexes(settings, similarity, copy_model)
     try:
-        report = index.find_duplicates(threshold)
+        report = (copy_index or similarity_index).find_duplicates(threshold)
     finally:
-        index.close()
+        for index in (similarity_index, copy_index):
+            if index is not None:
+                index.close()
     if args.json:
         print(report.model_dump_json(indent=2))  # noqa: T201
         return 0

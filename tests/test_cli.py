@@ -94,3 +94,10 @@ def test_search_in_this_process_as_a_table_and_as_json(efficientnet, photo_set, 
     assert report.stdout.startswith(f"{images} images:") and "s comparing" in report.stdout, report.stdout
     as_json = json.loads(ris(["duplicates", "--threshold", "0.99", "--json"], env).stdout)
     assert as_json["image_count"] == images and as_json["compare_ms"] >= 0
+    # Without --threshold, the rule of the service's duplicate review: the copy model's vectors and its
+    # measured threshold where one serves (here the packaged student), else the similarity model's.
+    from models.packaged import PACKAGED
+
+    by_copies = json.loads(ris(["duplicates", "--json"], env).stdout)
+    assert by_copies["near_duplicate_threshold"] == PACKAGED["sscd-distilled"].thresholds[""][1]
+    assert by_copies["image_count"] == images
