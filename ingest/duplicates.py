@@ -3,8 +3,8 @@
 Exact duplicates (the same pixels in different files) and near duplicates (edited copies scoring at least
 the near-duplicate threshold: the model's measured one, RIS_VERDICT_NEAR_DUPLICATE, or --threshold),
 grouped, larger groups first. Compared on the copy vectors where a copy model serves (it is made for this
-question), else on the similarity vectors: as the service's duplicate review. Reads the collections only;
-it changes nothing.
+question), else on the similarity vectors: as the service's duplicate review. It changes no image (it
+creates the copy collection, empty, where none exists yet: then it says to run `ris reembed`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 from bento.adapters.vectors import open_indexes
 from bento.core.cli import UsageError, run_tool
 from bento.core.config import Settings
+from bento.core.errors import Conflict
 from bento.domain.schemas import Thresholds
 
 
@@ -41,6 +42,15 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("no near-duplicate threshold is known for this model; pass --threshold")
     similarity_index, copy_index = open_indexes(settings, similarity, copy_model)
     try:
+        if copy_index is not None:
+            # Images added before the copy model have no copy vector: a report on the copy vectors would
+            # silently leave them out.
+            missing = similarity_index.count() - copy_index.count()
+            if missing > 0:
+                raise Conflict(
+                    f"{missing} images of the collection have no copy vector yet (added before the copy model): "
+                    "run `ris reembed` to add them, then report again."
+                )
         report = (copy_index or similarity_index).find_duplicates(threshold)
     finally:
         for index in (similarity_index, copy_index):

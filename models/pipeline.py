@@ -3,8 +3,8 @@ thumbnailed and preprocessed image, ready for the embedder."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -92,12 +92,17 @@ def prepare_image(
     copy_work: Future[tuple[np.ndarray, ...]] | None = None
     if copy is not None:
         copy_work = _beside().submit(copy.view_pixels if all_views else lambda whole: (copy.to_pixels(whole),), image)
-    views = preprocessing.view_pixels(image) if all_views else None
-    pixels = views[0] if views is not None else preprocessing.to_pixels(image)
-    sides = [] if all_views else preprocessing.query_sides(decoded.width, decoded.height)
-    side_pixels = {side: preprocessing.to_pixels(image, side) for side in sides}
-    thumbnail = make_thumbnail(image, thumbnail_size) if thumbnail_size else None
-    exact_key = pixel_hash(image) if all_views else None
+    try:
+        views = preprocessing.view_pixels(image) if all_views else None
+        pixels = views[0] if views is not None else preprocessing.to_pixels(image)
+        sides = [] if all_views else preprocessing.query_sides(decoded.width, decoded.height)
+        side_pixels = {side: preprocessing.to_pixels(image, side) for side in sides}
+        thumbnail = make_thumbnail(image, thumbnail_size) if thumbnail_size else None
+        exact_key = pixel_hash(image) if all_views else None
+    except BaseException:
+        if copy_work is not None:
+            copy_work.cancel()  # not started yet: never runs; running: its result is dropped
+        raise
     copy_made = copy_work.result() if copy_work is not None else None
     copy_views = copy_made if all_views else None
     return PreparedImage(
@@ -116,10 +121,17 @@ def prepare_image(
     )
 
 
-@functools.cache
+_BESIDE_LOCK = threading.Lock()
+_beside_pool: ThreadPoolExecutor | None = None
+
+
 def _beside() -> ThreadPoolExecutor:
     """The threads that prepare the copy model's pixels beside the similarity model's (started on first use)."""
-    return ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="prepare-copy")
+    global _beside_pool
+    with _BESIDE_LOCK:
+        if _beside_pool is None:
+            _beside_pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="prepare-copy")
+        return _beside_pool
 
 
 def pixel_hash(image: Image.Image) -> str:

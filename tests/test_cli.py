@@ -101,3 +101,21 @@ def test_search_in_this_process_as_a_table_and_as_json(efficientnet, photo_set, 
     by_copies = json.loads(ris(["duplicates", "--json"], env).stdout)
     assert by_copies["near_duplicate_threshold"] == PACKAGED["sscd-distilled"].thresholds[""][1]
     assert by_copies["image_count"] == images
+
+    # An image without its copy vector (added before the copy model) would be left out of that report: refused,
+    # saying what to run. (It also shows the report reads the copy collection.)
+    from milvus_lite.server_manager import server_manager_instance
+    from pymilvus import MilvusClient
+
+    from bento.adapters.vectors import copy_collection
+    from bento.core.config import settings_from
+
+    settings = settings_from(env)
+    client = MilvusClient(uri=settings.milvus.uri)
+    try:
+        client.delete(copy_collection(settings.milvus.collection), filter="view == 0")
+    finally:
+        client.close()
+        server_manager_instance.release_server(settings.milvus.uri)  # the file is one process's at a time
+    partial = ris(["duplicates"], env)
+    assert partial.returncode == 1 and "have no copy vector" in partial.stderr and "ris reembed" in partial.stderr, partial.stderr

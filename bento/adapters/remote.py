@@ -171,15 +171,25 @@ class RemoteVectors:
         """The connection belongs to BentoML's dependency client, which closes it."""
 
 
+# The inner calls' own thread budget. The request itself holds a thread of AnyIO's default pool (40) while it
+# waits for them; were they drawn from the same pool, 40 searches at once would hold every thread, each
+# waiting for inner calls that could never start. Made in the event loop on first use (AnyIO needs one).
+_INNER_THREADS = 40
+_inner_limiter: anyio.CapacityLimiter | None = None
+
+
 def in_worker_threads(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
-    """Two calls at the same time from a request's worker thread (the catalog's two collection searches):
-    each in a thread of AnyIO's pool, where the dependency clients (``to_sync``) work; an error of either is
-    raised here as it was (no exception group)."""
+    """Two calls at the same time from a request's worker thread (the catalog's search: the similarity
+    embedding and search, and the copy collection's search): each in an AnyIO worker thread, where the
+    dependency clients (``to_sync``) work; an error of either is raised here as it was (no exception group)."""
     outcomes: list[tuple[bool, Any]] = [(True, None), (True, None)]
 
     async def run(index: int, call: Callable[[], Any]) -> None:
+        global _inner_limiter
+        if _inner_limiter is None:
+            _inner_limiter = anyio.CapacityLimiter(_INNER_THREADS)
         try:
-            outcomes[index] = (True, await anyio.to_thread.run_sync(call))
+            outcomes[index] = (True, await anyio.to_thread.run_sync(call, limiter=_inner_limiter))
         except Exception as exc:  # noqa: BLE001 - handed back and raised in the caller's thread below
             outcomes[index] = (False, exc)
 

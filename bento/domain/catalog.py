@@ -485,7 +485,7 @@ class Catalog:
         copy_vector = None
         if want_copies and prepared.copy_pixels is not None:
             copy_vector = self._embed(prepared.copy_pixels[None], "copy")[0].tolist()
-        timings.embed_ms = _ms(started) - timings.decode_ms
+        timings.embed_ms = round(_ms(started) - timings.decode_ms, 2)
 
         def similar_query() -> SimilarQuery:
             embed_started = time.perf_counter()
@@ -495,7 +495,7 @@ class Catalog:
                 extra_vectors=[self._embed(pixels[None])[0].tolist() for pixels in prepared.side_pixels.values()],
                 views=self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height),
             )
-            timings.embed_ms += _ms(embed_started)
+            timings.embed_ms = round(timings.embed_ms + _ms(embed_started), 2)
             return query
 
         return self._search(options, prepared.id, timings, similar_query if want_similar else None, copy_vector)
