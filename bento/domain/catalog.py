@@ -112,11 +112,12 @@ class SearchResult(BaseModel):
 @dataclass
 class SimilarQuery:
     """The similarity side of a search: the query's vector, the query embedded at other input sides (searched
-    as well, best per image), and the stored views to compare with (None: those every query meets)."""
+    as well, best per image), and the query image's size, which decides the stored views it is compared with
+    (None: a stored image's vector, compared with the views every query meets)."""
 
     vector: list[float]
     extra_vectors: list[list[float]] = field(default_factory=list)
-    views: list[int] | None = None
+    size: tuple[int, int] | None = None
 
 
 def _ms(start: float) -> float:
@@ -431,7 +432,7 @@ class Catalog:
                 query = make_similar()
                 return self.retry.call(self.vectors.search, VectorQuery(
                     vector=query.vector, top_k=fetch, label=label, min_score=options.min_score,
-                    views=recipe.views_for_query(1 << 30, 1 << 30) if query.views is None else query.views,
+                    views=recipe.views_for_query(*(query.size or (1 << 30, 1 << 30))),
                     margins=recipe.view_margins(), extra_vectors=query.extra_vectors,
                 ))
 
@@ -493,7 +494,7 @@ class Catalog:
                 vector=self._embed(prepared.pixels[None])[0].tolist(),
                 # A small query, also at its low-res views' input side (one call per side: a batch is one shape).
                 extra_vectors=[self._embed(pixels[None])[0].tolist() for pixels in prepared.side_pixels.values()],
-                views=self.retry.call(self.embedding.describe).preprocessing.views_for_query(prepared.width, prepared.height),
+                size=(prepared.width, prepared.height),
             )
             timings.embed_ms = round(timings.embed_ms + _ms(embed_started), 2)
             return query

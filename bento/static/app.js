@@ -115,7 +115,7 @@ async function refreshStatus() {
 }
 
 let labels = [];
-let labelledImages = 0;
+let collectionImageCount = 0;
 
 async function refreshLabels() {
   try {
@@ -127,14 +127,14 @@ async function refreshLabels() {
       all.push(...answer.labels);
     }
     labels = all;
-    labelledImages = answer.image_count;
+    collectionImageCount = answer.image_count;
   } catch (e) {
     return; // the label list is a convenience: the views show their own errors
   }
   $("labels-list").replaceChildren(...labels.filter((l) => l.label).map((l) => new Option(`${l.image_count} images`, l.label)));
   const select = $("gallery-label");
   const chosen = select.value;
-  const options = [new Option(`all (${labelledImages})`, "*")];
+  const options = [new Option(`all (${collectionImageCount})`, "*")];
   for (const l of labels) options.push(new Option(`${l.label || "(no label)"} (${l.image_count})`, l.label));
   select.replaceChildren(...options);
   select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "*";
