@@ -82,8 +82,9 @@ PACKAGED: dict[str, PackagedModel] = {
             title="SSCD distilled (MobileNetV4, packaged)",
             file_key="sscd_distilled",
             precision="fp16-weights",
-            # bench/two_models.py, 40 real photos and tiles x 16 edits, no siblings: precision 0.99 / 0.95.
-            thresholds={"": (0.689, 0.605), "crops-60": (0.695, 0.633)},
+            # bench/two_models.py, 40 real photos and tiles x 16 edits, no siblings: precision 0.99 / 0.95 (small
+            # queries re-checked at their size, as they are served).
+            thresholds={"": (0.690, 0.617), "crops-60": (0.695, 0.633)},
             cpu_auto_precision="bf16",
         ),
         PackagedModel(
@@ -91,7 +92,7 @@ PACKAGED: dict[str, PackagedModel] = {
             title="SSCD ResNet-50 int8 (packaged)",
             file_key="sscd",
             precision="int8",
-            thresholds={"": (0.709, 0.612), "crops-60": (0.709, 0.631)},
+            thresholds={"": (0.709, 0.631), "crops-60": (0.709, 0.631)},
             cpu_auto_precision="fp32",
             # OpenVINO computes its quantised ops otherwise than ONNX Runtime: min cosine 0.987 on the probe
             # images (0.994 on photos), under the fidelity floor; ONNX Runtime runs it as it was made (48 vs 71

@@ -106,6 +106,8 @@ VIEW_SETS: dict[str, tuple[View, ...]] = {
     "crops-60": _crops(0.6),
 }
 LOW_RES = VIEW_SETS["low-res-64"][0]
+# A similarity model described without settings (the model store's records): its recipe where it serves alone.
+# Beside a copy model the settings store no view (RIS_MODEL_VIEWS=auto): the copy model finds thumbnails.
 DEFAULT_VIEW_SETS = ("low-res-64",)
 
 

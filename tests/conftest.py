@@ -66,11 +66,22 @@ def clean_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def efficientnet(bentoml_home: Path):
-    """The genuine ImageNet backbone (from a PyPI wheel), imported into the session's model store."""
+    """The genuine ImageNet backbone (from a PyPI wheel), imported into the session's model store, with the
+    default recipe beside a copy model (as every process the tests start serves it): no low-res view."""
     from bento.core.config import Settings
     from models.store import load_embedder
 
     return load_embedder(Settings(model={"name": "efficientnet-lite0"}, data_dir=Path("unused")))
+
+
+@pytest.fixture(scope="session")
+def efficientnet_alone(efficientnet):
+    """The same model with its recipe where it serves alone (RIS_MODEL_COPY_NAME=none): with the low-res view,
+    which finds thumbnails when no copy model does."""
+    from bento.core.config import Settings
+    from models.store import load_embedder
+
+    return load_embedder(Settings(model={"name": "efficientnet-lite0", "copy_name": "none"}, data_dir=Path("unused")))
 
 
 @pytest.fixture(scope="session")

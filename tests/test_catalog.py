@@ -33,8 +33,8 @@ class CountingEmbedding:
 
 
 @pytest.fixture
-def catalog(efficientnet, tmp_path):
-    catalog = local_catalog(Settings(data_dir=tmp_path / "data"), CountingEmbedding(efficientnet))
+def catalog(efficientnet_alone, tmp_path):
+    catalog = local_catalog(Settings(data_dir=tmp_path / "data"), CountingEmbedding(efficientnet_alone))
     yield catalog
     catalog.close()
 

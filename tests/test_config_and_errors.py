@@ -163,6 +163,15 @@ def test_settings_from_a_given_environment_ignore_this_process(monkeypatch):
 def test_views_are_checked_and_spelled_one_way():
     assert Settings(model={"views": " crops-60 , low-res-64"}).model.views == "low-res-64,crops-60"
     assert Settings(model={"views": ""}).model.view_sets == ()
-    for bad in ("thumbnails", "low-res-64,low-res-64"):
+    for bad in ("thumbnails", "low-res-64,low-res-64", "auto,crops-60"):
         with pytest.raises(ValueError, match="at most once"):
             Settings(model={"views": bad})
+    with pytest.raises(ValueError, match="at most once"):
+        Settings(model={"copy_views": "auto"})  # the copy model's views have no auto
+
+
+def test_the_low_res_view_is_stored_by_default_only_where_no_copy_model_finds_thumbnails():
+    assert Settings().model.views == "auto" and Settings().model.view_sets == ()
+    assert Settings(model={"copy_name": "none"}).model.view_sets == ("low-res-64",)
+    assert Settings(model={"copy_name": "none", "views": ""}).model.view_sets == ()
+    assert Settings(model={"views": "low-res-64"}).model.view_sets == ("low-res-64",)

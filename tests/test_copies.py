@@ -116,7 +116,7 @@ def test_a_missing_copy_row_is_repaired_without_re_embedding_the_rest(efficientn
     again writes its copy row only."""
     settings = Settings(data_dir=tmp_path / "data")
     data = photo_set["originals"]["coffee"]
-    before = local_catalog(settings, efficientnet)  # one model alone: no copy collection
+    before = local_catalog(settings, efficientnet)  # the similarity model alone: no copy collection
     before.add(data, "coffee", "coffee.jpg")
     before.close()
 
@@ -164,6 +164,39 @@ def test_the_source_outranks_its_stored_quarter_with_copy_views(efficientnet, ss
         finally:
             catalog.close()
     assert firsts == {"": "quarter", "crops-60": "photo"}
+
+
+def test_a_64_px_thumbnail_is_found_as_a_copy_by_re_checking_its_candidates_at_its_size(both_models, tmp_path):
+    """A 64-px thumbnail blown up to the copy model's input meets its sharp original at a score under the
+    near-duplicate threshold (the rocket's: no copy at all). Its best candidates, brought to its size from their
+    stored thumbnails, score it as the same image; another photo does not rise. Paging stays exact, and a
+    candidate whose thumbnail is gone keeps its stored score."""
+    photos = {name: load_photo(name) for name in ("rocket", "astronaut", "coffee", "chelsea", "camera", "moon")}
+    thumbnail = photos["rocket"].copy()
+    thumbnail.thumbnail((64, 64), Image.Resampling.LANCZOS)
+    query = _jpeg(thumbnail)
+    found = {}
+    for side in (0, 128):
+        settings = Settings(data_dir=tmp_path / str(side), model={"copy_recheck_side": side})
+        catalog = local_catalog(settings, both_models)
+        try:
+            ids = _add(catalog, {name: _jpeg(photo) for name, photo in photos.items()})
+            names = {image_id: name for name, image_id in ids.items()}
+            every = catalog.search_image(query, SearchOptions(top_k=6, mode="copies")).hits
+            found[side] = [(names[hit.image.id], hit.verdict) for hit in every]
+            if side:
+                first = catalog.search_image(query, SearchOptions(top_k=6)).hits
+                assert first[0].image.id == ids["rocket"] and first[0].match == "copy"
+                assert sorted(hit.image.id for hit in first) == sorted(ids.values()), "each image once"
+                pages = [catalog.search_image(query, SearchOptions(top_k=1, offset=i)).hits[0] for i in range(6)]
+                assert [(hit.image.id, hit.score) for hit in pages] == [(hit.image.id, hit.score) for hit in first]
+                catalog.store.delete(ids["rocket"])  # its thumbnail too: the stored score stands, nothing fails
+                catalog.store.put(ids["rocket"], "original", _jpeg(photos["rocket"]))
+                assert catalog.search_image(query, SearchOptions(top_k=6, mode="copies")).hits == []
+        finally:
+            catalog.close()
+    assert found[0] == [], "the premise: without the re-check the rocket's thumbnail is no copy"
+    assert found[128] == [("rocket", "same-image")]
 
 
 def test_copies_mode_needs_a_copy_model(efficientnet, photo_set, tmp_path):

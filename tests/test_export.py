@@ -53,9 +53,12 @@ def _ok(done) -> str:
 
 
 @pytest.mark.slow
-def test_an_exported_model_serves_without_torch_into_the_same_collections(efficientnet, photo_set, tmp_path):
+def test_an_exported_model_serves_without_torch_into_the_same_collections(efficientnet_alone, photo_set, tmp_path):
+    # The recipe with the low-res view (an export ships the check of its smaller input side either way; the
+    # recipe decides whether serving needs it).
+    efficientnet = efficientnet_alone
     home = tmp_path / "bentoml-home"
-    env = service_env(tmp_path / "data", BENTOML_HOME=str(home), RIS_MODEL_RUNTIME_CACHE_DIR=str(tmp_path / "cache"))
+    env = service_env(tmp_path / "data", BENTOML_HOME=str(home), RIS_MODEL_RUNTIME_CACHE_DIR=str(tmp_path / "cache"), RIS_MODEL_VIEWS="low-res-64")
     names = sorted(photo_set["originals"])
     limits = DecodeLimits(10**8, 10**8)
     pixels = np.stack([prepare_image(photo_set["originals"][n], limits, efficientnet.preprocessing, None).pixels for n in names])

@@ -67,18 +67,19 @@ def _release_lite_file(settings: Settings) -> None:
 
 
 @pytest.mark.slow
-def test_an_old_collection_is_refused_then_reembedded_in_place_across_a_kill(efficientnet, tmp_path):
+def test_an_old_collection_is_refused_then_reembedded_in_place_across_a_kill(efficientnet_alone, tmp_path):
     import random
 
     rng = random.Random(5)
     makers = list(GENERATED.values())
     blobs = list({encode(makers[i % len(makers)](rng), "PNG"): None for i in range(IMAGES)})
-    env = service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0")
-    settings = Settings(data_dir=tmp_path / "data", model={"name": "efficientnet-lite0"})
-    model = efficientnet.describe().info
+    # With the low-res view, so that the re-embed writes a view per image as well (the `efficientnet_alone` recipe).
+    env = service_env(tmp_path / "data", RIS_MODEL_NAME="efficientnet-lite0", RIS_MODEL_VIEWS="low-res-64")
+    settings = Settings(data_dir=tmp_path / "data", model={"name": "efficientnet-lite0", "views": "low-res-64"})
+    model = efficientnet_alone.describe().info
     _old_collection(settings, model.model_id, blobs)
 
-    catalog = open_catalog(settings, efficientnet)
+    catalog = open_catalog(settings, efficientnet_alone)
     with pytest.raises(ModelMismatch, match="ingest.reembed"):
         catalog.vectors.ensure_ready()
     catalog.close()
@@ -101,7 +102,7 @@ def test_an_old_collection_is_refused_then_reembedded_in_place_across_a_kill(eff
     done_before = int(rerun.stdout.split("(")[1].split()[0])
     assert 12 <= done_before < len(blobs), rerun.stdout
 
-    catalog = open_catalog(settings, efficientnet)
+    catalog = open_catalog(settings, efficientnet_alone)
     try:
         assert catalog.vectors.count() == len(blobs)
         info = catalog.vectors.info()

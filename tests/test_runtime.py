@@ -26,7 +26,8 @@ HAS_BF16 = "BF16" in _openvino_cpu_capabilities()
 
 
 def _settings(model: str, **fields) -> Settings:
-    return Settings(data_dir=Path("unused"), model={"name": model, **fields})
+    """With the low-res view (its smaller input side is converted and checked too), unless told otherwise."""
+    return Settings(data_dir=Path("unused"), model={"name": model, "views": "low-res-64", **fields})
 
 
 def _pixels(embedder, blobs: list[bytes], draft_scale: float = 0.0) -> np.ndarray:

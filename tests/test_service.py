@@ -254,28 +254,65 @@ def test_embed_endpoint_for_remote_ingest(client):
     assert response.json()["error"] == "model_mismatch"
 
 
-def test_embed_takes_both_input_sides_at_once(client):
-    """The main crop and the low-res view's 112-px side, sent together: each side has its own adaptive
-    batcher in the embedder (one batch is one array), so concurrent requests of both sides never meet."""
+def _embed_concurrently(client, requests: list[tuple[int, str]]) -> list[httpx.Response]:
+    """POST /api/embed once per (input side, role), all at the same time; 1-3 random images each."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     bodies = []
-    for i in range(12):
-        side = 224 if i % 2 else 112
+    for i, (side, role) in enumerate(requests):
         body = io.BytesIO()
         np.save(body, rng.integers(0, 256, size=(1 + i % 3, side, side, 3), dtype=np.uint8))
-        bodies.append(body.getvalue())
+        bodies.append((body.getvalue(), role))
 
-    def post(body: bytes) -> httpx.Response:
-        return client.post("/api/embed", content=body, headers={"Content-Type": "application/x-npy"})
+    def post(item: tuple[bytes, str]) -> httpx.Response:
+        body, role = item
+        return client.post("/api/embed", params={"role": role}, content=body, headers={"Content-Type": "application/x-npy"})
 
     with ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(post, bodies))
     assert [r.status_code for r in responses] == [200] * len(bodies), [r.text[:200] for r in responses]
-    for i, response in enumerate(responses):
+    return responses
+
+
+def test_embed_takes_both_models_inputs_at_once(client):
+    """The similarity model's 224-px crops and the copy model's 288-px squares, sent together: each model has
+    its own adaptive batcher in the embedder (one batch is one array), so concurrent requests never meet."""
+    import numpy as np
+
+    requests = [(224, "similarity") if i % 2 else (288, "copy") for i in range(12)]
+    for i, response in enumerate(_embed_concurrently(client, requests)):
         vectors = np.load(io.BytesIO(response.content))
-        assert vectors.shape == (1 + i % 3, 1280) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+        dim = 1280 if requests[i][1] == "similarity" else 512
+        assert vectors.shape == (1 + i % 3, dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+def test_the_similarity_model_alone_stores_the_low_res_view_and_batches_both_sides(backend, efficientnet, photo_set):
+    """With no copy model (RIS_MODEL_COPY_NAME=none) the low-res view is stored (RIS_MODEL_VIEWS=auto): the
+    main crop and the view's 112-px side each have their own batcher, and a 64-px thumbnail meets the stored
+    64-px copies and finds its original."""
+    import numpy as np
+
+    env = backend.process_env(RIS_MODEL_NAME="efficientnet-lite0", RIS_MODEL_COPY_NAME="none")
+    service = ServiceProcess(env, backend.data_dir / "alone.log")
+    service.start()
+    try:
+        with httpx.Client(base_url=service.url, timeout=60) as own:
+            status = own.get("/api/status").json()
+            assert status["model"]["vectors_per_image"] == 2 and "low-res-64" in status["model"]["preprocessing"]
+            assert status.get("copy_model") is None
+            requests = [(224 if i % 2 else 112, "similarity") for i in range(8)]
+            for i, response in enumerate(_embed_concurrently(own, requests)):
+                assert np.load(io.BytesIO(response.content)).shape == (1 + i % 3, 1280)
+            original = photo_set["originals"]["rocket"]
+            for name in ("rocket", "coins", "chelsea"):
+                assert own.post("/api/images", files={"file": (f"{name}.jpg", photo_set["originals"][name])}).status_code == 201
+            small = Image.open(io.BytesIO(original)).convert("RGB")
+            small.thumbnail((64, 64))
+            top = _search(own, encode(small), top_k=3).json()["hits"][0]
+            assert top["id"] == content_hash(original) and top["match"] == "similar"
+    finally:
+        service.stop()
 
 
 def test_restart_keeps_the_data(backend, efficientnet, photo_set):
@@ -346,7 +383,8 @@ def test_min_score_verdicts_and_a_thumbnail_query(client, photo_set):
     status = client.get("/api/status").json()
     thresholds = status["thresholds"]
     assert thresholds["same_image"] is not None and thresholds["near_duplicate"] < thresholds["same_image"]
-    assert status["model"]["vectors_per_image"] == 2 and "low-res-64" in status["model"]["preprocessing"]
+    # Beside the copy model no low-res view is stored (RIS_MODEL_VIEWS=auto): the copy model finds thumbnails.
+    assert status["model"]["vectors_per_image"] == 1 and "low-res-64" not in status["model"]["preprocessing"]
     original = photo_set["originals"]["chelsea"]
     hits = _search(client, original, top_k=8).json()["hits"]
     assert hits[0]["id"] == content_hash(original) and hits[0]["verdict"] == "same-image"
@@ -355,11 +393,12 @@ def test_min_score_verdicts_and_a_thumbnail_query(client, photo_set):
     kept = _search(client, original, top_k=8, min_score=cut).json()
     assert kept["min_score"] == cut and [h["id"] for h in kept["hits"]] == [h["id"] for h in hits[:4]]
     assert _search(client, original, min_score=1.5).status_code == 422  # a form field FastAPI validates
-    # A 64-pixel thumbnail also meets the stored 64-pixel copies (the low-res view) and finds its original.
+    # A 64-pixel thumbnail finds its original as a copy: its candidates are re-checked at its size, from their
+    # stored thumbnails, by the embedder's copy model (RIS_MODEL_COPY_RECHECK_SIDE).
     small = Image.open(io.BytesIO(original)).convert("RGB")
     small.thumbnail((64, 64))
     top = _search(client, encode(small), top_k=3).json()["hits"][0]
-    assert top["id"] == content_hash(original)
+    assert top["id"] == content_hash(original) and top["match"] == "copy" and top["verdict"] == "same-image", top
 
 
 def test_duplicate_report_is_computed_in_the_background_and_paged(client, photo_set):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -99,9 +99,10 @@ class ModelSettings(BaseModel):
     )
 
     views: str = Field(
-        "low-res-64",
+        "auto",
         description="Extra vectors stored per image, comma-separated: `low-res-64` (finds thumbnails), `crops-60` "
-        "(finds crops; 5 vectors), or empty. Changing it needs `python -m ingest.reembed`.",
+        "(finds crops; 5 vectors), empty, or `auto`: `low-res-64` where no copy model serves, none where one does (it "
+        "finds thumbnails itself, `RIS_MODEL_COPY_RECHECK_SIDE`). Changing it needs `python -m ingest.reembed`.",
     )
 
     copy_name: str = Field(
@@ -117,6 +118,14 @@ class ModelSettings(BaseModel):
         "",
         description="Extra copy vectors stored per image: `crops-60` (the source outranks its own crops; 5 vectors) or empty. "
         "Changing it needs `python -m ingest.reembed`.",
+    )
+    copy_recheck_side: int = Field(
+        128,
+        ge=0,
+        le=1024,
+        description="A query whose longer side is at most this many px: its best copy candidates are also compared with "
+        "it at its own size, from their stored thumbnails (a 64-px thumbnail finds its original as a copy); 0: never. "
+        "Capped at the thumbnail size.",
     )
 
     @field_validator("name")
@@ -139,7 +148,9 @@ class ModelSettings(BaseModel):
 
     @field_validator("views", "copy_views")
     @classmethod
-    def _known_views(cls, views: str) -> str:
+    def _known_views(cls, views: str, info: ValidationInfo) -> str:
+        if info.field_name == "views" and views.strip() == "auto":
+            return "auto"
         names = [name.strip() for name in views.split(",") if name.strip()]
         unknown = [name for name in names if name not in VIEW_SET_NAMES]
         if unknown or len(set(names)) != len(names):
@@ -148,6 +159,11 @@ class ModelSettings(BaseModel):
 
     @property
     def view_sets(self) -> tuple[str, ...]:
+        """The similarity model's views. ``auto``: the low-res view only where no copy model serves. With one, a
+        small query's copy candidates are re-checked at its size, which finds 64-px thumbnails as copies (with
+        siblings stored: 1.00 first, true scores p5 0.87) for no stored vector (docs/models.md)."""
+        if self.views == "auto":
+            return ("low-res-64",) if self.copy_name == "none" else ()
         return tuple(name for name in self.views.split(",") if name)
 
 
