@@ -8,7 +8,8 @@
    one of its stored crops first), per edit; and the copy models' suggested thresholds (``--mode copies``,
    no siblings: precision 0.99 / 0.95 over every hit).
 2. **Costs**, side by side in one run: ingest images/s (``python -m ingest`` on the same JPEGs), search p50
-   end to end (decode + both embeddings + both Milvus searches, in-process, 1024x768 queries), vector search
+   end to end (decode + both embeddings + both Milvus searches, in-process, 1024x768 queries, and the same
+   queries as 64-px thumbnails, whose copy candidates the catalog re-checks at their size), vector search
    p50 alone over 10k images (Milvus Lite and the Milvus 2.3 server, HNSW; both collections at once, as the
    catalog searches them), and vector bytes per image.
 
@@ -21,6 +22,7 @@ Prints Markdown tables (the README's "Models" section quotes them) with the CPU 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -47,23 +49,26 @@ class Config:
     views: str  # RIS_MODEL_VIEWS (the similarity model's)
     copy: str  # RIS_MODEL_COPY_NAME
     copy_views: str = ""
+    recheck_side: int = 128  # RIS_MODEL_COPY_RECHECK_SIDE
+    costs: bool = True  # in the cost table too (a quality-only variant costs what its twin does on large queries)
 
     def env(self) -> dict[str, str]:
         return {"RIS_MODEL_NAME": "efficientnet-lite0", "RIS_MODEL_VIEWS": self.views, "RIS_MODEL_COPY_NAME": self.copy,
-                "RIS_MODEL_COPY_VIEWS": self.copy_views}
+                "RIS_MODEL_COPY_VIEWS": self.copy_views, "RIS_MODEL_COPY_RECHECK_SIDE": str(self.recheck_side)}
 
     def settings(self, data_dir: Path) -> Settings:
         return Settings(data_dir=data_dir, model={"name": "efficientnet-lite0", "views": self.views, "copy_name": self.copy,
-                                                  "copy_views": self.copy_views})
+                                                  "copy_views": self.copy_views, "copy_recheck_side": self.recheck_side})
 
 
 BEFORE = Config("before: EfficientNet-Lite0 + low-res view, no copy model", "low-res-64", "none")
 CONFIGS = [
     BEFORE,
-    Config("two models: + SSCD distilled (default)", "low-res-64", "sscd-distilled"),
-    Config("two models, without the low-res view", "", "sscd-distilled"),
-    Config("two models + copy views crops-60", "low-res-64", "sscd-distilled", "crops-60"),
-    Config("two models, SSCD ResNet-50 int8", "low-res-64", "sscd-int8"),
+    Config("two models (default): + SSCD distilled, no low-res view, small queries re-checked", "", "sscd-distilled"),
+    Config("two models, no low-res view, no re-check", "", "sscd-distilled", recheck_side=0, costs=False),
+    Config("two models + the low-res view", "low-res-64", "sscd-distilled"),
+    Config("two models + copy views crops-60", "", "sscd-distilled", "crops-60"),
+    Config("two models, SSCD ResNet-50 int8", "", "sscd-int8"),
 ]
 KEY = [
     "crop-80", "crop-60", "crop-60-q40", "crop-40", "thumb-256", "thumb-128", "thumb-64", "jpeg-q40", "jpeg-q15", "colour",
@@ -111,8 +116,9 @@ def quality_section(folder: Path, transforms: list[str]) -> str:
     )
 
 
-def ingest_and_search(folder: Path, queries: list[bytes], config: Config) -> tuple[float, float]:
-    """(ingest images/s, end-to-end search p50 ms) of one configuration on the same JPEGs."""
+def ingest_and_search(folder: Path, queries: list[bytes], small: list[bytes], config: Config) -> tuple[float, float, float]:
+    """(ingest images/s, end-to-end search p50 ms of the queries, and of the small queries) of one
+    configuration on the same JPEGs."""
     from bento.adapters.assembly import open_catalog
     from bento.domain.schemas import SearchOptions
     from models.store import load_embedders
@@ -133,14 +139,17 @@ def ingest_and_search(folder: Path, queries: list[bytes], config: Config) -> tup
         try:
             for query in queries[:5]:  # warm-up
                 catalog.search_image(query, SearchOptions(top_k=12))
-            timings = []
-            for query in queries:
-                started = time.perf_counter()
-                catalog.search_image(query, SearchOptions(top_k=12))
-                timings.append((time.perf_counter() - started) * 1000)
+            p50s = []
+            for batch in (queries, small):
+                timings = []
+                for query in batch:
+                    started = time.perf_counter()
+                    catalog.search_image(query, SearchOptions(top_k=12))
+                    timings.append((time.perf_counter() - started) * 1000)
+                p50s.append(float(np.percentile(timings, 50)))
         finally:
             catalog.close()
-        return rate, float(np.percentile(timings, 50))
+        return rate, p50s[0], p50s[1]
 
 
 def vector_p50(uri: str | None, config: Config, images: int, queries: int = 100) -> float:
@@ -215,25 +224,27 @@ def cost_section(quick: bool) -> str:
     for i in range(count):
         (folder / "photos" / f"{i:05d}.jpg").write_bytes(grainy_jpeg(photos[i % len(photos)], (1024, 768), seed=i))
     queries = [near_duplicate(photos[i % len(photos)].resize((1024, 768)), seed=100 + i) for i in range(20 if quick else 60)]
+    small = [_thumbnail(query, 64) for query in queries]  # a re-checked copy query: its candidates read from the store
+    costed = [config for config in CONFIGS if config.costs]
     server = MilvusServer(Path(tempfile.mkdtemp(prefix="ris-bench-milvus-")))
     server.start()
     rows, base = [], {}
     # Ingest and end-to-end search drift with this machine's load: each is measured in rounds that take the
     # configurations in turn, and the median of the rounds is reported (one round in a quick run).
     rounds = 1 if quick else 3
-    timed: dict[str, list[tuple[float, float]]] = {config.name: [] for config in CONFIGS}
+    timed: dict[str, list[tuple[float, float, float]]] = {config.name: [] for config in costed}
     try:
         for _ in range(rounds):
-            for config in CONFIGS:
-                timed[config.name].append(ingest_and_search(folder, queries, config))
-        for config in CONFIGS:
-            rate, p50 = (float(np.median(values)) for values in zip(*timed[config.name], strict=True))
-            measured = {"rate": rate, "search": p50, "lite": vector_p50(None, config, images), "server": vector_p50(server.uri, config, images),
-                        "bytes": float(bytes_per_image(config))}
+            for config in costed:
+                timed[config.name].append(ingest_and_search(folder, queries, small, config))
+        for config in costed:
+            rate, p50, small_p50 = (float(np.median(values)) for values in zip(*timed[config.name], strict=True))
+            measured = {"rate": rate, "search": p50, "small": small_p50, "lite": vector_p50(None, config, images),
+                        "server": vector_p50(server.uri, config, images), "bytes": float(bytes_per_image(config))}
             base = base or measured
             rows.append(
                 f"| {config.name} | {measured['bytes'] / 1024:.1f} KiB ({measured['bytes'] / base['bytes']:.2f}x) | "
-                + " | ".join(f"{measured[key]:.1f} ms ({measured[key] / base[key]:.2f}x)" for key in ("search", "lite", "server"))
+                + " | ".join(f"{measured[key]:.1f} ms ({measured[key] / base[key]:.2f}x)" for key in ("search", "small", "lite", "server"))
                 + f" | {rate:.1f} ({rate / base['rate']:.2f}x) |"
             )
     finally:
@@ -243,9 +254,20 @@ def cost_section(quick: bool) -> str:
         f"(in-process: decode, embed, search; {len(queries)} edited 1024x768 queries); both the median of {rounds} round(s) "
         f"that take the configurations in turn; vector search alone over {images} images "
         "(top 12, HNSW; every collection the configuration searches, at once as the catalog does); ratios to the recipe before.\n\n"
-        "| configuration | vector bytes/image | search p50 end to end | vector search p50 Lite | vector search p50 server | ingest images/s |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows)
+        "| configuration | vector bytes/image | search p50 end to end | the same, 64-px queries | vector search p50 Lite | "
+        "vector search p50 server | ingest images/s |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows)
     )
+
+
+def _thumbnail(data: bytes, side: int) -> bytes:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
 
 
 def floor_section() -> str:
