@@ -50,7 +50,6 @@ class Config:
     copy: str  # RIS_MODEL_COPY_NAME
     copy_views: str = ""
     recheck_side: int = 128  # RIS_MODEL_COPY_RECHECK_SIDE
-    costs: bool = True  # in the cost table too (a quality-only variant costs what its twin does on large queries)
 
     def env(self) -> dict[str, str]:
         return {"RIS_MODEL_NAME": "efficientnet-lite0", "RIS_MODEL_VIEWS": self.views, "RIS_MODEL_COPY_NAME": self.copy,
@@ -65,7 +64,7 @@ BEFORE = Config("before: EfficientNet-Lite0 + low-res view, no copy model", "low
 CONFIGS = [
     BEFORE,
     Config("two models (default): + SSCD distilled, no low-res view, small queries re-checked", "", "sscd-distilled"),
-    Config("two models, no low-res view, no re-check", "", "sscd-distilled", recheck_side=0, costs=False),
+    Config("two models, no low-res view, no re-check", "", "sscd-distilled", recheck_side=0),
     Config("two models + the low-res view", "low-res-64", "sscd-distilled"),
     Config("two models + copy views crops-60", "", "sscd-distilled", "crops-60"),
     Config("two models, SSCD ResNet-50 int8", "", "sscd-int8"),
@@ -225,19 +224,18 @@ def cost_section(quick: bool) -> str:
         (folder / "photos" / f"{i:05d}.jpg").write_bytes(grainy_jpeg(photos[i % len(photos)], (1024, 768), seed=i))
     queries = [near_duplicate(photos[i % len(photos)].resize((1024, 768)), seed=100 + i) for i in range(20 if quick else 60)]
     small = [_thumbnail(query, 64) for query in queries]  # a re-checked copy query: its candidates read from the store
-    costed = [config for config in CONFIGS if config.costs]
     server = MilvusServer(Path(tempfile.mkdtemp(prefix="ris-bench-milvus-")))
     server.start()
     rows, base = [], {}
     # Ingest and end-to-end search drift with this machine's load: each is measured in rounds that take the
     # configurations in turn, and the median of the rounds is reported (one round in a quick run).
     rounds = 1 if quick else 3
-    timed: dict[str, list[tuple[float, float, float]]] = {config.name: [] for config in costed}
+    timed: dict[str, list[tuple[float, float, float]]] = {config.name: [] for config in CONFIGS}
     try:
         for _ in range(rounds):
-            for config in costed:
+            for config in CONFIGS:
                 timed[config.name].append(ingest_and_search(folder, queries, small, config))
-        for config in costed:
+        for config in CONFIGS:
             rate, p50, small_p50 = (float(np.median(values)) for values in zip(*timed[config.name], strict=True))
             measured = {"rate": rate, "search": p50, "small": small_p50, "lite": vector_p50(None, config, images),
                         "server": vector_p50(server.uri, config, images), "bytes": float(bytes_per_image(config))}

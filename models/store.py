@@ -235,7 +235,7 @@ def import_model(settings: Settings, role: Role = "similarity") -> StoredModel:
     for existing in _stored_versions(backbone_name):
         if existing.info.metadata.get("info", {}).get("model_id") == model_id:
             logger.info("Model %s already in the store as %s", model_id, existing.tag)
-            return _describe(existing, reason)
+            return _describe(existing, reason, role_views(settings.model, role))
     info = ModelInfo(
         backbone=backbone_name,
         model_id=model_id,
@@ -258,7 +258,7 @@ def import_model(settings: Settings, role: Role = "similarity") -> StoredModel:
 
     with bentoml.models.create(_store_name(backbone_name), metadata=metadata, labels={"backbone": backbone_name}) as ref:
         torch.save(weights.state_dict, ref.path_of(WEIGHTS_FILE))
-    stored = _describe(bentoml.models.get(ref.tag))
+    stored = _describe(bentoml.models.get(ref.tag), None, role_views(settings.model, role))
     logger.info("Imported %s into the BentoML model store as %s (%s)", model_id, stored.tag, reason)
     return stored
 
@@ -485,7 +485,7 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
     for existing in _stored_versions(stored.info.backbone, "openvino"):
         if existing.info.metadata.get("export_key") == export_key:
             logger.info("OpenVINO export of %s already in the store as %s", stored.info.model_id, existing.tag)
-            return _describe(existing, stored.info.reason)
+            return _describe(existing, stored.info.reason, settings.model.view_sets)
 
     source = bentoml.models.get(stored.tag)
     module = _load_module(stored)
@@ -517,7 +517,7 @@ def export_openvino(settings: Settings, fidelity_images: Path) -> StoredModel:
             pixels_file, reference_file = _fidelity_files(side)
             np.save(ref.path_of(pixels_file), side_pixels, allow_pickle=False)
             np.save(ref.path_of(reference_file), side_reference.astype(np.float32), allow_pickle=False)
-    exported = _describe(bentoml.models.get(ref.tag), stored.info.reason)
+    exported = _describe(bentoml.models.get(ref.tag), stored.info.reason, settings.model.view_sets)
     logger.info(
         "Exported %s to OpenVINO as %s in %.1f s; fidelity vs PyTorch fp32: min cosine %.6f over %d images",
         stored.info.model_id, exported.tag, time.monotonic() - started, worst, len(pixels),

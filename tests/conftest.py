@@ -71,7 +71,8 @@ def efficientnet(bentoml_home: Path):
     from bento.core.config import Settings
     from models.store import load_embedder
 
-    return load_embedder(Settings(model={"name": "efficientnet-lite0"}, data_dir=Path("unused")))
+    # Explicit, not left to auto: the session fixture is built before the test's settings environment is cleaned.
+    return load_embedder(Settings(model={"name": "efficientnet-lite0", "views": ""}, data_dir=Path("unused")))
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +82,7 @@ def efficientnet_alone(efficientnet):
     from bento.core.config import Settings
     from models.store import load_embedder
 
-    return load_embedder(Settings(model={"name": "efficientnet-lite0", "copy_name": "none"}, data_dir=Path("unused")))
+    return load_embedder(Settings(model={"name": "efficientnet-lite0", "views": "low-res-64"}, data_dir=Path("unused")))
 
 
 @pytest.fixture(scope="session")

@@ -166,11 +166,13 @@ def test_the_source_outranks_its_stored_quarter_with_copy_views(efficientnet, ss
     assert firsts == {"": "quarter", "crops-60": "photo"}
 
 
-def test_a_64_px_thumbnail_is_found_as_a_copy_by_re_checking_its_candidates_at_its_size(both_models, tmp_path):
+def test_a_64_px_thumbnail_is_found_as_a_copy_by_re_checking_its_candidates_at_its_size(both_models, tmp_path, caplog):
     """A 64-px thumbnail blown up to the copy model's input meets its sharp original at a score under the
     near-duplicate threshold (the rocket's: no copy at all). Its best candidates, brought to its size from their
-    stored thumbnails, score it as the same image; another photo does not rise. Paging stays exact, and a
-    candidate whose thumbnail is gone keeps its stored score."""
+    stored thumbnails, score it as the same image; another photo does not rise. min_score applies to the score
+    shown, paging stays exact, and a thumbnail or a store that cannot be read leaves the stored scores."""
+    from bento.core.errors import BackendUnavailable
+
     photos = {name: load_photo(name) for name in ("rocket", "astronaut", "coffee", "chelsea", "camera", "moon")}
     thumbnail = photos["rocket"].copy()
     thumbnail.thumbnail((64, 64), Image.Resampling.LANCZOS)
@@ -184,15 +186,45 @@ def test_a_64_px_thumbnail_is_found_as_a_copy_by_re_checking_its_candidates_at_i
             names = {image_id: name for name, image_id in ids.items()}
             every = catalog.search_image(query, SearchOptions(top_k=6, mode="copies")).hits
             found[side] = [(names[hit.image.id], hit.verdict) for hit in every]
-            if side:
-                first = catalog.search_image(query, SearchOptions(top_k=6)).hits
-                assert first[0].image.id == ids["rocket"] and first[0].match == "copy"
-                assert sorted(hit.image.id for hit in first) == sorted(ids.values()), "each image once"
-                pages = [catalog.search_image(query, SearchOptions(top_k=1, offset=i)).hits[0] for i in range(6)]
-                assert [(hit.image.id, hit.score) for hit in pages] == [(hit.image.id, hit.score) for hit in first]
-                catalog.store.delete(ids["rocket"])  # its thumbnail too: the stored score stands, nothing fails
-                catalog.store.put(ids["rocket"], "original", _jpeg(photos["rocket"]))
-                assert catalog.search_image(query, SearchOptions(top_k=6, mode="copies")).hits == []
+            if not side:
+                stored = catalog.search_image(query, SearchOptions(top_k=6)).hits
+                similar_score = next(hit.score for hit in stored if hit.image.id == ids["rocket"])
+                catalog.close()
+                # Every copy hit, whatever its score: the rocket's score on its stored copy vector.
+                every_hit = settings.model_copy(update={"verdict": settings.verdict.model_copy(update={"near_duplicate": -1.0})})
+                catalog = local_catalog(every_hit, both_models)
+                raw = catalog.search_image(query, SearchOptions(top_k=6, mode="copies")).hits
+                stored_score = next(hit.score for hit in raw if hit.image.id == ids["rocket"])
+                continue
+            rocket = every[0]
+            assert rocket.score > stored_score + 0.1 and stored_score < catalog.thresholds().near_duplicate, (rocket.score, stored_score)
+            # min_score filters the score shown: the rocket is stored under it and re-checked above it.
+            cut = round((rocket.score + stored_score) / 2, 3)
+            assert [hit.image.id for hit in catalog.search_image(query, SearchOptions(top_k=6, mode="copies", min_score=cut)).hits] == [ids["rocket"]]
+            first = catalog.search_image(query, SearchOptions(top_k=6)).hits
+            assert first[0].image.id == ids["rocket"] and first[0].match == "copy"
+            assert sorted(hit.image.id for hit in first) == sorted(ids.values()), "each image once"
+            pages = [catalog.search_image(query, SearchOptions(top_k=1, offset=i)) for i in range(6)]
+            assert [(page.hits[0].image.id, page.hits[0].score) for page in pages] == [(hit.image.id, hit.score) for hit in first]
+            assert [page.has_more for page in pages] == [True] * 5 + [False]
+
+            # Another candidate's thumbnail gone: the rest are still re-checked.
+            catalog.store.delete(ids["astronaut"])
+            catalog.store.put(ids["astronaut"], "original", _jpeg(photos["astronaut"]))
+            assert [hit.image.id for hit in catalog.search_image(query, SearchOptions(top_k=6, mode="copies")).hits] == [ids["rocket"]]
+            # A store that cannot answer now: the stored scores stand, the search answers, one warning.
+            get = catalog.store.get
+
+            def down(image_id, kind):
+                raise BackendUnavailable("image store down")
+
+            catalog.store.get = down
+            caplog.clear()
+            answer = catalog.search_image(query, SearchOptions(top_k=6)).hits
+            assert [hit.match for hit in answer] == ["similar"] * 6
+            assert next(hit.score for hit in answer if hit.image.id == ids["rocket"]) == similar_score
+            assert sum("not re-checked" in record.message for record in caplog.records) == 1
+            catalog.store.get = get
         finally:
             catalog.close()
     assert found[0] == [], "the premise: without the re-check the rocket's thumbnail is no copy"

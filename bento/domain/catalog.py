@@ -37,7 +37,15 @@ from PIL import Image
 from pydantic import BaseModel
 
 from bento.core.config import Settings
-from bento.core.errors import BackendUnavailable, InvalidImage, InvalidRequest, ModelMismatch, NotFound, SearchError
+from bento.core.errors import (
+    BackendUnavailable,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    ModelMismatch,
+    NotFound,
+    SearchError,
+)
 from bento.core.ids import validate_image_id
 from bento.core.retry import FAIL_FAST, RetryPolicy
 from bento.domain.duplicates import DuplicatePage, DuplicateQuery
@@ -441,13 +449,20 @@ class Catalog:
         similar_search: Callable[[], list[VectorHit]] | None = None
         if copy_query is not None and copy_store is not None:
             recheck = self._rechecks(copy_query)
-            # A re-checked query always meets the same candidates, whatever the page: the order is stable.
+            # A re-checked query is fetched at least RECHECK_CANDIDATES deep, so its re-checked candidates do not
+            # depend on the page size; and without min_score, which applies to the score it is answered with
+            # (a thumbnail's original is stored at ~0.6 and re-checked at ~0.9).
             copy_fetch = min(max(fetch, RECHECK_CANDIDATES), deepest) if recheck else fetch
-            copy_vector_query = VectorQuery(vector=copy_query.vector, top_k=copy_fetch, label=label, min_score=options.min_score)
+            copy_vector_query = VectorQuery(
+                vector=copy_query.vector, top_k=copy_fetch, label=label, min_score=None if recheck else options.min_score
+            )
 
             def search_copies() -> list[VectorHit]:
                 hits = self.retry.call(copy_store.search, copy_vector_query)
-                return self._recheck(hits, copy_query) if recheck else hits
+                if not recheck:
+                    return hits
+                floor = options.min_score
+                return [hit for hit in self._recheck(hits, copy_query) if floor is None or hit.score >= floor]
 
             copy_search = search_copies
         if make_similar is not None:
@@ -500,28 +515,35 @@ class Catalog:
         The copy model sees a 64-px thumbnail blown up to its input, and its original sharp: the true score falls
         to 0.56-0.72 (p5-p50, under the near-duplicate threshold), so the thumbnail was no copy. Brought to the
         query's size from its stored thumbnail, a candidate meets the query as the query met it: its original
-        scores 0.87-0.93, a stored crop of the same photo or another photo no more than before. A hit keeps the
-        better of its two scores (so a re-checked hit never falls below one that was not, and paging stays
-        exact). A candidate without a thumbnail, or a store that cannot be read, keeps its stored score."""
+        scores ~0.9, another photo or a stored crop of the same photo no more than before (docs/models.md). A hit
+        keeps the better of its two scores, so a re-checked hit never falls below one that was not, and paging
+        stays exact. The re-check is an improvement, never a condition: a candidate without a readable thumbnail
+        keeps its stored score, and a store or embedder that cannot answer now (a decode slot, an outage, a
+        batcher shedding load) leaves every stored score as it is. Its time counts as searching (``search_ms``);
+        its one embedding call may run beside the similarity model's (the copies half runs while that embeds)."""
         copy = self.copy_model()
         if not hits or query.size is None or copy is None:
             return hits
         candidates, pixels = [], []
-        for hit in hits[:RECHECK_CANDIDATES]:
-            try:
-                thumbnail = self.retry.call(self.store.get, hit.image.id, "thumbnail")
-                image = decode_image(thumbnail, self.decode_limits).image
-            except (NotFound, BackendUnavailable, InvalidImage) as exc:
-                logger.warning("copy candidate %s not re-checked at the query's size: %s", hit.image.id, exc.message)
-                continue
-            candidates.append(hit.image.id)
-            pixels.append(copy.preprocessing.to_pixels(image.resize(query.size, Image.Resampling.LANCZOS)))
-        if not pixels:
+        try:
+            for hit in hits[:RECHECK_CANDIDATES]:
+                try:
+                    thumbnail = self.retry.call(self.store.get, hit.image.id, "thumbnail")
+                    image = decode_image(thumbnail, self.decode_limits).image
+                except (NotFound, InvalidImage, ImageTooLarge) as exc:
+                    logger.warning("copy candidate %s not re-checked at the query's size: %s", hit.image.id, exc.message)
+                    continue
+                candidates.append(hit.image.id)
+                pixels.append(copy.preprocessing.to_pixels(image.resize(query.size, Image.Resampling.LANCZOS)))
+            if not pixels:
+                return hits
+            scores = self._embed(np.stack(pixels), "copy") @ np.asarray(query.vector, dtype=np.float32)
+        except BackendUnavailable as exc:
+            logger.warning("small query's copy candidates not re-checked (their stored scores stand): %s", exc.message)
             return hits
-        scores = self._embed(np.stack(pixels), "copy") @ np.asarray(query.vector, dtype=np.float32)
-        at_size = dict(zip(candidates, scores.tolist(), strict=True))
+        at_size = {image_id: round(float(score), 6) for image_id, score in zip(candidates, scores, strict=True)}
         rescored = [
-            hit.model_copy(update={"score": round(max(hit.score, at_size[hit.image.id]), 6)}) if hit.image.id in at_size else hit
+            hit.model_copy(update={"score": at_size[hit.image.id]}) if at_size.get(hit.image.id, -2.0) > hit.score else hit
             for hit in hits
         ]
         return sorted(rescored, key=lambda hit: -hit.score)
@@ -543,7 +565,9 @@ class Catalog:
         timings.decode_ms = _ms(started)
         # One model after the other: embedding is compute, and two at once on the same cores only contend
         # (measured: end-to-end p50 1.72x the recipe before with them at once, 1.27x in turn, 2 cores). The
-        # copy model goes first, so its collection's search (I/O) runs while the similarity model embeds.
+        # copy model goes first, so its collection's search (I/O) runs while the similarity model embeds. (A
+        # small query's re-check, in the copies half, is the exception: its batch of five may meet the
+        # similarity model's embedding.)
         copy_query = None
         if want_copies and prepared.copy_pixels is not None:
             copy_query = CopyQuery(self._embed(prepared.copy_pixels[None], "copy")[0].tolist(), (prepared.width, prepared.height))
