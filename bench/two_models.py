@@ -212,7 +212,10 @@ def bytes_per_image(config: Config) -> int:
 
 
 def cost_section(quick: bool) -> str:
+    from PIL import Image
+
     from ingest.demo import near_duplicate
+    from models.imaging import make_thumbnail
     from scripts.devstack import MilvusServer
 
     images = 2_000 if quick else 10_000
@@ -223,7 +226,8 @@ def cost_section(quick: bool) -> str:
     for i in range(count):
         (folder / "photos" / f"{i:05d}.jpg").write_bytes(grainy_jpeg(photos[i % len(photos)], (1024, 768), seed=i))
     queries = [near_duplicate(photos[i % len(photos)].resize((1024, 768)), seed=100 + i) for i in range(20 if quick else 60)]
-    small = [_thumbnail(query, 64) for query in queries]  # a re-checked copy query: its candidates read from the store
+    # The same queries as 64-px thumbnails: re-checked copy queries, whose candidates are read from the store.
+    small = [make_thumbnail(Image.open(io.BytesIO(query)).convert("RGB"), 64) for query in queries]
     server = MilvusServer(Path(tempfile.mkdtemp(prefix="ris-bench-milvus-")))
     server.start()
     rows, base = [], {}
@@ -256,16 +260,6 @@ def cost_section(quick: bool) -> str:
         "vector search p50 server | ingest images/s |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows)
     )
-
-
-def _thumbnail(data: bytes, side: int) -> bytes:
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    image.thumbnail((side, side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=90)
-    return out.getvalue()
 
 
 def floor_section() -> str:

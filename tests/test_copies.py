@@ -212,19 +212,22 @@ def test_a_64_px_thumbnail_is_found_as_a_copy_by_re_checking_its_candidates_at_i
             catalog.store.delete(ids["astronaut"])
             catalog.store.put(ids["astronaut"], "original", _jpeg(photos["astronaut"]))
             assert [hit.image.id for hit in catalog.search_image(query, SearchOptions(top_k=6, mode="copies")).hits] == [ids["rocket"]]
-            # A store that cannot answer now: the stored scores stand, the search answers, one warning.
-            get = catalog.store.get
-
-            def down(image_id, kind):
-                raise BackendUnavailable("image store down")
-
-            catalog.store.get = down
-            caplog.clear()
-            answer = catalog.search_image(query, SearchOptions(top_k=6)).hits
+            # A store that cannot answer now (its folder replaced by a file: every read fails with an OSError the
+            # local store reports as BackendUnavailable): the stored scores stand, the search answers, one warning.
+            root = catalog.store.root
+            root.rename(root.with_name("moved"))
+            root.write_bytes(b"not a folder")
+            try:
+                with pytest.raises(BackendUnavailable):
+                    catalog.store.get(ids["rocket"], "thumbnail")
+                caplog.clear()
+                answer = catalog.search_image(query, SearchOptions(top_k=6)).hits
+            finally:
+                root.unlink()
+                root.with_name("moved").rename(root)
             assert [hit.match for hit in answer] == ["similar"] * 6
             assert next(hit.score for hit in answer if hit.image.id == ids["rocket"]) == similar_score
             assert sum("not re-checked" in record.message for record in caplog.records) == 1
-            catalog.store.get = get
         finally:
             catalog.close()
     assert found[0] == [], "the premise: without the re-check the rocket's thumbnail is no copy"

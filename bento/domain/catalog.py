@@ -448,7 +448,7 @@ class Catalog:
         copy_search: Callable[[], list[VectorHit]] | None = None
         similar_search: Callable[[], list[VectorHit]] | None = None
         if copy_query is not None and copy_store is not None:
-            recheck = self._rechecks(copy_query)
+            recheck = self._recheck_size(copy_query)
             # A re-checked query is fetched at least RECHECK_CANDIDATES deep, so its re-checked candidates do not
             # depend on the page size; and without min_score, which applies to the score it is answered with
             # (a thumbnail's original is stored at ~0.6 and re-checked at ~0.9).
@@ -462,7 +462,7 @@ class Catalog:
                 if not recheck:
                     return hits
                 floor = options.min_score
-                return [hit for hit in self._recheck(hits, copy_query) if floor is None or hit.score >= floor]
+                return [hit for hit in self._recheck(hits, copy_query.vector, recheck) if floor is None or hit.score >= floor]
 
             copy_search = search_copies
         if make_similar is not None:
@@ -505,11 +505,11 @@ class Catalog:
             timings=timings, **next_page(options.offset, len(hits), more),
         )
 
-    def _rechecks(self, query: CopyQuery) -> bool:
-        """Whether a copy query is small enough for its candidates to be re-checked at its size."""
-        return query.size is not None and 0 < max(query.size) <= self.recheck_side
+    def _recheck_size(self, query: CopyQuery) -> tuple[int, int] | None:
+        """The size a copy query's candidates are re-checked at: its own, where it is small enough (else None)."""
+        return query.size if query.size is not None and 0 < max(query.size) <= self.recheck_side else None
 
-    def _recheck(self, hits: list[VectorHit], query: CopyQuery) -> list[VectorHit]:
+    def _recheck(self, hits: list[VectorHit], vector: list[float], size: tuple[int, int]) -> list[VectorHit]:
         """A small query's best copy candidates, also compared with it at its own size.
 
         The copy model sees a 64-px thumbnail blown up to its input, and its original sharp: the true score falls
@@ -522,7 +522,7 @@ class Catalog:
         batcher shedding load) leaves every stored score as it is. Its time counts as searching (``search_ms``);
         its one embedding call may run beside the similarity model's (the copies half runs while that embeds)."""
         copy = self.copy_model()
-        if not hits or query.size is None or copy is None:
+        if not hits or copy is None:
             return hits
         candidates, pixels = [], []
         try:
@@ -534,10 +534,10 @@ class Catalog:
                     logger.warning("copy candidate %s not re-checked at the query's size: %s", hit.image.id, exc.message)
                     continue
                 candidates.append(hit.image.id)
-                pixels.append(copy.preprocessing.to_pixels(image.resize(query.size, Image.Resampling.LANCZOS)))
+                pixels.append(copy.preprocessing.to_pixels(image.resize(size, Image.Resampling.LANCZOS)))
             if not pixels:
                 return hits
-            scores = self._embed(np.stack(pixels), "copy") @ np.asarray(query.vector, dtype=np.float32)
+            scores = self._embed(np.stack(pixels), "copy") @ np.asarray(vector, dtype=np.float32)
         except BackendUnavailable as exc:
             logger.warning("small query's copy candidates not re-checked (their stored scores stand): %s", exc.message)
             return hits
